@@ -1,0 +1,311 @@
+"""The aiohttp application: routes, the request middleware, and the owners of resources.
+
+Own endpoints: ``GET /health`` (no auth), ``GET /admin-health`` (``x-api-key``).  Everything
+else, any method and path, is proxied to the caller's own chroma server.
+
+Resources are owned by ``cleanup_ctx`` entries, torn down in reverse order on shutdown: the HTTP
+sessions, then the supervisor (``dbPath`` lock, orphan clean-up, children).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import psutil
+import structlog
+from aiohttp import web
+
+from stcs import launcher as launcher_mod
+from stcs.auth import AuthServerResolver, Resolver, UuidResolver, extract_token, validate_user_id
+from stcs.config import Settings
+from stcs.errors import AdminDisabledError, AdminForbiddenError, HTTPError, UpstreamError
+from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward, new_upstream_session
+from stcs.supervisor import Supervisor
+
+log = structlog.get_logger("stcs.app")
+
+
+@dataclass
+class State:
+    """Per-application state, filled by the cleanup contexts."""
+
+    settings: Settings
+    upstream: aiohttp.ClientSession | None = None
+    resolver: Resolver | None = None
+    supervisor: Supervisor | None = None
+    shutting_down: bool = False
+
+
+STATE = web.AppKey("stcs_state", State)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: HTTPError) -> web.Response:
+    """chroma's error body ``{"error": NAME, "message": TEXT}`` with the error's status."""
+    return web.json_response(
+        {"error": exc.error, "message": exc.message}, status=exc.status, headers=exc.headers
+    )
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind request context, turn typed errors into responses, log one line per request."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+    started = time.monotonic()
+    info: dict[str, Any] = {"user_id": None, "cold_start": False, "upstream_port": None}
+    request["stcs"] = info
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except HTTPError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:  # router's 404/405 for own endpoints
+            status = exc.status
+            raise
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # client went away (nginx's convention)
+        raise
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        status = 499
+        raise
+    except Exception:
+        log.exception("request failed")
+        status = 500
+        return web.json_response(
+            {"error": "InternalError", "message": "internal error"}, status=500
+        )
+    finally:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            duration_ms=round((time.monotonic() - started) * 1000, 2),
+            client=request.remote,
+            **info,
+        )
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: 200 ``{"status": "ok"}``, 503 while shutting down.  No auth."""
+    if request.app[STATE].shutting_down:
+        return web.json_response({"status": "shutting down"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+def check_admin_key(request: web.Request) -> None:
+    """Raise AdminDisabledError (no ``adminAPIKey``) or AdminForbiddenError (wrong key).
+
+    The key is compared in constant time (`hmac.compare_digest`).
+    """
+    expected = request.app[STATE].settings.admin_api_key
+    if not expected:
+        raise AdminDisabledError("admin endpoints are disabled (no adminAPIKey configured)")
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AdminForbiddenError("invalid admin key")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _rss_kb(pid: int) -> int | None:
+    """Resident set size of ``pid`` in kB (1000 bytes, as the Node.js server), None if gone."""
+    try:
+        return round(psutil.Process(pid).memory_info().rss / 1000)
+    except psutil.Error:
+        return None
+
+
+async def admin_health(request: web.Request) -> web.Response:
+    """``GET /admin-health``: the Node.js server's JSON, instances and memory summary.
+
+    Shape: ``{"status": "ok", "instances": [{userId, port, pid, memKb, startedAt, lastActive,
+    ready, requests, inFlight, status[, message]}], "memory": {kbTotal, kbAvailable, kbAppUse,
+    kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed, nMaxInstancesEstimate},
+    "queueLength": n}``.  Memory in kB of 1000 bytes; times ISO 8601 UTC.
+    """
+    check_admin_key(request)
+    state = request.app[STATE]
+    assert state.supervisor is not None and state.upstream is not None
+    supervisor, session = state.supervisor, state.upstream
+
+    async def describe(inst: Any) -> dict[str, Any]:
+        child = inst.child
+        entry: dict[str, Any] = {
+            "userId": inst.user_id,
+            "port": child.port if child else None,
+            "pid": child.pid if child else None,
+            "memKb": _rss_kb(child.pid) if child else None,
+            "startedAt": _iso(child.started_at) if child else None,
+            "lastActive": _iso(inst.last_active_wall),
+            "ready": inst.state.value == "ready",
+            "requests": inst.requests,
+            "inFlight": inst.in_flight,
+            "status": inst.state.value,
+        }
+        if child is not None and inst.state.value == "ready":
+            url = f"http://127.0.0.1:{child.port}{launcher_mod.HEARTBEAT_PATH}"
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+                    entry["status"] = "healthy" if ok else "error"
+                    if not ok:
+                        entry["message"] = f"heartbeat answered {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                entry["status"] = "error"
+                entry["message"] = "heartbeat failed"
+        return entry
+
+    instances = await asyncio.gather(*(describe(i) for i in list(supervisor.registry.values())))
+    vm = psutil.virtual_memory()
+    kb_instances = sum(i["memKb"] or 0 for i in instances)
+    counted = sum(1 for i in instances if i["memKb"])
+    average = round(kb_instances / counted) if counted else None
+    kb_app = round(psutil.Process(os.getpid()).memory_info().rss / 1000)
+    kb_available = round(vm.available / 1000)
+    kb_floor = supervisor.min_free_bytes / 1000
+    memory = {
+        "kbTotal": round(vm.total / 1000),
+        "kbAvailable": kb_available,
+        "kbAppUse": kb_app,
+        "kbInstanceUse": kb_instances,
+        "kbInstanceAverage": average,
+        "kbUsedTotal": kb_app + kb_instances,
+        "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
+        "nMaxInstancesEstimate": (
+            min(state.settings.db_max_instances,
+                max(0, math.floor((kb_available - kb_floor) / average)) + len(instances))
+            if average else None
+        ),
+    }
+    return web.json_response({
+        "status": "ok",
+        "instances": instances,
+        "memory": memory,
+        "queueLength": supervisor.queue_length,
+        "maxInstances": state.settings.db_max_instances,
+    })
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """Any other method and path: authenticate, find the user's instance, stream through."""
+    state = request.app[STATE]
+    assert state.resolver and state.supervisor and state.upstream
+    settings = state.settings
+    info = request["stcs"]
+    token = extract_token(request.headers)
+    user_id = validate_user_id(await state.resolver.resolve(token))
+    info["user_id"] = user_id
+    structlog.contextvars.bind_contextvars(user_id=user_id)
+    check_declared_size(request, settings.max_body_size)
+    for attempt in (1, 2):
+        async with state.supervisor.acquire(user_id) as lease:
+            info["cold_start"] = info["cold_start"] or lease.cold_start
+            info["upstream_port"] = lease.port
+            try:
+                return await forward(request, lease.port, state.upstream, settings.max_body_size)
+            except UpstreamUnreachableError:
+                # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
+                state.supervisor.report_dead(lease.instance)
+                if attempt == 2:
+                    raise UpstreamError("the user's chroma server is unreachable") from None
+    raise AssertionError("unreachable")
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    state.upstream = new_upstream_session()
+    auth_session: aiohttp.ClientSession | None = None
+    if settings.auth_server_endpoint:
+        auth_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        state.resolver = AuthServerResolver(
+            auth_session,
+            settings.auth_server_endpoint,
+            api_key=settings.auth_server_api_key,
+            cache_ttl_ms=settings.auth_cache_ttl,
+            timeout_ms=settings.auth_timeout,
+        )
+    else:
+        state.resolver = UuidResolver()
+    yield
+    await state.upstream.close()
+    if auth_session is not None:
+        await auth_session.close()
+
+
+async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    assert state.upstream is not None
+    db_dir = settings.db_dir
+    lock = launcher_mod.DbPathLock(db_dir)
+    lock.acquire()  # LockHeldError: another stcs serves this dbPath
+    try:
+        found = await asyncio.to_thread(
+            launcher_mod.stop_orphans, db_dir, settings.db_stop_timeout / 1000
+        )
+        if found:
+            log.warning("stopped leftover chroma servers", count=len(found), pids=found)
+        chroma = launcher_mod.ChromaLauncher(
+            db_dir,
+            state.upstream,
+            command=launcher_mod.ChromaLauncher.command_from_setting(settings.chroma_command),
+            start_timeout_ms=settings.db_start_timeout,
+            stop_timeout_ms=settings.db_stop_timeout,
+            max_retries=settings.db_max_retries,
+        )
+        state.supervisor = Supervisor(
+            chroma,
+            ttl_ms=settings.db_ttl,
+            max_instances=settings.db_max_instances,
+            queue_timeout_ms=settings.queue_timeout,
+            min_free_memory_mb=settings.db_min_free_memory_mb,
+        )
+        state.supervisor.start()
+        yield
+        await state.supervisor.close()
+    finally:
+        lock.release()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STATE].shutting_down = True
+    log.info("shutting down")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the stcs application for ``settings`` (nothing starts until it is run)."""
+    app = web.Application(middlewares=[request_middleware])
+    app[STATE] = State(settings=settings)
+    app.cleanup_ctx.append(_sessions_ctx)
+    app.cleanup_ctx.append(_supervisor_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_get("/health", health, allow_head=True)
+    app.router.add_get("/admin-health", admin_health)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    return app
+
+
+__all__ = ["STATE", "create_app"]

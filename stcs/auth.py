@@ -1,0 +1,222 @@
+"""Token extraction and token -> user id resolution.
+
+Two modes, as the Node.js single-tenant-chroma-server:
+
+* `AuthServerResolver` (``authServerEndpoint`` set): ``GET`` the endpoint with
+  ``Authorization: Bearer <token>`` and ``x-api-key: <authServerAPIKey>``; it answers
+  ``{"userId": ...}`` or ``{"data": {"userId": ...}}``.  Positive answers are cached for
+  ``authCacheTTL`` ms, rejections (401/403) briefly; concurrent lookups of one token share one
+  call (single-flight).  An answer that is not a clear yes or no is `AuthUnavailableError` (503),
+  never a 401 and never cached.
+* `UuidResolver` (no endpoint): the token must be a UUID; the user id is its lowercase form.
+
+Either way the user id becomes a directory name and must pass `validate_user_id`.
+Tokens are never logged; the caches key on a SHA-256 digest of the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+
+from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
+
+log = structlog.get_logger("stcs.auth")
+
+TOKEN_HEADER = "X-Chroma-Token"
+
+# RFC 4122 textual form, 8-4-4-4-12 hex digits.  Version and variant nibbles are not checked,
+# as the Node.js server did not: tokens that worked there keep working.
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+# A user id names the directory <dbPath>/<userId>: it cannot start with a dot (no ".", "..",
+# hidden files, stcs's own ".stcs"), contain a separator, or be longer than 128 characters.
+USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+
+# Rejections are cached this long at most (ms), so a flood of one bad token does not become a
+# flood on the auth server, while a token that just became valid is not refused for long.
+REJECTION_CACHE_MS = 5000
+
+# Visible ASCII only (RFC 9110 token68 is stricter; we only refuse what cannot be a token).
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
+
+
+def extract_token(headers: Mapping[str, str]) -> str:
+    """Return the client's token: ``X-Chroma-Token``, else ``Authorization: Bearer <token>``.
+
+    These are the two transports of chromadb's ``TokenAuthClientProvider``.  Raises AuthError
+    for no token, an empty one, an ``Authorization`` header of another scheme, or a value with
+    spaces or control characters (e.g. several tokens).
+    """
+    raw = headers.get(TOKEN_HEADER)
+    if raw is None:
+        auth = headers.get("Authorization")
+        if auth is None:
+            raise AuthError("no token: send X-Chroma-Token or Authorization: Bearer <token>")
+        scheme, _, raw = auth.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthError("Authorization header must use the Bearer scheme")
+    token = raw.strip()
+    if not token:
+        raise AuthError("empty token")
+    if not _TOKEN_RE.fullmatch(token):
+        raise AuthError("malformed token")
+    return token
+
+
+def validate_user_id(user_id: object) -> str:
+    """Return ``user_id`` if it is a safe directory name, else raise InvalidUserIdError.
+
+    Rule (DESIGN.md): ``^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$``, matched in full (a trailing
+    newline does not pass).
+    """
+    if not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
+        raise InvalidUserIdError("the auth server returned a user id unusable as a directory name")
+    return user_id
+
+
+class Resolver(Protocol):
+    """Resolves a token to a user id.  Raises AuthError or AuthUnavailableError."""
+
+    async def resolve(self, token: str) -> str: ...
+
+
+class UuidResolver:
+    """No auth server: the token itself is the user's UUID (pre-validated by the application)."""
+
+    async def resolve(self, token: str) -> str:
+        """Return the lowercase UUID; raise AuthError if ``token`` is not a UUID."""
+        if not UUID_RE.fullmatch(token):
+            raise AuthError("invalid token: expected a UUID")
+        return token.lower()
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class AuthServerResolver:
+    """Resolve tokens through an HTTP auth server, with a cache and single-flight lookups.
+
+    ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup.
+    ``on_lookup`` (optional) is called with "ok" | "rejected" | "error" | "cache_hit" for
+    metrics and tests.
+    """
+
+    MAX_CACHE_ENTRIES = 100_000
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        api_key: str = "",
+        cache_ttl_ms: int = 60000,
+        timeout_ms: int = 5000,
+    ) -> None:
+        self._session = session
+        self._endpoint = endpoint
+        self._api_key = api_key
+        self._cache_ttl = cache_ttl_ms / 1000
+        self._reject_ttl = min(cache_ttl_ms, REJECTION_CACHE_MS) / 1000
+        self._timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
+        # digest -> (user id or None for rejected, expiry on the monotonic clock)
+        self._cache: dict[bytes, tuple[str | None, float]] = {}
+        self._inflight: dict[bytes, asyncio.Future[str]] = {}
+        self.lookups = 0  # calls made to the auth server
+
+    async def resolve(self, token: str) -> str:
+        """Return the user id for ``token``.
+
+        Raises AuthError (401/403 from the auth server), AuthUnavailableError (no usable
+        answer) or InvalidUserIdError (an answer unusable as a directory name).
+        """
+        key = _digest(token)
+        hit = self._cache.get(key)
+        if hit is not None:
+            user_id, expires = hit
+            if time.monotonic() < expires:
+                if user_id is None:
+                    raise AuthError("invalid token")
+                return user_id
+            del self._cache[key]
+        task = self._inflight.get(key)
+        if task is None:
+            # The lookup runs as its own task: a caller that disconnects (is cancelled) does
+            # not cancel the lookup the other callers of the same token are waiting for.
+            task = asyncio.ensure_future(self._lookup(token, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    def _remember(self, key: bytes, user_id: str | None, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        if len(self._cache) >= self.MAX_CACHE_ENTRIES:
+            now = time.monotonic()
+            for k in [k for k, (_, exp) in self._cache.items() if exp <= now]:
+                del self._cache[k]
+            if len(self._cache) >= self.MAX_CACHE_ENTRIES:
+                self._cache.clear()
+        self._cache[key] = (user_id, time.monotonic() + ttl)
+
+    async def _lookup(self, token: str, key: bytes) -> str:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        self.lookups += 1
+        started = time.monotonic()
+        try:
+            async with self._session.get(
+                self._endpoint, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                body = await resp.read() if status == 200 else b""
+        except asyncio.TimeoutError:
+            log.warning("auth server timed out", timeout_ms=int(self._timeout.total * 1000))  # type: ignore[operator]
+            raise AuthUnavailableError("auth server timed out") from None
+        except aiohttp.ClientError as exc:
+            log.warning("auth server unreachable", error=type(exc).__name__)
+            raise AuthUnavailableError("auth server unreachable") from None
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        if status in (401, 403):
+            log.info("token rejected", auth_status=status, duration_ms=duration_ms)
+            self._remember(key, None, self._reject_ttl)
+            raise AuthError("invalid token")
+        if status != 200:
+            log.warning("auth server error", auth_status=status, duration_ms=duration_ms)
+            raise AuthUnavailableError(f"auth server answered {status}")
+        user_id = _user_id_from(body)
+        validate_user_id(user_id)
+        log.debug("token resolved", user_id=user_id, duration_ms=duration_ms)
+        self._remember(key, user_id, self._cache_ttl)
+        return user_id
+
+
+def _user_id_from(body: bytes) -> str:
+    """Extract ``data.userId`` or ``userId`` from an auth server's JSON answer.
+
+    Raises AuthUnavailableError when the body is not JSON or has no string user id.
+    """
+    try:
+        doc: Any = json.loads(body)
+    except ValueError:
+        raise AuthUnavailableError("auth server answer is not JSON") from None
+    candidates = []
+    if isinstance(doc, dict):
+        data = doc.get("data")
+        if isinstance(data, dict) and "userId" in data:
+            candidates.append(data["userId"])
+        if "userId" in doc:
+            candidates.append(doc["userId"])
+    for user_id in candidates:
+        if isinstance(user_id, str) and user_id:
+            return user_id
+    raise AuthUnavailableError("auth server answer has no string userId")

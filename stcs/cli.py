@@ -1,0 +1,164 @@
+"""``stcs`` command line.  The only place errors become exit codes.
+
+* ``stcs serve``: run the server (exit 2 on a configuration error or a held ``dbPath`` lock,
+  without starting anything).
+* ``stcs check-config``: print the resolved settings with their source, secrets masked.
+
+Every setting has a ``--<yamlKey>`` flag; the Node.js server's short forms are kept
+(``--port/-p``, ``--auth``, ``--authKey``, ``--db``, ``--ttl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+from collections.abc import Sequence
+
+from stcs import __version__
+from stcs.config import SETTINGS, Resolved, load_settings
+from stcs.errors import ConfigError, LockHeldError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# In-flight requests get this long to finish on SIGTERM/SIGINT before children are stopped (s).
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--config", metavar="PATH",
+        help="YAML configuration file (default ./config.yml when it exists)",
+    )
+    group = parent.add_argument_group("settings (override config.yml and the environment)")
+    for info in SETTINGS:
+        kwargs: dict[str, object] = {
+            "dest": f"setting:{info.key}",
+            "default": None,
+            "help": f"{info.help} [{info.env}]",
+        }
+        if info.type is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kwargs["metavar"] = info.unit.upper() or info.type.__name__.upper()
+        group.add_argument(f"--{info.key}", *info.aliases, **kwargs)  # type: ignore[arg-type]
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stcs", description="Single-tenant Chroma server: one chroma server per user."
+    )
+    parser.add_argument("--version", action="version", version=f"stcs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    settings = _settings_parser()
+    sub.add_parser("serve", parents=[settings], help="run the server")
+    sub.add_parser(
+        "check-config", parents=[settings],
+        help="print the resolved settings and where each comes from",
+    )
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> Resolved:
+    cli = {
+        name.split(":", 1)[1]: value
+        for name, value in vars(args).items()
+        if name.startswith("setting:") and value is not None
+    }
+    return load_settings(cli=cli, config_path=args.config)
+
+
+def _check_config(resolved: Resolved) -> int:
+    rows = resolved.describe()
+    width_key = max(len(r[0]) for r in rows)
+    width_val = min(60, max(len(r[1]) for r in rows))
+    for key, value, source in rows:
+        print(f"{key:<{width_key}}  {value:<{width_val}}  {source}")
+    for notice in resolved.notices:
+        print(f"notice: {notice}")
+    return EXIT_OK
+
+
+def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _serve(resolved: Resolved) -> int:
+    # Imported here: `check-config` and `--help` stay fast and need no aiohttp.
+    import structlog
+    from aiohttp import web
+
+    from stcs import log as log_mod
+    from stcs.app import create_app
+
+    settings = resolved.settings
+    try:
+        log_mod.configure(settings.log_level, settings.log_file)
+    except OSError as exc:
+        print(f"stcs: error: logFile {settings.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    log = structlog.get_logger("stcs")
+    ssl_context = None
+    if settings.app_tls:
+        try:
+            ssl_context = _ssl_context(settings.ssl_cert_file, settings.ssl_cert_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"stcs: error: cannot load sslCertFile/sslCertKeyFile: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    for notice in resolved.notices:
+        log.info("config notice", notice=notice)
+    scheme = "https" if ssl_context else "http"
+    log.info(
+        "stcs starting",
+        version=__version__,
+        url=f"{scheme}://{settings.listen_host}:{settings.app_port}",
+        db_path=str(settings.db_dir),
+        auth="auth server" if settings.auth_server_endpoint else "uuid tokens",
+        launcher=settings.chroma_command or "lean",
+        db_ttl_ms=settings.db_ttl,
+        db_max_instances=settings.db_max_instances,
+    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.listen_host,
+            port=settings.app_port,
+            ssl_context=ssl_context,
+            access_log=None,
+            print=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+        )
+    except LockHeldError as exc:
+        log.error("cannot start", reason=str(exc))
+        print(f"stcs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        log.error("cannot listen", error=str(exc))
+        print(f"stcs: error: cannot listen on {settings.listen_host}:{settings.app_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    log.info("stcs stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stcs`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        resolved = _resolve(args)
+    except ConfigError as exc:
+        print(f"stcs: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check-config":
+        return _check_config(resolved)
+    return _serve(resolved)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""Settings: defined once, resolved in one place, validated, no side effects.
+
+Each setting is a field of the frozen `Settings` dataclass whose metadata gives its YAML key
+(the Node.js single-tenant-chroma-server's camelCase name), environment name, command-line
+aliases, unit and help text.  `config.sample.yml` and the README table are checked against
+these fields by a test.
+
+Sources, first wins (as the Node.js server): command line > ``config.yml`` > environment >
+default.  Times are in milliseconds, sizes in bytes unless the name says MB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from stcs.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "config.yml"
+MIB = 1024 * 1024
+
+# Node.js-server keys with no meaning for stcs: accepted and ignored with a one-line notice.
+IGNORED_KEYS = ("compileFromSource", "nodeVersion", "pythonVersion")
+
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "critical")
+WEB_SERVER_TYPES = ("", "apache", "nginx")
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def setting(
+    default: Any,
+    *,
+    key: str,
+    env: str,
+    help: str,
+    unit: str = "",
+    aliases: Sequence[str] = (),
+    secret: bool = False,
+    minimum: int | None = None,
+    choices: Sequence[str] | None = None,
+    deployment: bool = False,
+) -> Any:
+    """Declare one setting (a dataclass field carrying its metadata)."""
+    return field(
+        default=default,
+        metadata={
+            "key": key,
+            "env": env,
+            "help": help,
+            "unit": unit,
+            "aliases": tuple(aliases),
+            "secret": secret,
+            "minimum": minimum,
+            "choices": tuple(choices) if choices is not None else None,
+            "deployment": deployment,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration of one stcs process.  Build it with `load_settings`."""
+
+    app_port: int = setting(
+        8000, key="appPort", env="APP_PORT", aliases=("--port", "-p"), minimum=1,
+        help="TCP port stcs listens on.",
+    )
+    bind_to_localhost: bool = setting(
+        True, key="bindToLocalhost", env="BIND_LOCALHOST",
+        help="Listen on 127.0.0.1 only (false: all interfaces). Ignored inside Docker (useDocker).",
+    )
+    auth_server_endpoint: str = setting(
+        "", key="authServerEndpoint", env="AUTH_SERVER_ENDPOINT", aliases=("--auth",),
+        help="URL stcs GETs with `Authorization: Bearer <token>` to resolve a token; it answers "
+        "`{userId}` or `{data: {userId}}`. Empty: the token must be a UUID and is the user id.",
+    )
+    auth_server_api_key: str = setting(
+        "", key="authServerAPIKey", env="AUTH_SERVER_APIKEY", aliases=("--authKey",),
+        secret=True, help="Sent to the auth server as `x-api-key`, if set.",
+    )
+    admin_api_key: str = setting(
+        "", key="adminAPIKey", env="ADMIN_API_KEY", secret=True,
+        help="Key (`x-api-key` header) for `/admin-health`. Empty: admin endpoints answer 404.",
+    )
+    db_path: str = setting(
+        "./chromadb", key="dbPath", env="DB_PATH", aliases=("--db",),
+        help="Directory holding one chroma data directory per user (`<dbPath>/<userId>`).",
+    )
+    db_ttl: int = setting(
+        180000, key="dbTTL", env="DB_TTL", aliases=("--ttl",), unit="ms", minimum=1,
+        help="An instance with no request in flight for this long is stopped.",
+    )
+    db_max_instances: int = setting(
+        50, key="dbMaxInstances", env="DB_MAX_INSTANCES", minimum=1,
+        help="Most chroma servers running at once; beyond, the least recently used idle one is "
+        "evicted or the request queues.",
+    )
+    queue_timeout: int = setting(
+        30000, key="queueTimeout", env="QUEUE_TIMEOUT", unit="ms", minimum=0,
+        help="Longest wait for a free instance slot before 503 with `Retry-After`.",
+    )
+    db_max_retries: int = setting(
+        2, key="dbMaxRetries", env="DB_MAX_RETRIES", minimum=0,
+        help="Retries (each on a new port) when a chroma server exits before it is ready.",
+    )
+    db_start_timeout: int = setting(
+        20000, key="dbStartTimeout", env="DB_START_TIMEOUT", unit="ms", minimum=100,
+        help="Longest wait for a new chroma server to answer its heartbeat.",
+    )
+    db_stop_timeout: int = setting(
+        10000, key="dbStopTimeout", env="DB_STOP_TIMEOUT", unit="ms", minimum=0,
+        help="Grace between SIGTERM and SIGKILL when stopping a chroma server.",
+    )
+    db_min_free_memory_mb: int = setting(
+        500, key="dbMinFreeMemoryMB", env="DB_MIN_FREE_MEMORY_MB", unit="MB", minimum=0,
+        help="No new chroma server starts while less memory than this is available.",
+    )
+    chroma_command: str = setting(
+        "", key="chromaCommand", env="CHROMA_COMMAND",
+        help="Executable (with arguments) that serves `run --host --path --port`, e.g. `chroma`. "
+        "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~65 ms).",
+    )
+    auth_cache_ttl: int = setting(
+        60000, key="authCacheTTL", env="AUTH_CACHE_TTL", unit="ms", minimum=0,
+        help="How long an auth server's positive answer is reused (0: never).",
+    )
+    auth_timeout: int = setting(
+        5000, key="authTimeout", env="AUTH_TIMEOUT", unit="ms", minimum=1,
+        help="Longest wait for the auth server; beyond it the request gets 503.",
+    )
+    max_body_size: int = setting(
+        100 * MIB, key="maxBodySize", env="MAX_BODY_SIZE", unit="bytes", minimum=1,
+        help="Largest request body passed to chroma; larger gets 413.",
+    )
+    log_file: str = setting(
+        "", key="logFile", env="LOG_FILE",
+        help="File stcs appends its log to. Empty: standard output.",
+    )
+    log_level: str = setting(
+        "info", key="logLevel", env="LOG_LEVEL", choices=LOG_LEVELS,
+        help="Least severity logged: trace, debug, info, warn, error or fatal.",
+    )
+    enable_ssl: bool = setting(
+        False, key="enableSSL", env="ENABLE_SSL",
+        help="Serve HTTPS in-app with sslCertFile/sslCertKeyFile (when no webServerType "
+        "terminates TLS in front).",
+    )
+    ssl_cert_file: str = setting(
+        "", key="sslCertFile", env="SSL_CERT_FILE", help="PEM certificate (chain) for TLS.",
+    )
+    ssl_cert_key_file: str = setting(
+        "", key="sslCertKeyFile", env="SSL_CERT_KEY_FILE", help="PEM private key for TLS.",
+    )
+    web_server_type: str = setting(
+        "", key="webServerType", env="WEB_SERVER_TYPE", choices=WEB_SERVER_TYPES,
+        deployment=True,
+        help="Front web server: apache, nginx or empty. When set, it terminates TLS.",
+    )
+    web_server_host: str = setting(
+        "", key="webServerHost", env="WEB_SERVER_HOST", deployment=True,
+        help="Host name the front web server serves stcs at.",
+    )
+    app_name: str = setting(
+        "stcs", key="appName", env="APP_NAME", deployment=True,
+        help="Name of the service (systemd unit, logs).",
+    )
+    use_docker: bool = setting(
+        False, key="useDocker", env="USE_DOCKER", deployment=True,
+        help="Run stcs in a Docker container; it then listens on all interfaces inside it.",
+    )
+    docker_image_name: str = setting(
+        "stcs", key="dockerImageName", env="DOCKER_IMAGE_NAME", deployment=True,
+        help="Docker image name (with useDocker).",
+    )
+    docker_container_name: str = setting(
+        "stcs", key="dockerContainerName", env="DOCKER_CONTAINER_NAME", deployment=True,
+        help="Docker container name (with useDocker).",
+    )
+
+    # -- derived values -------------------------------------------------------------------
+
+    @property
+    def listen_host(self) -> str:
+        """Address to bind: loopback unless ``bindToLocalhost`` is off or we run in Docker."""
+        return "127.0.0.1" if self.bind_to_localhost and not self.use_docker else "0.0.0.0"
+
+    @property
+    def app_tls(self) -> bool:
+        """Whether stcs itself terminates TLS (a front web server does it when configured)."""
+        return self.enable_ssl and not self.web_server_type
+
+    @property
+    def db_dir(self) -> Path:
+        """``dbPath`` made absolute (relative to the working directory)."""
+        return Path(self.db_path).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting's definition, read from the `Settings` field metadata."""
+
+    name: str
+    key: str
+    env: str
+    type: type
+    default: Any
+    help: str
+    unit: str
+    aliases: tuple[str, ...]
+    secret: bool
+    minimum: int | None
+    choices: tuple[str, ...] | None
+    deployment: bool
+
+
+_TYPES: dict[str, type] = {"int": int, "bool": bool, "str": str}
+
+
+def setting_infos() -> tuple[SettingInfo, ...]:
+    """All settings in declaration order."""
+    infos = []
+    for f in dataclasses.fields(Settings):
+        m = f.metadata
+        infos.append(
+            SettingInfo(
+                name=f.name, key=m["key"], env=m["env"], type=_TYPES[str(f.type)],
+                default=f.default, help=m["help"], unit=m["unit"], aliases=m["aliases"],
+                secret=m["secret"], minimum=m["minimum"], choices=m["choices"],
+                deployment=m["deployment"],
+            )
+        )
+    return tuple(infos)
+
+
+SETTINGS: tuple[SettingInfo, ...] = setting_infos()
+BY_KEY: dict[str, SettingInfo] = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """`Settings` plus where each value came from and notices for the operator.
+
+    ``sources`` maps YAML key -> "command line" | "config.yml (PATH)" | "env NAME" | "default".
+    """
+
+    settings: Settings
+    sources: dict[str, str]
+    notices: tuple[str, ...] = ()
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Rows ``(key, value, source)`` with secrets masked, for `stcs check-config`."""
+        rows = []
+        for info in SETTINGS:
+            value = getattr(self.settings, info.name)
+            rows.append((info.key, display_value(info, value), self.sources[info.key]))
+        return rows
+
+
+def display_value(info: SettingInfo, value: Any) -> str:
+    """A value as shown to an operator: secrets masked, URL passwords hidden."""
+    if info.secret:
+        return "********" if value else "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if info.key == "authServerEndpoint" and value:
+        parts = urlsplit(value)
+        if parts.password:
+            return str(value).replace(f":{parts.password}@", ":********@", 1)
+    return str(value) if value != "" else "(none)"
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    close = difflib.get_close_matches(key, list(BY_KEY), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown setting {key!r} in {where}{hint}"
+
+
+def _parse_text(info: SettingInfo, raw: str, where: str) -> Any:
+    """Parse a string value from the environment or the command line."""
+    if info.type is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{info.key} ({where}): expected true or false, got {raw!r}")
+    if info.type is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{info.key} ({where}): expected an integer, got {raw!r}") from None
+    return raw
+
+
+def _check_yaml_value(info: SettingInfo, value: Any, where: str) -> Any:
+    """Type-check a value from YAML: ints must be ints (not bools), bools bools, strings str."""
+    ok = (
+        isinstance(value, bool)
+        if info.type is bool
+        else isinstance(value, int) and not isinstance(value, bool)
+        if info.type is int
+        else isinstance(value, str)
+    )
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", str: "a string"}[info.type]
+        raise ConfigError(
+            f"{info.key} ({where}): expected {expected}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML config file into a mapping.
+
+    Raises ConfigError when the file cannot be read, is not valid YAML, or is not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of settings")
+    return data
+
+
+def load_settings(
+    cli: Mapping[str, str] | None = None,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Resolved:
+    """Resolve settings from the command line, a YAML file, the environment and defaults.
+
+    ``cli`` maps YAML keys to raw strings (from argparse).  ``config_path`` None means
+    ``./config.yml`` if it exists; an explicit path must exist.  ``environ`` defaults to
+    `os.environ`.
+
+    Raises ConfigError naming the key for an unknown key, a wrong type or an invalid value.
+    """
+    import os
+
+    cli = dict(cli or {})
+    environ = os.environ if environ is None else environ
+    notices: list[str] = []
+
+    if config_path is None:
+        default = Path(DEFAULT_CONFIG_FILE)
+        yaml_values = read_config_file(default) if default.is_file() else {}
+        yaml_where = f"config.yml ({default.resolve()})" if default.is_file() else ""
+    else:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        yaml_values = read_config_file(path)
+        yaml_where = f"config.yml ({path.resolve()})"
+
+    for key in cli:
+        if key not in BY_KEY:
+            raise ConfigError(_unknown_key_message(key, "the command line"))
+    for key in list(yaml_values):
+        if key in IGNORED_KEYS:
+            notices.append(f"{key} in {yaml_where} has no meaning for stcs and is ignored")
+            del yaml_values[key]
+        elif key not in BY_KEY:
+            raise ConfigError(_unknown_key_message(str(key), yaml_where))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for info in SETTINGS:
+        if info.key in cli:
+            values[info.name] = _parse_text(info, cli[info.key], "command line")
+            sources[info.key] = "command line"
+        elif info.key in yaml_values and yaml_values[info.key] is not None:
+            values[info.name] = _check_yaml_value(info, yaml_values[info.key], yaml_where)
+            sources[info.key] = yaml_where
+        elif info.env in environ and (environ[info.env] != "" or info.type is str):
+            values[info.name] = _parse_text(info, environ[info.env], f"env {info.env}")
+            sources[info.key] = f"env {info.env}"
+        else:
+            sources[info.key] = "default"
+
+    settings = Settings(**values)
+    _validate(settings, sources)
+    if settings.enable_ssl and not settings.app_tls:
+        notices.append(
+            f"enableSSL: TLS is terminated by the {settings.web_server_type} front server, "
+            "stcs itself serves plain HTTP"
+        )
+    return Resolved(settings=settings, sources=sources, notices=tuple(notices))
+
+
+def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
+    for info in SETTINGS:
+        value = getattr(settings, info.name)
+        where = sources[info.key]
+        if info.minimum is not None and value < info.minimum:
+            raise ConfigError(f"{info.key} ({where}): must be at least {info.minimum}, got {value}")
+        if info.choices is not None and value not in info.choices:
+            allowed = ", ".join(repr(c) for c in info.choices)
+            raise ConfigError(f"{info.key} ({where}): must be one of {allowed}, got {value!r}")
+    if settings.app_port > 65535:
+        raise ConfigError(f"appPort ({sources['appPort']}): must be at most 65535")
+    endpoint = settings.auth_server_endpoint
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"authServerEndpoint ({sources['authServerEndpoint']}): "
+                "must be an http:// or https:// URL"
+            )
+    if settings.app_tls:
+        for key, value in (
+            ("sslCertFile", settings.ssl_cert_file),
+            ("sslCertKeyFile", settings.ssl_cert_key_file),
+        ):
+            if not value:
+                raise ConfigError(f"{key}: required when enableSSL is true")
+    if not settings.db_path:
+        raise ConfigError("dbPath: must not be empty")
+    if settings.chroma_command:
+        try:
+            argv = shlex.split(settings.chroma_command)
+        except ValueError as exc:
+            raise ConfigError(f"chromaCommand ({sources['chromaCommand']}): {exc}") from None
+        if not argv:
+            raise ConfigError(f"chromaCommand ({sources['chromaCommand']}): names no program")

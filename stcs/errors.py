@@ -1,0 +1,121 @@
+"""Typed errors of stcs.
+
+Every error a request can meet is one of the `HTTPError` subclasses below.  Each carries the
+HTTP status and the chroma error *name* of DESIGN.md's error table; `app.error_middleware` is
+the one place that turns them into responses, with chroma's body shape
+``{"error": NAME, "message": TEXT}``.  The names are keys of ``chromadb.errors.error_types``, so
+the unmodified Python client raises the matching exception (``ChromaAuthError`` for
+``AuthError``, ``RateLimitError``, ``InternalError``, ...).
+
+`ConfigError` and `LockHeldError` are start-up errors; `cli` turns them into exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class StcsError(Exception):
+    """Base of all stcs errors."""
+
+
+class ConfigError(StcsError):
+    """A setting is unknown, has the wrong type or an invalid value; the message names it."""
+
+
+class LockHeldError(StcsError):
+    """Another process holds the `dbPath` lock (another stcs serves the same data)."""
+
+
+class HTTPError(StcsError):
+    """An error answered to the client.
+
+    `status` is the HTTP status; `error` the chroma error name put in the body; `headers` extra
+    response headers (e.g. ``Retry-After``).  The message is sent to the client: it must never
+    contain a token or key.
+    """
+
+    status: ClassVar[int] = 500
+    error: ClassVar[str] = "InternalError"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class AuthError(HTTPError):
+    """No token, a malformed one, or one rejected (auth server 401/403, or not a UUID)."""
+
+    status = 401
+    error = "AuthError"
+
+
+class AuthUnavailableError(HTTPError):
+    """The auth server could not give an answer: unreachable, timed out, 5xx or malformed body.
+
+    Never reported as 401: the token may well be valid.
+    """
+
+    status = 503
+    error = "InternalError"
+
+
+class InvalidUserIdError(HTTPError):
+    """The auth server returned a user id that is not usable as a directory name."""
+
+    status = 502
+    error = "InternalError"
+
+
+class CapacityTimeoutError(HTTPError):
+    """No instance slot (``dbMaxInstances`` / ``dbMinFreeMemoryMB``) within ``queueTimeout``."""
+
+    status = 503
+    error = "RateLimitError"
+
+
+class StartFailedError(HTTPError):
+    """The user's chroma server could not be started (after ``dbMaxRetries`` retries)."""
+
+    status = 503
+    error = "InternalError"
+
+
+class ShuttingDownError(HTTPError):
+    """stcs is shutting down and takes no new work."""
+
+    status = 503
+    error = "InternalError"
+
+
+class UpstreamError(HTTPError):
+    """The user's chroma server died mid-request or answered with a broken response."""
+
+    status = 502
+    error = "InternalError"
+
+
+class BodyTooLargeError(HTTPError):
+    """Request body over ``maxBodySize`` bytes.
+
+    Named ``InvalidArgumentError`` (not DESIGN.md's ``InvalidArgument``): that is the name chroma
+    itself sends and the only one ``chromadb.errors.error_types`` maps to ``InvalidArgumentError``.
+    """
+
+    status = 413
+    error = "InvalidArgumentError"
+
+
+class AdminForbiddenError(HTTPError):
+    """Admin endpoint called without the right ``x-api-key``."""
+
+    status = 403
+    error = "AuthorizationError"
+
+
+class AdminDisabledError(HTTPError):
+    """Admin endpoint called while no ``adminAPIKey`` is configured (as the Node.js server: 404)."""
+
+    status = 404
+    error = "NotFoundError"

@@ -1,0 +1,409 @@
+"""How a chroma server is started and stopped (mechanism only; `supervisor` decides when).
+
+A child is ``chroma run --host 127.0.0.1 --path <dbPath>/<userId> --port <port>``, run by
+default through the *lean launcher*: a ``python -c`` bootstrap that calls chroma's Rust CLI
+(``chromadb_rust_bindings.cli``) without importing the ``chromadb`` package (~65 ms to the first
+heartbeat and ~45 MB, against ~1 s and ~115 MB for the ``chroma`` console script).
+``chromaCommand`` names another executable; the same bootstrap then ``exec``s it.
+
+The bootstrap sets ``PR_SET_PDEATHSIG`` (prctl(2)) on itself, so the child gets SIGTERM when
+stcs dies, then checks ``getppid()`` to close the race with a parent that died before that.  The
+signal fires when the *thread* that forked the child ends, so children are spawned from the
+event-loop thread, never from an executor.
+
+State under ``<dbPath>/.stcs/`` (user ids cannot start with a dot, so it never collides):
+``stcs.lock`` (held by the serving stcs process), ``locks/<userId>.lock`` (held for the life of
+that user's child, and inherited by it, so even an orphaned child keeps its directory locked) and
+``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+import psutil
+import structlog
+
+from stcs.errors import LockHeldError, StartFailedError
+
+log = structlog.get_logger("stcs.launcher")
+
+STATE_DIR = ".stcs"
+HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
+LOG_TAIL_BYTES = 2000
+
+# argv: [python, -c, BOOTSTRAP, <stcs pid>, ("--exec", program, ...args) | chroma CLI args]
+BOOTSTRAP = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(70)  # stcs died before prctl took effect
+args = sys.argv[2:]
+if args[0] == "--exec":
+    os.execvp(args[1], args[1:])
+import chromadb_rust_bindings
+chromadb_rust_bindings.cli(["chroma", *args])
+"""
+
+
+def child_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a chroma child: ``base`` without ``CHROMA_*``, telemetry off,
+    ``RUST_LOG=warn`` unless set.
+
+    ``CHROMA_*`` variables configure chroma servers; one meant for something else (or an
+    attacker's) must not reconfigure every user's server.
+    """
+    env = {k: v for k, v in base.items() if not k.upper().startswith("CHROMA_")}
+    env["ANONYMIZED_TELEMETRY"] = "False"
+    # chroma logs ~500 bytes per request at its default level: to an unbounded file and at a
+    # CPU cost. Warnings only, unless the operator asks for more with RUST_LOG.
+    env.setdefault("RUST_LOG", "warn")
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def lock_file(path: Path) -> int:
+    """Open ``path`` and take an exclusive non-blocking `flock` on it; return the fd.
+
+    Raises BlockingIOError when another open file description holds it.  The fd is
+    close-on-exec; closing it releases the lock.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class DbPathLock:
+    """The exclusive lock one serving stcs process holds on its ``dbPath``.
+
+    ``acquire`` raises LockHeldError naming the lock file when another process holds it.
+    """
+
+    def __init__(self, db_dir: Path) -> None:
+        self.path = db_dir / STATE_DIR / "stcs.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = lock_file(self.path)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "unknown"
+            raise LockHeldError(
+                f"dbPath {self.path.parent.parent} is in use by another stcs process "
+                f"(pid {holder}): lock {self.path} is held"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Child:
+    """One running chroma server.  ``started_at`` is wall-clock seconds, ``start_ms`` the time
+    from spawn to the first good heartbeat."""
+
+    user_id: str
+    port: int
+    process: asyncio.subprocess.Process
+    log_path: Path
+    started_at: float
+    start_ms: float = 0.0
+    _lock_fd: int | None = field(default=None, repr=False)
+    _exited: asyncio.Future[int] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and be reaped, then release the directory lock.
+
+        Returns the exit status as asyncio gives it: ``-N`` for death by signal N.
+        """
+        if self._exited is None:
+            self._exited = asyncio.ensure_future(self._reap())
+        return await asyncio.shield(self._exited)
+
+    async def _reap(self) -> int:
+        code = await self.process.wait()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return code
+
+
+def describe_exit(code: int) -> str:
+    """``"exit code N"`` or ``"signal SIGX"`` (with gunicorn's hint for SIGKILL)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (perhaps out of memory?)" if -code == signal.SIGKILL else ""
+    return f"signal {name}{hint}"
+
+
+def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of a log file as text ('' if unreadable)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class Launcher(Protocol):
+    """What the supervisor needs of a launcher."""
+
+    async def launch(self, user_id: str) -> Child: ...
+
+    async def stop(self, child: Child) -> int: ...
+
+
+class ChromaLauncher:
+    """Start and stop chroma servers for users under ``db_dir``.
+
+    ``command`` is ``chromaCommand`` split into argv (empty: the lean launcher).  Times in ms.
+    The ``session`` is used for readiness probes only.
+    """
+
+    def __init__(
+        self,
+        db_dir: Path,
+        session: aiohttp.ClientSession,
+        *,
+        command: Sequence[str] = (),
+        start_timeout_ms: int = 20000,
+        stop_timeout_ms: int = 10000,
+        max_retries: int = 2,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.db_dir = db_dir
+        self._session = session
+        self._command = list(command)
+        self._start_timeout = start_timeout_ms / 1000
+        self._stop_timeout = stop_timeout_ms / 1000
+        self._max_retries = max_retries
+        self._env = child_environment(os.environ if environ is None else environ)
+        self._locks_dir = db_dir / STATE_DIR / "locks"
+        self._logs_dir = db_dir / STATE_DIR / "logs"
+
+    @classmethod
+    def command_from_setting(cls, chroma_command: str) -> list[str]:
+        """Split the ``chromaCommand`` setting into argv (shell-like quoting)."""
+        return shlex.split(chroma_command)
+
+    def argv(self, data_dir: Path, port: int) -> list[str]:
+        """The child's full argv for ``data_dir`` and ``port``."""
+        run = ["run", "--host", "127.0.0.1", "--path", str(data_dir), "--port", str(port)]
+        head = [sys.executable, "-c", BOOTSTRAP, str(os.getpid())]
+        if self._command:
+            return [*head, "--exec", *self._command, *run]
+        return [*head, *run]
+
+    async def launch(self, user_id: str) -> Child:
+        """Start ``user_id``'s chroma server and wait until it answers its heartbeat.
+
+        The user id must already be validated (`auth.validate_user_id`).  A child that exits
+        before it is ready is retried on a new port, ``max_retries`` times.  Raises
+        StartFailedError when the directory is locked by another process, the child keeps
+        exiting, or it is not ready within ``start_timeout_ms``.
+        """
+        data_dir = self.db_dir / user_id
+        self._locks_dir.mkdir(parents=True, exist_ok=True)
+        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock_fd = lock_file(self._locks_dir / f"{user_id}.lock")
+        except BlockingIOError:
+            log.error("data directory locked", user_id=user_id, data_dir=str(data_dir))
+            raise StartFailedError(
+                "this user's database is in use by another process; retry later"
+            ) from None
+        try:
+            data_dir.mkdir(mode=0o700, exist_ok=True)
+            log_path = self._logs_dir / f"{user_id}.log"
+            for attempt in range(self._max_retries + 1):
+                child = await self._spawn(user_id, data_dir, log_path, lock_fd)
+                try:
+                    code = await self._wait_ready(child)
+                except BaseException:  # cancelled or timed out: never leave a child behind
+                    if child.returncode is None:
+                        await self.stop(child)
+                    raise
+                if code is None:
+                    child._lock_fd, lock_fd = lock_fd, -1
+                    return child
+                log.warning(
+                    "instance exited before ready",
+                    user_id=user_id, attempt=attempt + 1, port=child.port,
+                    exit=describe_exit(code), log_tail=read_tail(log_path)[-500:],
+                )
+            raise StartFailedError("the user's chroma server failed to start")
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+
+    async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
+        port = free_port()
+        with log_path.open("wb") as out:
+            # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
+            process = await asyncio.create_subprocess_exec(
+                *self.argv(data_dir, port),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                cwd=str(data_dir),
+                start_new_session=True,
+                pass_fds=(lock_fd,),
+            )
+        return Child(user_id=user_id, port=port, process=process, log_path=log_path,
+                     started_at=time.time())
+
+    async def _wait_ready(self, child: Child) -> int | None:
+        """Poll the heartbeat with backoff.  None when ready; the exit status if it exited.
+
+        Raises StartFailedError (after stopping the child) on timeout.
+        """
+        started = time.monotonic()
+        deadline = started + self._start_timeout
+        delay = 0.005
+        url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
+        probe_timeout = aiohttp.ClientTimeout(total=1.0)
+        exited = asyncio.ensure_future(child.process.wait())
+        try:
+            while True:
+                if exited.done():
+                    return exited.result()
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with self._session.get(url, timeout=probe_timeout) as resp:
+                        if resp.status == 200:
+                            child.start_ms = round((time.monotonic() - started) * 1000, 1)
+                            return None
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                await asyncio.wait({exited}, timeout=min(delay, deadline - now))
+                delay = min(delay * 1.5, 0.1)
+        finally:
+            if not exited.done():
+                exited.cancel()
+        log.error("instance not ready in time", user_id=child.user_id, pid=child.pid,
+                  timeout_ms=int(self._start_timeout * 1000),
+                  log_tail=read_tail(child.log_path)[-500:])
+        await self.stop(child)
+        raise StartFailedError("the user's chroma server did not become ready in time")
+
+    async def stop(self, child: Child) -> int:
+        """Stop a child: SIGTERM to its process group, wait ``stop_timeout_ms``, then SIGKILL.
+
+        Returns the exit status.  Logs a warning when SIGKILL was needed.
+        """
+        if child.returncode is None:
+            _signal_group(child.pid, signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(child.wait(), self._stop_timeout or 0.001)
+            except asyncio.TimeoutError:
+                log.warning("instance survived SIGTERM, killing", user_id=child.user_id,
+                            pid=child.pid, stop_timeout_ms=int(self._stop_timeout * 1000))
+                _signal_group(child.pid, signal.SIGKILL)
+        return await child.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the child's process group (it leads one: start_new_session), else the pid."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _path_arg(cmdline: Sequence[str]) -> str | None:
+    for i, arg in enumerate(cmdline):
+        if arg == "--path" and i + 1 < len(cmdline):
+            return cmdline[i + 1]
+        if arg.startswith("--path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def find_orphans(db_dir: Path) -> Iterator[psutil.Process]:
+    """Chroma servers (``... run ... --path P``) whose ``P`` lies under ``db_dir``.
+
+    Matched on the command line (psutil), never on a bare pid, and never this process.
+    """
+    root = db_dir.resolve()
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info["pid"] == me or "run" not in cmdline:
+            continue
+        path = _path_arg(cmdline)
+        if path is None:
+            continue
+        try:
+            target = Path(path).resolve()
+        except (OSError, RuntimeError):
+            continue
+        if target.parent == root or root in target.parents:
+            yield proc
+
+
+def stop_orphans(db_dir: Path, timeout_s: float) -> list[int]:
+    """SIGTERM every orphan of ``db_dir``, SIGKILL those alive after ``timeout_s``.
+
+    Returns the pids found.  Blocking (psutil.wait_procs): call before serving.
+    """
+    procs = list(find_orphans(db_dir))
+    for proc in procs:
+        log.warning("stopping leftover chroma server", pid=proc.pid,
+                    cmdline=" ".join(proc.info.get("cmdline") or [])[-300:])
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        log.warning("leftover chroma server survived SIGTERM, killing", pid=proc.pid)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]

@@ -1,0 +1,344 @@
+"""When chroma servers run: the registry of user id -> `Instance` and its policies.
+
+* Single-flight starts: every request for a user whose server is starting awaits that one start.
+* In-flight counting: `Supervisor.acquire` holds an instance for the life of one request; an
+  instance with a request in flight is never stopped by policy, however long the request runs.
+* Idle reaper: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
+* Capacity: at most ``dbMaxInstances`` children, and none started while less than
+  ``dbMinFreeMemoryMB`` is available.  When full, the least recently used instance idle for at
+  least ``min(30 s, dbTTL)`` is evicted; otherwise the start waits in a FIFO queue until
+  ``queueTimeout`` ms after the request arrived, then fails with 503 + ``Retry-After``.
+* Crashes: a child that exits on its own leaves the registry at once (exit code or signal
+  logged); the next request starts it again.
+
+How a child is started and stopped is the `launcher.Launcher` passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import structlog
+
+from stcs.errors import CapacityTimeoutError, ShuttingDownError
+from stcs.launcher import Child, Launcher, describe_exit
+
+log = structlog.get_logger("stcs.supervisor")
+
+EVICT_MIN_IDLE_S = 30.0  # an instance must be idle this long (or dbTTL if less) to be evicted
+QUEUE_POLL_S = 0.1  # queued starts re-check eviction candidates and free memory this often
+MB = 1024 * 1024
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False)
+class Instance:
+    """One user's chroma server as the supervisor tracks it.
+
+    ``last_active`` is monotonic seconds (policy), ``last_active_wall`` wall-clock seconds
+    (display); ``requests`` counts requests served since the start.
+    """
+
+    user_id: str
+    state: State = State.STARTING
+    child: Child | None = None
+    in_flight: int = 0
+    requests: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    last_active_wall: float = field(default_factory=time.time)
+    has_slot: bool = False
+    started: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_task: asyncio.Future[None] | None = None
+    start_task: asyncio.Task[None] | None = None
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the last request ended (0 while one is in flight)."""
+        return 0.0 if self.in_flight else now - self.last_active
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's hold on a ready instance (from `Supervisor.acquire`)."""
+
+    instance: Instance
+    port: int
+    cold_start: bool
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new processes (psutil ``virtual_memory().available``)."""
+    return int(psutil.virtual_memory().available)
+
+
+class Supervisor:
+    """Owns every chroma child of one stcs process.  Times in ms, memory in MB (2^20 bytes)."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        *,
+        ttl_ms: int,
+        max_instances: int,
+        queue_timeout_ms: int,
+        min_free_memory_mb: int = 0,
+        memory: Callable[[], int] = available_memory,
+    ) -> None:
+        self.launcher = launcher
+        self.ttl = ttl_ms / 1000
+        self.max_instances = max_instances
+        self.queue_timeout = queue_timeout_ms / 1000
+        self.min_free_bytes = min_free_memory_mb * MB
+        self.evict_min_idle = min(EVICT_MIN_IDLE_S, self.ttl)
+        self._memory = memory
+        self.registry: dict[str, Instance] = {}
+        self._slots_used = 0
+        self._queue: deque[asyncio.Event] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.closing = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the idle reaper (call from the running event loop)."""
+        self._reaper = asyncio.create_task(self._reap_idle(), name="stcs-reaper")
+
+    async def close(self) -> None:
+        """Refuse new work, cancel pending starts and stop every child concurrently."""
+        self.closing = True
+        self._wake_queue()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        starting = [i.start_task for i in self.registry.values() if i.start_task and
+                    i.state is State.STARTING]
+        for task in starting:
+            task.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
+        stops = [self._stop(i, "shutdown") for i in list(self.registry.values()) if i.child]
+        if stops:
+            log.info("stopping all instances", count=len(stops))
+        await asyncio.gather(*stops, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, user_id: str) -> AsyncIterator[Lease]:
+        """Hold ``user_id``'s ready instance for one request, starting it if needed.
+
+        Raises StartFailedError, CapacityTimeoutError or ShuttingDownError.
+        """
+        inst, cold = await self._ready_instance(user_id)
+        assert inst.child is not None
+        try:
+            yield Lease(instance=inst, port=inst.child.port, cold_start=cold)
+        finally:
+            inst.in_flight -= 1
+            inst.last_active = time.monotonic()
+            inst.last_active_wall = time.time()
+
+    async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
+        deadline = time.monotonic() + self.queue_timeout  # the queue wait counts from arrival
+        cold = False
+        while True:
+            if self.closing:
+                raise ShuttingDownError("server is shutting down")
+            inst = self.registry.get(user_id)
+            if inst is None:
+                inst = Instance(user_id)
+                self.registry[user_id] = inst
+                inst.start_task = self._spawn_task(self._start(inst, deadline))
+            if inst.state is State.READY:
+                # Counted synchronously with the state check: no await between them, so the
+                # reaper can never see this instance idle while the request is being handed in.
+                inst.in_flight += 1
+                inst.requests += 1
+                return inst, cold
+            cold = True
+            if inst.state is State.STARTING:
+                await asyncio.shield(inst.started)
+            else:
+                await inst.stopped.wait()
+
+    def report_dead(self, inst: Instance) -> None:
+        """The proxy could not connect to ``inst``: stop it so the next acquire starts anew."""
+        if inst.state is State.READY:
+            log.warning("instance unreachable", user_id=inst.user_id,
+                        pid=inst.child.pid if inst.child else None)
+            self._stop_soon(inst, "unreachable")
+
+    # -- starting ---------------------------------------------------------------------------
+
+    async def _start(self, inst: Instance, deadline: float) -> None:
+        try:
+            await self._reserve_slot(inst, deadline)
+            child = await self.launcher.launch(inst.user_id)
+        except BaseException as exc:
+            self._finalize(inst)
+            # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
+            failure = exc if isinstance(exc, Exception) else ShuttingDownError(
+                "server is shutting down")
+            inst.started.set_exception(failure)
+            inst.started.exception()  # mark retrieved: with no waiter it is not an error
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        inst.child = child
+        inst.state = State.READY
+        inst.last_active = time.monotonic()
+        inst.last_active_wall = time.time()
+        inst.started.set_result(None)
+        log.info("instance started", user_id=inst.user_id, pid=child.pid, port=child.port,
+                 start_ms=child.start_ms, running=self._slots_used)
+        self._spawn_task(self._watch(inst, child))
+
+    async def _reserve_slot(self, inst: Instance, deadline: float) -> None:
+        """Take an instance slot: evict an idle instance or queue (FIFO) if none is free.
+
+        Raises CapacityTimeoutError at ``deadline`` (monotonic s), ShuttingDownError on close.
+        """
+        waiter: asyncio.Event | None = None
+        try:
+            while True:
+                if self.closing:
+                    raise ShuttingDownError("server is shutting down")
+                at_head = not self._queue or self._queue[0] is waiter
+                full = self._slots_used >= self.max_instances
+                low_memory = self._memory() < self.min_free_bytes
+                if at_head and not full and not low_memory:
+                    self._slots_used += 1
+                    inst.has_slot = True
+                    return
+                if at_head:
+                    victim = self._pick_victim()
+                    if victim is not None:
+                        await self._stop(victim, "evicted")
+                        continue
+                if waiter is None:
+                    waiter = asyncio.Event()
+                    self._queue.append(waiter)
+                    log.info("start queued", user_id=inst.user_id, queue_length=len(self._queue),
+                             reason="memory" if low_memory and not full else "max instances")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    retry_after = max(1, math.ceil(min(self.evict_min_idle, self.queue_timeout)))
+                    log.warning("start queue timed out", user_id=inst.user_id,
+                                queue_timeout_ms=int(self.queue_timeout * 1000),
+                                running=self._slots_used,
+                                available_mb=self._memory() // MB)
+                    raise CapacityTimeoutError(
+                        "all chroma instance slots are busy; retry later",
+                        headers={"Retry-After": str(retry_after)},
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), min(remaining, QUEUE_POLL_S))
+                waiter.clear()
+        finally:
+            if waiter is not None:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(waiter)
+                self._wake_queue()
+
+    def _pick_victim(self) -> Instance | None:
+        """The least recently used ready instance idle for at least ``min(30 s, dbTTL)``."""
+        now = time.monotonic()
+        idle = [
+            i for i in self.registry.values()
+            if i.state is State.READY and i.in_flight == 0
+            and now - i.last_active >= self.evict_min_idle
+        ]
+        return min(idle, key=lambda i: i.last_active, default=None)
+
+    def _wake_queue(self) -> None:
+        for waiter in self._queue:
+            waiter.set()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def _watch(self, inst: Instance, child: Child) -> None:
+        code = await child.wait()
+        if inst.state is not State.STOPPING:
+            log.error("instance crashed", user_id=inst.user_id, pid=child.pid, port=child.port,
+                      exit=describe_exit(code), requests_in_flight=inst.in_flight)
+            self._finalize(inst)
+
+    def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
+        """Begin stopping ``inst`` (idempotent).  The state turns STOPPING *now*, in the same
+        step as the decision, so no request can be handed the instance after it."""
+        if inst.stop_task is None:
+            inst.state = State.STOPPING
+            inst.stop_task = self._spawn_task(self._do_stop(inst, reason))
+        return inst.stop_task
+
+    async def _stop(self, inst: Instance, reason: str) -> None:
+        """Stop ``inst`` and wait for it (concurrent callers share one stop)."""
+        await asyncio.shield(self._stop_soon(inst, reason))
+
+    async def _do_stop(self, inst: Instance, reason: str) -> None:
+        child = inst.child
+        try:
+            if child is not None:
+                started = time.monotonic()
+                code = await self.launcher.stop(child)
+                log.info("instance stopped", user_id=inst.user_id, pid=child.pid,
+                         reason=reason, exit=describe_exit(code), requests=inst.requests,
+                         stop_ms=round((time.monotonic() - started) * 1000, 1))
+        finally:
+            self._finalize(inst)
+
+    def _finalize(self, inst: Instance) -> None:
+        """Forget ``inst`` (idempotent): registry entry, slot, and wake whoever waits on it."""
+        if self.registry.get(inst.user_id) is inst:
+            del self.registry[inst.user_id]
+        if inst.has_slot:
+            inst.has_slot = False
+            self._slots_used -= 1
+        inst.state = State.STOPPING
+        inst.stopped.set()
+        self._wake_queue()
+
+    async def _reap_idle(self) -> None:
+        interval = min(1.0, max(0.05, self.ttl / 10))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for inst in list(self.registry.values()):
+                if (inst.state is State.READY and inst.in_flight == 0
+                        and now - inst.last_active >= self.ttl):
+                    self._stop_soon(inst, "idle")
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Instances holding a slot (starting with a slot, ready, or stopping)."""
+        return self._slots_used
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,242 @@
+"""Shared fixtures: a real ``stcs serve`` subprocess, a real loopback auth server.
+
+Nothing is mocked: servers listen on 127.0.0.1, children are real chroma servers, and every
+process a test starts is stopped by pid in its teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def user_dirs(db: Path) -> list[str]:
+    """Entries of ``db`` other than stcs's own state directory."""
+    return sorted(p.name for p in db.iterdir() if p.name != ".stcs") if db.exists() else []
+
+
+def chroma_pids_under(db: Path) -> list[int]:
+    """Pids of live processes whose command line has ``--path`` under ``db``."""
+    root = str(db.resolve())
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        if "--path" in cmd:
+            i = cmd.index("--path")
+            if i + 1 < len(cmd) and cmd[i + 1].startswith(root):
+                pids.append(proc.info["pid"])
+    return pids
+
+
+@dataclass
+class StcsServer:
+    """A running ``stcs serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    db: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        """Live (non-zombie) chroma children of this server."""
+        try:
+            kids = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        alive = []
+        for kid in kids:
+            with contextlib.suppress(psutil.Error):
+                if kid.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(kid)
+        return alive
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_stcs(
+    tmp_path: Path, *args: str, db: Path | None = None, env: dict[str, str] | None = None,
+    wait: bool = True, name: str = "stcs",
+) -> StcsServer:
+    """Start ``stcs serve`` on a free port with ``args``; wait until ``/health`` answers."""
+    port = free_port()
+    db = db or tmp_path / "db"
+    log_path = tmp_path / f"{name}-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "DB_", "AUTH_"))}
+    full_env.update(env or {})
+    out = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stcs", "serve", "--port", str(port), "--db", str(db), *args],
+        stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+    )
+    out.close()
+    server = StcsServer(proc=proc, port=port, db=db, log_path=log_path)
+    if wait:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"stcs exited {proc.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                server.stop(signal.SIGKILL)
+                raise AssertionError(f"stcs not healthy in 20 s:\n{log_path.read_text()}")
+            time.sleep(0.05)
+    return server
+
+
+@pytest.fixture
+def stcs(tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``stcs(*args, **kw)`` starts a server; all are stopped (SIGTERM) afterwards,
+    and the test fails if any chroma child outlives its server."""
+    servers: list[StcsServer] = []
+
+    def factory(*args: str, **kw: Any) -> StcsServer:
+        server = start_stcs(tmp_path, *args, **kw)
+        servers.append(server)
+        return server
+
+    yield factory
+    leftovers = []
+    for server in servers:
+        pids = [p.pid for p in server.children()]
+        server.stop()
+        gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                        timeout=10)
+        for proc in alive:
+            leftovers.append(proc.pid)
+            proc.kill()
+    assert not leftovers, f"chroma children outlived stcs: {leftovers}"
+
+
+def new_token() -> str:
+    return str(uuid.uuid4())
+
+
+# -- a real loopback auth server -----------------------------------------------------------
+
+
+@dataclass
+class AuthServer:
+    """An aiohttp auth server in a background thread.
+
+    ``answers`` maps a bearer token to ``(status, body)``; unknown tokens get 401.
+    ``calls`` counts lookups per token; ``api_keys`` records the ``x-api-key`` seen.
+    """
+
+    answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    api_keys: list[str | None] = field(default_factory=list)
+    delay: float = 0.0
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/validate-token"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        self.calls[token] += 1
+        self.api_keys.append(request.headers.get("x-api-key"))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        status, body = self.answers.get(token, (401, {"message": "invalid"}))
+        if isinstance(body, (bytes, str)):
+            return web.Response(status=status, body=body)
+        return web.json_response(body, status=status)
+
+    def start(self) -> AuthServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_get("/validate-token", self._handle)
+            self._runner = web.AppRunner(app)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port or free_port())
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+
+@pytest.fixture
+def auth_server() -> Iterator[AuthServer]:
+    server = AuthServer().start()
+    yield server
+    server.stop()
