@@ -275,6 +275,8 @@ class Supervisor:
     # -- stopping ---------------------------------------------------------------------------
 
     async def _watch(self, inst: Instance, child: Child) -> None:
+        # Tasks inherit the spawning request's log context; this one outlives that request.
+        structlog.contextvars.clear_contextvars()
         code = await child.wait()
         if inst.state is not State.STOPPING:
             log.error("instance crashed", user_id=inst.user_id, pid=child.pid, port=child.port,
@@ -294,6 +296,7 @@ class Supervisor:
         await asyncio.shield(self._stop_soon(inst, reason))
 
     async def _do_stop(self, inst: Instance, reason: str) -> None:
+        structlog.contextvars.clear_contextvars()  # not the log context of whoever asked
         child = inst.child
         try:
             if child is not None:

@@ -98,6 +98,15 @@ class StcsServer:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line.get("event") == name]
 
+    def wait_event(self, name: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        """Wait until ``name`` was logged at least ``count`` times; return those lines."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(name)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name!r} logged {len(found)} times, wanted {count}")
+            time.sleep(0.02)
+        return found
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

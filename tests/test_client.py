@@ -1,0 +1,180 @@
+"""The unmodified chromadb.HttpClient against a real `stcs serve` and real chroma children."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import pytest
+import requests
+from chromadb.config import Settings
+from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
+
+from tests.conftest import AuthServer, StcsServer, new_token, user_dirs
+
+DIM = 384
+
+
+def client_for(server: StcsServer, token: str | None, transport: str = "x-chroma-token") -> Any:
+    """An unmodified chromadb.HttpClient with ``token`` sent by ``transport``."""
+    if transport == "bearer":
+        settings = Settings(
+            chroma_client_auth_provider="chromadb.auth.token_authn.TokenAuthClientProvider",
+            chroma_client_auth_credentials=token,
+            anonymized_telemetry=False,
+        )
+        return chromadb.HttpClient(host="127.0.0.1", port=server.port, settings=settings)
+    headers = {"X-Chroma-Token": token} if token is not None else {}
+    return chromadb.HttpClient(host="127.0.0.1", port=server.port, headers=headers,
+                               settings=Settings(anonymized_telemetry=False))
+
+
+def vectors(n: int, seed: int) -> list[list[float]]:
+    rng = random.Random(seed)
+    return [[rng.random() for _ in range(DIM)] for _ in range(n)]
+
+
+@pytest.fixture
+def server(stcs: Callable[..., StcsServer]) -> StcsServer:
+    return stcs()
+
+
+@pytest.mark.parametrize("transport", ["x-chroma-token", "bearer"])
+def test_full_cycle_with_each_token_transport(server: StcsServer, transport: str) -> None:
+    token = new_token()
+    client = client_for(server, token, transport)
+    col = client.create_collection("docs", metadata={"hnsw:space": "l2"})
+    embeddings = vectors(1000, seed=1)
+    ids = [f"id-{i}" for i in range(1000)]
+    col.add(
+        ids=ids,
+        embeddings=embeddings,
+        documents=[f"document number {i}" for i in range(1000)],
+        metadatas=[{"parity": i % 2, "n": i} for i in range(1000)],
+    )
+    assert col.count() == 1000
+
+    # The nearest neighbour of vector 42 among even-numbered items is 42 itself.
+    hits = col.query(query_embeddings=[embeddings[42]], n_results=5, where={"parity": 0})
+    assert hits["ids"][0][0] == "id-42"
+    assert all(m["parity"] == 0 for m in hits["metadatas"][0])
+    assert hits["distances"][0][0] == pytest.approx(0.0, abs=1e-4)
+
+    got = col.get(ids=["id-7", "id-8"], include=["documents", "metadatas"])
+    assert dict(zip(got["ids"], got["documents"])) == {
+        "id-7": "document number 7", "id-8": "document number 8"}
+
+    col.delete(ids=[f"id-{i}" for i in range(100)])
+    assert col.count() == 900
+    assert col.get(ids=["id-5"])["ids"] == []
+
+    client.create_collection("second")
+    assert sorted(c.name for c in client.list_collections()) == ["docs", "second"]
+    client.delete_collection("second")
+    assert [c.name for c in client.list_collections()] == ["docs"]
+    assert user_dirs(server.db) == [token]
+
+
+def test_users_are_isolated_each_in_their_own_directory(server: StcsServer) -> None:
+    alice, bob = new_token(), new_token()
+    a = client_for(server, alice).create_collection("docs")
+    b = client_for(server, bob, "bearer").create_collection("docs")
+    a.add(ids=["alice-1"], embeddings=vectors(1, 2), documents=["alice's secret"])
+    b.add(ids=["bob-1", "bob-2"], embeddings=vectors(2, 3), documents=["bob", "bob again"])
+
+    assert client_for(server, alice).get_collection("docs").get()["ids"] == ["alice-1"]
+    assert sorted(client_for(server, bob).get_collection("docs").get()["ids"]) == [
+        "bob-1", "bob-2"]
+    assert user_dirs(server.db) == sorted([alice, bob])
+    for token in (alice, bob):
+        assert (server.db / token / "chroma.sqlite3").is_file()
+
+
+def test_uppercase_uuid_is_the_same_user(server: StcsServer) -> None:
+    token = new_token()
+    client_for(server, token.upper()).create_collection("shared")
+    assert [c.name for c in client_for(server, token).list_collections()] == ["shared"]
+    assert user_dirs(server.db) == [token]
+
+
+@pytest.mark.parametrize("token", [None, "not-a-uuid", "", "3f2b8a4e9c1d4e5f8a7b6c5d4e3f2a1b"])
+def test_missing_or_non_uuid_token_raises_chroma_auth_error(
+    server: StcsServer, token: str | None
+) -> None:
+    with pytest.raises(ChromaAuthError):
+        client_for(server, token).list_collections()
+    assert user_dirs(server.db) == []
+
+
+def test_auth_server_answers_userid_and_data_userid(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    auth_server.answers["tok-flat"] = (200, {"userId": "user-flat"})
+    auth_server.answers["tok-nested"] = (200, {"data": {"userId": "user.nested@example.com"}})
+    server = stcs("--auth", auth_server.url, "--authKey", "auth-key-1")
+    client_for(server, "tok-flat").create_collection("flat")
+    client_for(server, "tok-nested", "bearer").create_collection("nested")
+    assert user_dirs(server.db) == ["user-flat", "user.nested@example.com"]
+    assert set(auth_server.api_keys) == {"auth-key-1"}
+
+
+def test_cached_token_does_not_call_the_auth_server_again(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    auth_server.answers["tok"] = (200, {"userId": "cached-user"})
+    server = stcs("--auth", auth_server.url, "--authCacheTTL", "60000")
+    client = client_for(server, "tok")  # the client itself makes several requests
+    for i in range(5):
+        client.get_or_create_collection(f"coll-{i}")
+    assert auth_server.calls["tok"] == 1
+
+
+def test_auth_server_rejection_raises_chroma_auth_error(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    auth_server.answers["revoked"] = (403, {"message": "revoked"})
+    server = stcs("--auth", auth_server.url)
+    for token in ("revoked", "unknown-token"):
+        with pytest.raises(ChromaAuthError):
+            client_for(server, token).list_collections()
+    assert user_dirs(server.db) == []
+
+
+def test_auth_server_down_is_503_not_401(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    url = auth_server.url
+    auth_server.stop()  # nothing listens there any more
+    server = stcs("--auth", url, "--authTimeout", "2000")
+    resp = requests.get(f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "t"},
+                        timeout=10)
+    assert resp.status_code == 503
+    assert resp.json()["error"] == "InternalError"
+    with pytest.raises(InternalError):
+        client_for(server, "t").list_collections()
+    assert user_dirs(server.db) == []
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "x" * 200, ".hidden", "..", "a\nb", ""])
+def test_unsafe_user_id_from_auth_server_is_refused(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer, bad: str, tmp_path: Path
+) -> None:
+    auth_server.answers["tok"] = (200, {"userId": bad})
+    server = stcs("--auth", auth_server.url)
+    resp = requests.get(f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "tok"},
+                        timeout=10)
+    status = 502 if bad else 503  # an empty userId is "no user id" (malformed answer)
+    assert resp.status_code == status
+    assert resp.json()["error"] == "InternalError"
+    assert user_dirs(server.db) == []
+    assert not (tmp_path / "x").exists()
+
+
+def test_chroma_errors_pass_through(server: StcsServer) -> None:
+    client = client_for(server, new_token())
+    with pytest.raises(NotFoundError):
+        client.get_collection("does-not-exist")
+

@@ -1,0 +1,259 @@
+"""Supervising chroma children: single-flight starts, idle reaping, capacity, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+import requests
+
+from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
+from tests.test_client import client_for, vectors
+
+COLLECTIONS = "/api/v2/tenants/default_tenant/databases/default_database/collections"
+
+
+@contextmanager
+def max_children(server: StcsServer) -> Iterator[list[int]]:
+    """Sample the number of live chroma children every 10 ms; yields [max seen]."""
+    seen = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen[0] = max(seen[0], len(server.children()))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+
+
+async def slow_create(
+    session: aiohttp.ClientSession, server: StcsServer, token: str, name: str, seconds: float
+) -> aiohttp.ClientResponse:
+    """Create a collection with a body trickled over ``seconds``: a request held in flight."""
+    head = f'{{"name": "{name}"'.encode()
+    pad_chunks = 10
+    body_len = len(head) + pad_chunks * 100 + 1
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(pad_chunks):
+            await asyncio.sleep(seconds / pad_chunks)
+            yield b" " * 100
+        yield b"}"
+
+    return await session.post(
+        f"{server.url}{COLLECTIONS}", data=body(),
+        headers={"X-Chroma-Token": token, "Content-Type": "application/json",
+                 "Content-Length": str(body_len)},
+    )
+
+
+async def test_20_concurrent_first_requests_start_exactly_one_child(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs()
+    token = new_token()
+    with max_children(server) as seen:
+        async with aiohttp.ClientSession() as session:
+
+            async def one() -> int:
+                async with session.get(f"{server.url}/api/v2/heartbeat",
+                                       headers={"X-Chroma-Token": token}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(20)))
+    assert statuses == [200] * 20
+    assert seen[0] == 1
+    assert len(server.children()) == 1
+    assert len(server.events("instance started")) == 1
+    cold = [e for e in server.events("request") if e["cold_start"]]
+    assert len(cold) == 20  # all of them waited for the one start
+
+
+def wait_gone(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` is gone (reaped or zombie); fails after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"pid {pid} still alive after {timeout} s")
+    return time.monotonic() - start
+
+
+def test_idle_child_is_stopped_after_ttl_and_restarts_with_data(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--ttl", "1000")
+    token = new_token()
+    col = client_for(server, token).create_collection("keep")
+    col.add(ids=["a", "b", "c"], embeddings=vectors(3, 5))
+    [child] = server.children()
+    gone_after = wait_gone(child.pid, timeout=5)
+    assert 0.8 <= gone_after <= 2.5, gone_after
+    assert server.children() == []
+    stopped = server.wait_event("instance stopped")
+    assert [e["reason"] for e in stopped] == ["idle"]
+
+    again = client_for(server, token).get_collection("keep")
+    assert sorted(again.get()["ids"]) == ["a", "b", "c"]
+    [new_child] = server.children()
+    assert new_child.pid != child.pid
+
+
+async def test_request_in_flight_longer_than_ttl_is_not_cut_off(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--ttl", "1000")
+    token = new_token()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/api/v2/heartbeat",
+                               headers={"X-Chroma-Token": token}) as resp:
+            assert resp.status == 200
+        [child] = server.children()
+        resp = await slow_create(session, server, token, "slowpoke", seconds=3.0)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["name"] == "slowpoke"
+        assert [c.pid for c in server.children()] == [child.pid]
+        assert server.events("instance stopped") == []
+
+
+def test_max_instances_with_users_taking_turns_all_succeed(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--dbMaxInstances", "2", "--ttl", "1000", "--queueTimeout", "20000")
+    tokens = [new_token() for _ in range(4)]
+    with max_children(server) as seen:
+        for round_ in range(2):
+            for i, token in enumerate(tokens):
+                col = client_for(server, token).get_or_create_collection("turns")
+                col.add(ids=[f"r{round_}"], embeddings=vectors(1, i))
+                assert col.count() == round_ + 1
+    assert seen[0] <= 2
+    assert user_dirs(server.db) == sorted(tokens)
+    reasons = {e["reason"] for e in server.events("instance stopped")}
+    assert reasons <= {"evicted", "idle"} and reasons
+
+
+async def test_full_capacity_queues_then_503_with_retry_after(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--dbMaxInstances", "2", "--queueTimeout", "1500", "--ttl", "60000")
+    holders = [new_token(), new_token()]
+    async with aiohttp.ClientSession() as session:
+        held = [asyncio.ensure_future(slow_create(session, server, t, "held", seconds=5.0))
+                for t in holders]
+        deadline = time.monotonic() + 10
+        while len(server.children()) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # both uploads are now in flight through stcs
+        started = time.monotonic()
+        async with session.get(f"{server.url}/api/v2/heartbeat",
+                               headers={"X-Chroma-Token": new_token()}) as resp:
+            waited = time.monotonic() - started
+            body = await resp.json()
+            assert resp.status == 503
+            assert body["error"] == "RateLimitError"
+            assert int(resp.headers["Retry-After"]) >= 1
+        assert 1.4 <= waited <= 4.0, waited
+        for task in held:
+            resp = await task
+            assert resp.status == 200
+    assert len(server.children()) <= 2
+
+
+def test_sigterm_leaves_no_chroma_child(stcs: Callable[..., StcsServer]) -> None:
+    server = stcs()
+    for _ in range(3):
+        client_for(server, new_token()).heartbeat()
+    pids = [c.pid for c in server.children()]
+    assert len(pids) == 3
+    assert server.stop(signal.SIGTERM) == 0
+    assert chroma_pids_under(server.db) == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
+    assert {e["reason"] for e in server.events("instance stopped")} == {"shutdown"}
+
+
+def test_second_stcs_on_same_db_path_exits_2_naming_the_lock(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    first = stcs()
+    done = subprocess.run(
+        [sys.executable, "-m", "stcs", "serve", "--port", str(free_port()), "--db",
+         str(first.db)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "stcs.lock" in done.stderr and str(first.pid) in done.stderr
+    assert requests.get(f"{first.url}/health", timeout=5).status_code == 200
+
+
+def test_chroma_that_fails_to_start_gives_503_and_is_retried(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    crash = f"{sys.executable} -c 'import sys; print(\"boom\"); sys.exit(3)'"
+    server = stcs("--chromaCommand", crash, "--dbMaxRetries", "1")
+    resp = requests.get(f"{server.url}/api/v2/heartbeat",
+                        headers={"X-Chroma-Token": new_token()}, timeout=30)
+    assert resp.status_code == 503
+    assert resp.json()["error"] == "InternalError"
+    attempts = server.events("instance exited before ready")
+    assert len(attempts) == 2 and attempts[0]["exit"] == "exit code 3"
+    assert "boom" in attempts[0]["log_tail"]
+    assert server.children() == []
+
+
+def test_chroma_command_runs_the_console_script(stcs: Callable[..., StcsServer]) -> None:
+    chroma = Path(sys.executable).parent / "chroma"
+    server = stcs("--chromaCommand", str(chroma))
+    token = new_token()
+    client_for(server, token).create_collection("via-console-script")
+    [child] = server.children()
+    assert str(chroma) in " ".join(child.cmdline())
+    [started] = server.events("instance started")
+    assert started["start_ms"] > 0
+
+
+async def test_child_killed_mid_request_gives_502_then_recovers(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs()
+    token = new_token()
+    client_for(server, token).create_collection("before")
+    [child] = server.children()
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(slow_create(session, server, token, "during", 2.0))
+        await asyncio.sleep(0.5)
+        os.kill(child.pid, signal.SIGKILL)
+        resp = await pending
+        assert resp.status == 502
+        assert (await resp.json())["error"] == "InternalError"
+    [crashed] = server.wait_event("instance crashed")
+    assert "SIGKILL" in crashed["exit"] and crashed["pid"] == child.pid
+    assert "request_id" not in crashed
+    names = [c.name for c in client_for(server, token).list_collections()]
+    assert names == ["before"]
