@@ -47,6 +47,11 @@ class State:
 
 
 STATE = web.AppKey("stcs_state", State)
+INFO = web.RequestKey("stcs_request_info", dict)  # what the request line logs (user id, ...)
+
+# Options for aiohttp's server (`web.run_app(..., **SERVER_OPTIONS)`).  auto_decompress off: a
+# gzip request body must reach chroma exactly as sent, under its own Content-Encoding header.
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,7 +70,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
     started = time.monotonic()
     info: dict[str, Any] = {"user_id": None, "cold_start": False, "upstream_port": None}
-    request["stcs"] = info
+    request[INFO] = info
     status = 500
     try:
         try:
@@ -191,18 +196,23 @@ async def admin_health(request: web.Request) -> web.Response:
         "kbUsedTotal": kb_app + kb_instances,
         "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
         "nMaxInstancesEstimate": (
-            min(state.settings.db_max_instances,
-                max(0, math.floor((kb_available - kb_floor) / average)) + len(instances))
-            if average else None
+            min(
+                state.settings.db_max_instances,
+                max(0, math.floor((kb_available - kb_floor) / average)) + len(instances),
+            )
+            if average
+            else None
         ),
     }
-    return web.json_response({
-        "status": "ok",
-        "instances": instances,
-        "memory": memory,
-        "queueLength": supervisor.queue_length,
-        "maxInstances": state.settings.db_max_instances,
-    })
+    return web.json_response(
+        {
+            "status": "ok",
+            "instances": instances,
+            "memory": memory,
+            "queueLength": supervisor.queue_length,
+            "maxInstances": state.settings.db_max_instances,
+        }
+    )
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -210,7 +220,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     assert state.resolver and state.supervisor and state.upstream
     settings = state.settings
-    info = request["stcs"]
+    info = request[INFO]
     token = extract_token(request.headers)
     user_id = validate_user_id(await state.resolver.resolve(token))
     info["user_id"] = user_id
@@ -255,39 +265,44 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         await auth_session.close()
 
 
+async def _db_lock_ctx(app: web.Application) -> AsyncIterator[None]:
+    # First of the contexts: when another stcs holds dbPath nothing else has been created.
+    lock = launcher_mod.DbPathLock(app[STATE].settings.db_dir)
+    lock.acquire()  # LockHeldError: another stcs serves this dbPath
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     settings = state.settings
     assert state.upstream is not None
     db_dir = settings.db_dir
-    lock = launcher_mod.DbPathLock(db_dir)
-    lock.acquire()  # LockHeldError: another stcs serves this dbPath
-    try:
-        found = await asyncio.to_thread(
-            launcher_mod.stop_orphans, db_dir, settings.db_stop_timeout / 1000
-        )
-        if found:
-            log.warning("stopped leftover chroma servers", count=len(found), pids=found)
-        chroma = launcher_mod.ChromaLauncher(
-            db_dir,
-            state.upstream,
-            command=launcher_mod.ChromaLauncher.command_from_setting(settings.chroma_command),
-            start_timeout_ms=settings.db_start_timeout,
-            stop_timeout_ms=settings.db_stop_timeout,
-            max_retries=settings.db_max_retries,
-        )
-        state.supervisor = Supervisor(
-            chroma,
-            ttl_ms=settings.db_ttl,
-            max_instances=settings.db_max_instances,
-            queue_timeout_ms=settings.queue_timeout,
-            min_free_memory_mb=settings.db_min_free_memory_mb,
-        )
-        state.supervisor.start()
-        yield
-        await state.supervisor.close()
-    finally:
-        lock.release()
+    found = await asyncio.to_thread(
+        launcher_mod.stop_orphans, db_dir, settings.db_stop_timeout / 1000
+    )
+    if found:
+        log.warning("stopped leftover chroma servers", count=len(found), pids=found)
+    chroma = launcher_mod.ChromaLauncher(
+        db_dir,
+        state.upstream,
+        command=launcher_mod.ChromaLauncher.command_from_setting(settings.chroma_command),
+        start_timeout_ms=settings.db_start_timeout,
+        stop_timeout_ms=settings.db_stop_timeout,
+        max_retries=settings.db_max_retries,
+    )
+    state.supervisor = Supervisor(
+        chroma,
+        ttl_ms=settings.db_ttl,
+        max_instances=settings.db_max_instances,
+        queue_timeout_ms=settings.queue_timeout,
+        min_free_memory_mb=settings.db_min_free_memory_mb,
+    )
+    state.supervisor.start()
+    yield
+    await state.supervisor.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -296,9 +311,13 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the stcs application for ``settings`` (nothing starts until it is run)."""
+    """Build the stcs application for ``settings`` (nothing starts until it is run).
+
+    Serve it with `SERVER_OPTIONS` passed to aiohttp's server (as `cli` does).
+    """
     app = web.Application(middlewares=[request_middleware])
     app[STATE] = State(settings=settings)
+    app.cleanup_ctx.append(_db_lock_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.on_shutdown.append(_on_shutdown)
@@ -308,4 +327,4 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-__all__ = ["STATE", "create_app"]
+__all__ = ["INFO", "SERVER_OPTIONS", "STATE", "create_app"]

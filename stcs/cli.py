@@ -30,7 +30,8 @@ SHUTDOWN_GRACE_S = 10.0
 def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
-        "--config", metavar="PATH",
+        "--config",
+        metavar="PATH",
         help="YAML configuration file (default ./config.yml when it exists)",
     )
     group = parent.add_argument_group("settings (override config.yml and the environment)")
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings = _settings_parser()
     sub.add_parser("serve", parents=[settings], help="run the server")
     sub.add_parser(
-        "check-config", parents=[settings],
+        "check-config",
+        parents=[settings],
         help="print the resolved settings and where each comes from",
     )
     return parser
@@ -95,7 +97,7 @@ def _serve(resolved: Resolved) -> int:
     from aiohttp import web
 
     from stcs import log as log_mod
-    from stcs.app import create_app
+    from stcs.app import SERVER_OPTIONS, create_app
 
     settings = resolved.settings
     try:
@@ -133,6 +135,7 @@ def _serve(resolved: Resolved) -> int:
             access_log=None,
             print=None,
             shutdown_timeout=SHUTDOWN_GRACE_S,
+            **SERVER_OPTIONS,
         )
     except LockHeldError as exc:
         log.error("cannot start", reason=str(exc))
@@ -140,8 +143,11 @@ def _serve(resolved: Resolved) -> int:
         return EXIT_USAGE
     except OSError as exc:
         log.error("cannot listen", error=str(exc))
-        print(f"stcs: error: cannot listen on {settings.listen_host}:{settings.app_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"stcs: error: cannot listen on {settings.listen_host}:{settings.app_port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     log.info("stcs stopped")
     return EXIT_OK

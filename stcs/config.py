@@ -72,118 +72,209 @@ class Settings:
     """The resolved configuration of one stcs process.  Build it with `load_settings`."""
 
     app_port: int = setting(
-        8000, key="appPort", env="APP_PORT", aliases=("--port", "-p"), minimum=1,
+        8000,
+        key="appPort",
+        env="APP_PORT",
+        aliases=("--port", "-p"),
+        minimum=1,
         help="TCP port stcs listens on.",
     )
     bind_to_localhost: bool = setting(
-        True, key="bindToLocalhost", env="BIND_LOCALHOST",
+        True,
+        key="bindToLocalhost",
+        env="BIND_LOCALHOST",
         help="Listen on 127.0.0.1 only (false: all interfaces). Ignored inside Docker (useDocker).",
     )
     auth_server_endpoint: str = setting(
-        "", key="authServerEndpoint", env="AUTH_SERVER_ENDPOINT", aliases=("--auth",),
+        "",
+        key="authServerEndpoint",
+        env="AUTH_SERVER_ENDPOINT",
+        aliases=("--auth",),
         help="URL stcs GETs with `Authorization: Bearer <token>` to resolve a token; it answers "
         "`{userId}` or `{data: {userId}}`. Empty: the token must be a UUID and is the user id.",
     )
     auth_server_api_key: str = setting(
-        "", key="authServerAPIKey", env="AUTH_SERVER_APIKEY", aliases=("--authKey",),
-        secret=True, help="Sent to the auth server as `x-api-key`, if set.",
+        "",
+        key="authServerAPIKey",
+        env="AUTH_SERVER_APIKEY",
+        aliases=("--authKey",),
+        secret=True,
+        help="Sent to the auth server as `x-api-key`, if set.",
     )
     admin_api_key: str = setting(
-        "", key="adminAPIKey", env="ADMIN_API_KEY", secret=True,
+        "",
+        key="adminAPIKey",
+        env="ADMIN_API_KEY",
+        secret=True,
         help="Key (`x-api-key` header) for `/admin-health`. Empty: admin endpoints answer 404.",
     )
     db_path: str = setting(
-        "./chromadb", key="dbPath", env="DB_PATH", aliases=("--db",),
+        "./chromadb",
+        key="dbPath",
+        env="DB_PATH",
+        aliases=("--db",),
         help="Directory holding one chroma data directory per user (`<dbPath>/<userId>`).",
     )
     db_ttl: int = setting(
-        180000, key="dbTTL", env="DB_TTL", aliases=("--ttl",), unit="ms", minimum=1,
+        180000,
+        key="dbTTL",
+        env="DB_TTL",
+        aliases=("--ttl",),
+        unit="ms",
+        minimum=1,
         help="An instance with no request in flight for this long is stopped.",
     )
     db_max_instances: int = setting(
-        50, key="dbMaxInstances", env="DB_MAX_INSTANCES", minimum=1,
+        50,
+        key="dbMaxInstances",
+        env="DB_MAX_INSTANCES",
+        minimum=1,
         help="Most chroma servers running at once; beyond, the least recently used idle one is "
         "evicted or the request queues.",
     )
     queue_timeout: int = setting(
-        30000, key="queueTimeout", env="QUEUE_TIMEOUT", unit="ms", minimum=0,
+        30000,
+        key="queueTimeout",
+        env="QUEUE_TIMEOUT",
+        unit="ms",
+        minimum=0,
         help="Longest wait for a free instance slot before 503 with `Retry-After`.",
     )
     db_max_retries: int = setting(
-        2, key="dbMaxRetries", env="DB_MAX_RETRIES", minimum=0,
+        2,
+        key="dbMaxRetries",
+        env="DB_MAX_RETRIES",
+        minimum=0,
         help="Retries (each on a new port) when a chroma server exits before it is ready.",
     )
     db_start_timeout: int = setting(
-        20000, key="dbStartTimeout", env="DB_START_TIMEOUT", unit="ms", minimum=100,
+        20000,
+        key="dbStartTimeout",
+        env="DB_START_TIMEOUT",
+        unit="ms",
+        minimum=100,
         help="Longest wait for a new chroma server to answer its heartbeat.",
     )
     db_stop_timeout: int = setting(
-        10000, key="dbStopTimeout", env="DB_STOP_TIMEOUT", unit="ms", minimum=0,
+        10000,
+        key="dbStopTimeout",
+        env="DB_STOP_TIMEOUT",
+        unit="ms",
+        minimum=0,
         help="Grace between SIGTERM and SIGKILL when stopping a chroma server.",
     )
     db_min_free_memory_mb: int = setting(
-        500, key="dbMinFreeMemoryMB", env="DB_MIN_FREE_MEMORY_MB", unit="MB", minimum=0,
+        500,
+        key="dbMinFreeMemoryMB",
+        env="DB_MIN_FREE_MEMORY_MB",
+        unit="MB",
+        minimum=0,
         help="No new chroma server starts while less memory than this is available.",
     )
     chroma_command: str = setting(
-        "", key="chromaCommand", env="CHROMA_COMMAND",
+        "",
+        key="chromaCommand",
+        env="CHROMA_COMMAND",
         help="Executable (with arguments) that serves `run --host --path --port`, e.g. `chroma`. "
         "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~65 ms).",
     )
     auth_cache_ttl: int = setting(
-        60000, key="authCacheTTL", env="AUTH_CACHE_TTL", unit="ms", minimum=0,
+        60000,
+        key="authCacheTTL",
+        env="AUTH_CACHE_TTL",
+        unit="ms",
+        minimum=0,
         help="How long an auth server's positive answer is reused (0: never).",
     )
     auth_timeout: int = setting(
-        5000, key="authTimeout", env="AUTH_TIMEOUT", unit="ms", minimum=1,
+        5000,
+        key="authTimeout",
+        env="AUTH_TIMEOUT",
+        unit="ms",
+        minimum=1,
         help="Longest wait for the auth server; beyond it the request gets 503.",
     )
     max_body_size: int = setting(
-        100 * MIB, key="maxBodySize", env="MAX_BODY_SIZE", unit="bytes", minimum=1,
+        100 * MIB,
+        key="maxBodySize",
+        env="MAX_BODY_SIZE",
+        unit="bytes",
+        minimum=1,
         help="Largest request body passed to chroma; larger gets 413.",
     )
     log_file: str = setting(
-        "", key="logFile", env="LOG_FILE",
+        "",
+        key="logFile",
+        env="LOG_FILE",
         help="File stcs appends its log to. Empty: standard output.",
     )
     log_level: str = setting(
-        "info", key="logLevel", env="LOG_LEVEL", choices=LOG_LEVELS,
+        "info",
+        key="logLevel",
+        env="LOG_LEVEL",
+        choices=LOG_LEVELS,
         help="Least severity logged: trace, debug, info, warn, error or fatal.",
     )
     enable_ssl: bool = setting(
-        False, key="enableSSL", env="ENABLE_SSL",
+        False,
+        key="enableSSL",
+        env="ENABLE_SSL",
         help="Serve HTTPS in-app with sslCertFile/sslCertKeyFile (when no webServerType "
         "terminates TLS in front).",
     )
     ssl_cert_file: str = setting(
-        "", key="sslCertFile", env="SSL_CERT_FILE", help="PEM certificate (chain) for TLS.",
+        "",
+        key="sslCertFile",
+        env="SSL_CERT_FILE",
+        help="PEM certificate (chain) for TLS.",
     )
     ssl_cert_key_file: str = setting(
-        "", key="sslCertKeyFile", env="SSL_CERT_KEY_FILE", help="PEM private key for TLS.",
+        "",
+        key="sslCertKeyFile",
+        env="SSL_CERT_KEY_FILE",
+        help="PEM private key for TLS.",
     )
     web_server_type: str = setting(
-        "", key="webServerType", env="WEB_SERVER_TYPE", choices=WEB_SERVER_TYPES,
+        "",
+        key="webServerType",
+        env="WEB_SERVER_TYPE",
+        choices=WEB_SERVER_TYPES,
         deployment=True,
         help="Front web server: apache, nginx or empty. When set, it terminates TLS.",
     )
     web_server_host: str = setting(
-        "", key="webServerHost", env="WEB_SERVER_HOST", deployment=True,
+        "",
+        key="webServerHost",
+        env="WEB_SERVER_HOST",
+        deployment=True,
         help="Host name the front web server serves stcs at.",
     )
     app_name: str = setting(
-        "stcs", key="appName", env="APP_NAME", deployment=True,
+        "stcs",
+        key="appName",
+        env="APP_NAME",
+        deployment=True,
         help="Name of the service (systemd unit, logs).",
     )
     use_docker: bool = setting(
-        False, key="useDocker", env="USE_DOCKER", deployment=True,
+        False,
+        key="useDocker",
+        env="USE_DOCKER",
+        deployment=True,
         help="Run stcs in a Docker container; it then listens on all interfaces inside it.",
     )
     docker_image_name: str = setting(
-        "stcs", key="dockerImageName", env="DOCKER_IMAGE_NAME", deployment=True,
+        "stcs",
+        key="dockerImageName",
+        env="DOCKER_IMAGE_NAME",
+        deployment=True,
         help="Docker image name (with useDocker).",
     )
     docker_container_name: str = setting(
-        "stcs", key="dockerContainerName", env="DOCKER_CONTAINER_NAME", deployment=True,
+        "stcs",
+        key="dockerContainerName",
+        env="DOCKER_CONTAINER_NAME",
+        deployment=True,
         help="Docker container name (with useDocker).",
     )
 
@@ -233,9 +324,17 @@ def setting_infos() -> tuple[SettingInfo, ...]:
         m = f.metadata
         infos.append(
             SettingInfo(
-                name=f.name, key=m["key"], env=m["env"], type=_TYPES[str(f.type)],
-                default=f.default, help=m["help"], unit=m["unit"], aliases=m["aliases"],
-                secret=m["secret"], minimum=m["minimum"], choices=m["choices"],
+                name=f.name,
+                key=m["key"],
+                env=m["env"],
+                type=_TYPES[str(f.type)],
+                default=f.default,
+                help=m["help"],
+                unit=m["unit"],
+                aliases=m["aliases"],
+                secret=m["secret"],
+                minimum=m["minimum"],
+                choices=m["choices"],
                 deployment=m["deployment"],
             )
         )

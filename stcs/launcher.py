@@ -271,8 +271,11 @@ class ChromaLauncher:
                     return child
                 log.warning(
                     "instance exited before ready",
-                    user_id=user_id, attempt=attempt + 1, port=child.port,
-                    exit=describe_exit(code), log_tail=read_tail(log_path)[-500:],
+                    user_id=user_id,
+                    attempt=attempt + 1,
+                    port=child.port,
+                    exit=describe_exit(code),
+                    log_tail=read_tail(log_path)[-500:],
                 )
             raise StartFailedError("the user's chroma server failed to start")
         finally:
@@ -293,8 +296,9 @@ class ChromaLauncher:
                 start_new_session=True,
                 pass_fds=(lock_fd,),
             )
-        return Child(user_id=user_id, port=port, process=process, log_path=log_path,
-                     started_at=time.time())
+        return Child(
+            user_id=user_id, port=port, process=process, log_path=log_path, started_at=time.time()
+        )
 
     async def _wait_ready(self, child: Child) -> int | None:
         """Poll the heartbeat with backoff.  None when ready; the exit status if it exited.
@@ -324,9 +328,13 @@ class ChromaLauncher:
         finally:
             if not exited.done():
                 exited.cancel()
-        log.error("instance not ready in time", user_id=child.user_id, pid=child.pid,
-                  timeout_ms=int(self._start_timeout * 1000),
-                  log_tail=read_tail(child.log_path)[-500:])
+        log.error(
+            "instance not ready in time",
+            user_id=child.user_id,
+            pid=child.pid,
+            timeout_ms=int(self._start_timeout * 1000),
+            log_tail=read_tail(child.log_path)[-500:],
+        )
         await self.stop(child)
         raise StartFailedError("the user's chroma server did not become ready in time")
 
@@ -340,8 +348,12 @@ class ChromaLauncher:
             try:
                 return await asyncio.wait_for(child.wait(), self._stop_timeout or 0.001)
             except asyncio.TimeoutError:
-                log.warning("instance survived SIGTERM, killing", user_id=child.user_id,
-                            pid=child.pid, stop_timeout_ms=int(self._stop_timeout * 1000))
+                log.warning(
+                    "instance survived SIGTERM, killing",
+                    user_id=child.user_id,
+                    pid=child.pid,
+                    stop_timeout_ms=int(self._stop_timeout * 1000),
+                )
                 _signal_group(child.pid, signal.SIGKILL)
         return await child.wait()
 
@@ -396,8 +408,11 @@ def stop_orphans(db_dir: Path, timeout_s: float) -> list[int]:
     """
     procs = list(find_orphans(db_dir))
     for proc in procs:
-        log.warning("stopping leftover chroma server", pid=proc.pid,
-                    cmdline=" ".join(proc.info.get("cmdline") or [])[-300:])
+        log.warning(
+            "stopping leftover chroma server",
+            pid=proc.pid,
+            cmdline=" ".join(proc.info.get("cmdline") or [])[-300:],
+        )
         with contextlib.suppress(psutil.Error):
             proc.terminate()
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)

@@ -27,8 +27,15 @@ log = structlog.get_logger("stcs.proxy")
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-        "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
     )
 )
 # Not forwarded upstream: credentials meant for stcs; Host (set for the upstream); Expect
@@ -49,9 +56,11 @@ def new_upstream_session() -> aiohttp.ClientSession:
     """The one keep-alive `ClientSession` stcs uses for all instances."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30)
     return aiohttp.ClientSession(
-        connector=connector, timeout=UPSTREAM_TIMEOUT, auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent", "Accept-Encoding",
-                                                                 "Accept", "Content-Type"),
+        connector=connector,
+        timeout=UPSTREAM_TIMEOUT,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
     )
 
 
@@ -113,7 +122,11 @@ async def forward(
     url = URL(f"http://127.0.0.1:{port}{request.raw_path}", encoded=True)
     try:
         upstream = await session.request(
-            request.method, url, headers=headers, data=data, allow_redirects=False,
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
         )
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnreachableError(str(exc)) from exc
@@ -127,7 +140,8 @@ async def forward(
     complete = False
     try:
         response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason,
+            status=upstream.status,
+            reason=upstream.reason,
             headers=filter_headers(upstream.headers, RESPONSE_DROP),
         )
         await response.prepare(request)

@@ -128,8 +128,11 @@ class Supervisor:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        starting = [i.start_task for i in self.registry.values() if i.start_task and
-                    i.state is State.STARTING]
+        starting = [
+            i.start_task
+            for i in self.registry.values()
+            if i.start_task and i.state is State.STARTING
+        ]
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
@@ -182,8 +185,11 @@ class Supervisor:
     def report_dead(self, inst: Instance) -> None:
         """The proxy could not connect to ``inst``: stop it so the next acquire starts anew."""
         if inst.state is State.READY:
-            log.warning("instance unreachable", user_id=inst.user_id,
-                        pid=inst.child.pid if inst.child else None)
+            log.warning(
+                "instance unreachable",
+                user_id=inst.user_id,
+                pid=inst.child.pid if inst.child else None,
+            )
             self._stop_soon(inst, "unreachable")
 
     # -- starting ---------------------------------------------------------------------------
@@ -195,8 +201,9 @@ class Supervisor:
         except BaseException as exc:
             self._finalize(inst)
             # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
-            failure = exc if isinstance(exc, Exception) else ShuttingDownError(
-                "server is shutting down")
+            failure = (
+                exc if isinstance(exc, Exception) else ShuttingDownError("server is shutting down")
+            )
             inst.started.set_exception(failure)
             inst.started.exception()  # mark retrieved: with no waiter it is not an error
             if isinstance(exc, asyncio.CancelledError):
@@ -207,8 +214,14 @@ class Supervisor:
         inst.last_active = time.monotonic()
         inst.last_active_wall = time.time()
         inst.started.set_result(None)
-        log.info("instance started", user_id=inst.user_id, pid=child.pid, port=child.port,
-                 start_ms=child.start_ms, running=self._slots_used)
+        log.info(
+            "instance started",
+            user_id=inst.user_id,
+            pid=child.pid,
+            port=child.port,
+            start_ms=child.start_ms,
+            running=self._slots_used,
+        )
         self._spawn_task(self._watch(inst, child))
 
     async def _reserve_slot(self, inst: Instance, deadline: float) -> None:
@@ -236,15 +249,22 @@ class Supervisor:
                 if waiter is None:
                     waiter = asyncio.Event()
                     self._queue.append(waiter)
-                    log.info("start queued", user_id=inst.user_id, queue_length=len(self._queue),
-                             reason="memory" if low_memory and not full else "max instances")
+                    log.info(
+                        "start queued",
+                        user_id=inst.user_id,
+                        queue_length=len(self._queue),
+                        reason="memory" if low_memory and not full else "max instances",
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     retry_after = max(1, math.ceil(min(self.evict_min_idle, self.queue_timeout)))
-                    log.warning("start queue timed out", user_id=inst.user_id,
-                                queue_timeout_ms=int(self.queue_timeout * 1000),
-                                running=self._slots_used,
-                                available_mb=self._memory() // MB)
+                    log.warning(
+                        "start queue timed out",
+                        user_id=inst.user_id,
+                        queue_timeout_ms=int(self.queue_timeout * 1000),
+                        running=self._slots_used,
+                        available_mb=self._memory() // MB,
+                    )
                     raise CapacityTimeoutError(
                         "all chroma instance slots are busy; retry later",
                         headers={"Retry-After": str(retry_after)},
@@ -262,8 +282,10 @@ class Supervisor:
         """The least recently used ready instance idle for at least ``min(30 s, dbTTL)``."""
         now = time.monotonic()
         idle = [
-            i for i in self.registry.values()
-            if i.state is State.READY and i.in_flight == 0
+            i
+            for i in self.registry.values()
+            if i.state is State.READY
+            and i.in_flight == 0
             and now - i.last_active >= self.evict_min_idle
         ]
         return min(idle, key=lambda i: i.last_active, default=None)
@@ -279,8 +301,14 @@ class Supervisor:
         structlog.contextvars.clear_contextvars()
         code = await child.wait()
         if inst.state is not State.STOPPING:
-            log.error("instance crashed", user_id=inst.user_id, pid=child.pid, port=child.port,
-                      exit=describe_exit(code), requests_in_flight=inst.in_flight)
+            log.error(
+                "instance crashed",
+                user_id=inst.user_id,
+                pid=child.pid,
+                port=child.port,
+                exit=describe_exit(code),
+                requests_in_flight=inst.in_flight,
+            )
             self._finalize(inst)
 
     def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
@@ -302,9 +330,15 @@ class Supervisor:
             if child is not None:
                 started = time.monotonic()
                 code = await self.launcher.stop(child)
-                log.info("instance stopped", user_id=inst.user_id, pid=child.pid,
-                         reason=reason, exit=describe_exit(code), requests=inst.requests,
-                         stop_ms=round((time.monotonic() - started) * 1000, 1))
+                log.info(
+                    "instance stopped",
+                    user_id=inst.user_id,
+                    pid=child.pid,
+                    reason=reason,
+                    exit=describe_exit(code),
+                    requests=inst.requests,
+                    stop_ms=round((time.monotonic() - started) * 1000, 1),
+                )
         finally:
             self._finalize(inst)
 
@@ -325,8 +359,11 @@ class Supervisor:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for inst in list(self.registry.values()):
-                if (inst.state is State.READY and inst.in_flight == 0
-                        and now - inst.last_active >= self.ttl):
+                if (
+                    inst.state is State.READY
+                    and inst.in_flight == 0
+                    and now - inst.last_active >= self.ttl
+                ):
                     self._stop_soon(inst, "idle")
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

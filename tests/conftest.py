@@ -119,8 +119,12 @@ class StcsServer:
 
 
 def start_stcs(
-    tmp_path: Path, *args: str, db: Path | None = None, env: dict[str, str] | None = None,
-    wait: bool = True, name: str = "stcs",
+    tmp_path: Path,
+    *args: str,
+    db: Path | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    name: str = "stcs",
 ) -> StcsServer:
     """Start ``stcs serve`` on a free port with ``args``; wait until ``/health`` answers."""
     port = free_port()
@@ -131,7 +135,10 @@ def start_stcs(
     out = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "stcs", "serve", "--port", str(port), "--db", str(db), *args],
-        stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=tmp_path,
     )
     out.close()
     server = StcsServer(proc=proc, port=port, db=db, log_path=log_path)
@@ -166,8 +173,9 @@ def stcs(tmp_path: Path) -> Iterator[Any]:
     for server in servers:
         pids = [p.pid for p in server.children()]
         server.stop()
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
-                                        timeout=10)
+        _gone, alive = psutil.wait_procs(
+            [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10
+        )
         for proc in alive:
             leftovers.append(proc.pid)
             proc.kill()

@@ -28,8 +28,12 @@ def client_for(server: StcsServer, token: str | None, transport: str = "x-chroma
         )
         return chromadb.HttpClient(host="127.0.0.1", port=server.port, settings=settings)
     headers = {"X-Chroma-Token": token} if token is not None else {}
-    return chromadb.HttpClient(host="127.0.0.1", port=server.port, headers=headers,
-                               settings=Settings(anonymized_telemetry=False))
+    return chromadb.HttpClient(
+        host="127.0.0.1",
+        port=server.port,
+        headers=headers,
+        settings=Settings(anonymized_telemetry=False),
+    )
 
 
 def vectors(n: int, seed: int) -> list[list[float]]:
@@ -64,8 +68,10 @@ def test_full_cycle_with_each_token_transport(server: StcsServer, transport: str
     assert hits["distances"][0][0] == pytest.approx(0.0, abs=1e-4)
 
     got = col.get(ids=["id-7", "id-8"], include=["documents", "metadatas"])
-    assert dict(zip(got["ids"], got["documents"])) == {
-        "id-7": "document number 7", "id-8": "document number 8"}
+    assert dict(zip(got["ids"], got["documents"], strict=False)) == {
+        "id-7": "document number 7",
+        "id-8": "document number 8",
+    }
 
     col.delete(ids=[f"id-{i}" for i in range(100)])
     assert col.count() == 900
@@ -86,8 +92,7 @@ def test_users_are_isolated_each_in_their_own_directory(server: StcsServer) -> N
     b.add(ids=["bob-1", "bob-2"], embeddings=vectors(2, 3), documents=["bob", "bob again"])
 
     assert client_for(server, alice).get_collection("docs").get()["ids"] == ["alice-1"]
-    assert sorted(client_for(server, bob).get_collection("docs").get()["ids"]) == [
-        "bob-1", "bob-2"]
+    assert sorted(client_for(server, bob).get_collection("docs").get()["ids"]) == ["bob-1", "bob-2"]
     assert user_dirs(server.db) == sorted([alice, bob])
     for token in (alice, bob):
         assert (server.db / token / "chroma.sqlite3").is_file()
@@ -149,8 +154,9 @@ def test_auth_server_down_is_503_not_401(
     url = auth_server.url
     auth_server.stop()  # nothing listens there any more
     server = stcs("--auth", url, "--authTimeout", "2000")
-    resp = requests.get(f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "t"},
-                        timeout=10)
+    resp = requests.get(
+        f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "t"}, timeout=10
+    )
     assert resp.status_code == 503
     assert resp.json()["error"] == "InternalError"
     with pytest.raises(InternalError):
@@ -164,8 +170,9 @@ def test_unsafe_user_id_from_auth_server_is_refused(
 ) -> None:
     auth_server.answers["tok"] = (200, {"userId": bad})
     server = stcs("--auth", auth_server.url)
-    resp = requests.get(f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "tok"},
-                        timeout=10)
+    resp = requests.get(
+        f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "tok"}, timeout=10
+    )
     status = 502 if bad else 503  # an empty userId is "no user id" (malformed answer)
     assert resp.status_code == status
     assert resp.json()["error"] == "InternalError"
@@ -177,4 +184,3 @@ def test_chroma_errors_pass_through(server: StcsServer) -> None:
     client = client_for(server, new_token())
     with pytest.raises(NotFoundError):
         client.get_collection("does-not-exist")
-

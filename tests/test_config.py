@@ -52,8 +52,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_match_the_issue() -> None:
     s = load_settings(environ={}, config_path=None).settings
-    assert (s.app_port, s.bind_to_localhost, s.db_path, s.db_ttl) == (8000, True, "./chromadb",
-                                                                       180000)
+    assert (s.app_port, s.bind_to_localhost, s.db_path, s.db_ttl) == (
+        8000,
+        True,
+        "./chromadb",
+        180000,
+    )
     assert (s.db_max_instances, s.queue_timeout, s.db_max_retries) == (50, 30000, 2)
     assert (s.db_start_timeout, s.db_stop_timeout, s.db_min_free_memory_mb) == (20000, 10000, 500)
     assert (s.auth_cache_ttl, s.auth_timeout, s.max_body_size) == (60000, 5000, 100 * 2**20)
@@ -92,9 +96,15 @@ def test_default_config_file_is_read_from_working_directory(
 
 
 def test_env_booleans_and_ints_are_parsed() -> None:
-    s = load_settings(environ={"BIND_LOCALHOST": "false", "ENABLE_SSL": "0",
-                               "SSL_CERT_FILE": "", "MAX_BODY_SIZE": "1024"},
-                      config_path=None).settings
+    s = load_settings(
+        environ={
+            "BIND_LOCALHOST": "false",
+            "ENABLE_SSL": "0",
+            "SSL_CERT_FILE": "",
+            "MAX_BODY_SIZE": "1024",
+        },
+        config_path=None,
+    ).settings
     assert s.bind_to_localhost is False and s.listen_host == "0.0.0.0"
     assert s.max_body_size == 1024
 
@@ -111,7 +121,7 @@ def test_env_booleans_and_ints_are_parsed() -> None:
         ("webServerType: caddy\n", "webServerType"),
         ("authServerEndpoint: ftp://x\n", "authServerEndpoint"),
         ("appPort: 70000\n", "appPort"),
-        ("chromaCommand: \"'unclosed\"\n", "chromaCommand"),
+        ('chromaCommand: "\'unclosed"\n', "chromaCommand"),
         ("- a\n- b\n", "mapping"),
         ("a: [\n", "not valid YAML"),
     ],
@@ -135,8 +145,9 @@ def test_enable_ssl_requires_cert_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sslCertFile"):
         load_settings(config_path=write(tmp_path, "enableSSL: true\n"), environ={})
     # A front web server terminates TLS: stcs itself needs no certificate.
-    r = load_settings(config_path=write(tmp_path, "enableSSL: true\nwebServerType: nginx\n"),
-                      environ={})
+    r = load_settings(
+        config_path=write(tmp_path, "enableSSL: true\nwebServerType: nginx\n"), environ={}
+    )
     assert not r.settings.app_tls and any("nginx" in n for n in r.notices)
 
 
@@ -160,13 +171,22 @@ def test_readme_table_covers_exactly_the_settings() -> None:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stcs", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "stcs", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_check_config_prints_sources_and_masks_secrets(tmp_path: Path) -> None:
-    write(tmp_path, "adminAPIKey: admin-secret-1\nauthServerAPIKey: auth-secret-2\n"
-                    "authServerEndpoint: https://user:pw-secret-3@auth.example/check\n")
+    write(
+        tmp_path,
+        "adminAPIKey: admin-secret-1\nauthServerAPIKey: auth-secret-2\n"
+        "authServerEndpoint: https://user:pw-secret-3@auth.example/check\n",
+    )
     done = run_cli("check-config", "--ttl", "5000", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for secret in ("admin-secret-1", "auth-secret-2", "pw-secret-3"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-import pytest
 import requests
 
 from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
@@ -60,9 +59,13 @@ async def slow_create(
         yield b"}"
 
     return await session.post(
-        f"{server.url}{COLLECTIONS}", data=body(),
-        headers={"X-Chroma-Token": token, "Content-Type": "application/json",
-                 "Content-Length": str(body_len)},
+        f"{server.url}{COLLECTIONS}",
+        data=body(),
+        headers={
+            "X-Chroma-Token": token,
+            "Content-Type": "application/json",
+            "Content-Length": str(body_len),
+        },
     )
 
 
@@ -75,8 +78,9 @@ async def test_20_concurrent_first_requests_start_exactly_one_child(
         async with aiohttp.ClientSession() as session:
 
             async def one() -> int:
-                async with session.get(f"{server.url}/api/v2/heartbeat",
-                                       headers={"X-Chroma-Token": token}) as resp:
+                async with session.get(
+                    f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": token}
+                ) as resp:
                     await resp.read()
                     return resp.status
 
@@ -130,8 +134,9 @@ async def test_request_in_flight_longer_than_ttl_is_not_cut_off(
     server = stcs("--ttl", "1000")
     token = new_token()
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/v2/heartbeat",
-                               headers={"X-Chroma-Token": token}) as resp:
+        async with session.get(
+            f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": token}
+        ) as resp:
             assert resp.status == 200
         [child] = server.children()
         resp = await slow_create(session, server, token, "slowpoke", seconds=3.0)
@@ -164,16 +169,19 @@ async def test_full_capacity_queues_then_503_with_retry_after(
     server = stcs("--dbMaxInstances", "2", "--queueTimeout", "1500", "--ttl", "60000")
     holders = [new_token(), new_token()]
     async with aiohttp.ClientSession() as session:
-        held = [asyncio.ensure_future(slow_create(session, server, t, "held", seconds=5.0))
-                for t in holders]
+        held = [
+            asyncio.ensure_future(slow_create(session, server, t, "held", seconds=5.0))
+            for t in holders
+        ]
         deadline = time.monotonic() + 10
         while len(server.children()) < 2:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # both uploads are now in flight through stcs
         started = time.monotonic()
-        async with session.get(f"{server.url}/api/v2/heartbeat",
-                               headers={"X-Chroma-Token": new_token()}) as resp:
+        async with session.get(
+            f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": new_token()}
+        ) as resp:
             waited = time.monotonic() - started
             body = await resp.json()
             assert resp.status == 503
@@ -194,8 +202,9 @@ def test_sigterm_leaves_no_chroma_child(stcs: Callable[..., StcsServer]) -> None
     assert len(pids) == 3
     assert server.stop(signal.SIGTERM) == 0
     assert chroma_pids_under(server.db) == []
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    )
     assert {e["reason"] for e in server.events("instance stopped")} == {"shutdown"}
 
 
@@ -204,8 +213,11 @@ def test_second_stcs_on_same_db_path_exits_2_naming_the_lock(
 ) -> None:
     first = stcs()
     done = subprocess.run(
-        [sys.executable, "-m", "stcs", "serve", "--port", str(free_port()), "--db",
-         str(first.db)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [sys.executable, "-m", "stcs", "serve", "--port", str(free_port()), "--db", str(first.db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert done.returncode == 2
     assert "stcs.lock" in done.stderr and str(first.pid) in done.stderr
@@ -217,8 +229,9 @@ def test_chroma_that_fails_to_start_gives_503_and_is_retried(
 ) -> None:
     crash = f"{sys.executable} -c 'import sys; print(\"boom\"); sys.exit(3)'"
     server = stcs("--chromaCommand", crash, "--dbMaxRetries", "1")
-    resp = requests.get(f"{server.url}/api/v2/heartbeat",
-                        headers={"X-Chroma-Token": new_token()}, timeout=30)
+    resp = requests.get(
+        f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": new_token()}, timeout=30
+    )
     assert resp.status_code == 503
     assert resp.json()["error"] == "InternalError"
     attempts = server.events("instance exited before ready")

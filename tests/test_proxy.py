@@ -1,0 +1,247 @@
+"""Proxying: bodies streamed byte for byte, limits, headers, own endpoints."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+from chromadb.errors import InvalidArgumentError
+from yarl import URL
+
+from stcs.app import STATE, create_app
+from stcs.config import load_settings
+from tests.conftest import StcsServer, new_token, user_dirs
+from tests.test_client import client_for, vectors
+
+ECHO = Path(__file__).parent / "upstreams" / "echo.py"
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def echo_server(stcs: Callable[..., StcsServer]) -> StcsServer:
+    """stcs whose instances are the echo upstream (see tests/upstreams/echo.py)."""
+    return stcs(
+        "--chromaCommand",
+        f"{sys.executable} {ECHO}",
+        "--maxBodySize",
+        str(8 * MB),
+        "--adminAPIKey",
+        "admin-key-42",
+    )
+
+
+@pytest.mark.slow
+def test_30_mb_add_passes_through(stcs: Callable[..., StcsServer]) -> None:
+    server = stcs()
+    col = client_for(server, new_token()).create_collection("big")
+    n = 1000
+    docs = [f"{i:06d}" + "x" * 30_000 for i in range(n)]  # 1000 x 30 kB + embeddings > 30 MB
+    col.add(ids=[str(i) for i in range(n)], embeddings=vectors(n, 9), documents=docs)
+    assert col.count() == n
+    got = col.get(ids=["999"], include=["documents"])
+    assert got["documents"] == [docs[999]]
+
+
+def test_body_over_max_body_size_is_413_and_creates_nothing(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--maxBodySize", str(1 * MB))
+    token = new_token()
+    resp = requests.post(
+        f"{server.url}/api/v2/tenants/default_tenant/databases/default_database/collections",
+        data=b"{" + b" " * (2 * MB) + b"}",
+        headers={"X-Chroma-Token": token},
+        timeout=30,
+    )
+    assert resp.status_code == 413
+    assert resp.json()["error"] == "InvalidArgumentError"
+    assert user_dirs(server.db) == []
+
+
+def test_client_add_over_max_body_size_raises_invalid_argument(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--maxBodySize", str(1 * MB))
+    col = client_for(server, new_token()).create_collection("small")
+    with pytest.raises(InvalidArgumentError, match="exceeds the limit"):
+        col.add(ids=["a"], embeddings=vectors(1, 1), documents=["y" * (2 * MB)])
+    assert col.count() == 0
+
+
+async def test_chunked_body_over_limit_is_413(echo_server: StcsServer) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(12):
+            yield os.urandom(MB)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{echo_server.url}/echo/upload",
+            data=body(),
+            headers={"X-Chroma-Token": new_token()},
+        ) as resp,
+    ):
+        assert resp.status == 413
+        assert (await resp.json())["error"] == "InvalidArgumentError"
+
+
+async def upstream_view(
+    server: StcsServer, method: str, path: str, **kw: Any
+) -> tuple[int, dict[str, Any]]:
+    url = URL(f"{server.url}{path}", encoded=True)  # sent exactly as written
+    async with aiohttp.ClientSession() as session, session.request(method, url, **kw) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_request_body_reaches_the_instance_byte_for_byte(
+    echo_server: StcsServer, chunked: bool
+) -> None:
+    payload = os.urandom(5 * MB)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 256 * 1024):
+            yield payload[i : i + 256 * 1024]
+
+    status, seen = await upstream_view(
+        echo_server,
+        "PUT",
+        "/echo/blob",
+        data=stream() if chunked else payload,
+        headers={"X-Chroma-Token": new_token()},
+    )
+    assert status == 200
+    assert seen["body_len"] == len(payload)
+    assert seen["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def test_credentials_and_hop_by_hop_headers_are_not_forwarded(
+    echo_server: StcsServer,
+) -> None:
+    token = new_token()
+    status, seen = await upstream_view(
+        echo_server,
+        "GET",
+        "/echo/h",
+        headers={
+            "X-Chroma-Token": token,
+            "Authorization": f"Bearer {token}",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic abc",
+            "TE": "trailers",
+            "X-Custom": "kept",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    assert status == 200
+    names = {k.lower(): v for k, v in seen["headers"]}
+    for dropped in (
+        "x-chroma-token",
+        "authorization",
+        "x-secret-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+    ):
+        assert dropped not in names
+    assert token not in json.dumps(seen)
+    assert names["x-custom"] == "kept"
+    assert names["accept-encoding"] == "gzip"
+
+
+async def test_path_and_query_pass_unchanged(echo_server: StcsServer) -> None:
+    path = "/echo/a%2Fb/%C3%A9?where=%7B%22k%22%3A1%7D&x=1&x=2"
+    status, seen = await upstream_view(
+        echo_server, "DELETE", path, headers={"X-Chroma-Token": new_token()}
+    )
+    assert status == 200
+    assert seen["path"] == path and seen["method"] == "DELETE"
+
+
+async def test_gzip_passes_untouched_both_ways(echo_server: StcsServer) -> None:
+    token = new_token()
+    compressed = gzip.compress(b'{"hello": "world"}' * 1000)
+    status, seen = await upstream_view(
+        echo_server,
+        "POST",
+        "/echo/gz",
+        data=compressed,
+        headers={"X-Chroma-Token": token, "Content-Encoding": "gzip"},
+    )
+    assert status == 200
+    assert seen["body_sha256"] == hashlib.sha256(compressed).hexdigest()
+    assert ["Content-Encoding", "gzip"] in seen["headers"]
+
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.get(f"{echo_server.url}/gzipped", headers={"X-Chroma-Token": token}) as resp,
+    ):
+        raw = await resp.read()
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert json.loads(gzip.decompress(raw)) == {"compressed": True}
+
+
+async def test_hop_by_hop_response_headers_are_dropped(echo_server: StcsServer) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{echo_server.url}/hop", headers={"X-Chroma-Token": new_token()}) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["X-Kept"] == "yes"
+        assert "X-Drop-Me" not in resp.headers
+        assert "Keep-Alive" not in resp.headers
+
+
+def test_admin_health_needs_the_key(echo_server: StcsServer, stcs: Callable[..., Any]) -> None:
+    url = f"{echo_server.url}/admin-health"
+    assert requests.get(url, timeout=10).status_code == 403
+    wrong = requests.get(url, headers={"x-api-key": "nope"}, timeout=10)
+    assert wrong.status_code == 403 and wrong.json()["error"] == "AuthorizationError"
+    no_key_server = stcs(db=echo_server.db.parent / "db2")
+    assert requests.get(f"{no_key_server.url}/admin-health", timeout=10).status_code == 404
+
+
+def test_admin_health_lists_instances_and_memory(echo_server: StcsServer) -> None:
+    tokens = [new_token(), new_token()]
+    for token in tokens:
+        requests.get(f"{echo_server.url}/echo/x", headers={"X-Chroma-Token": token}, timeout=30)
+    body = requests.get(
+        f"{echo_server.url}/admin-health", headers={"x-api-key": "admin-key-42"}, timeout=10
+    ).json()
+    assert body["status"] == "ok"
+    by_user = {i["userId"]: i for i in body["instances"]}
+    assert set(by_user) == set(tokens)
+    pids = {c.pid for c in echo_server.children()}
+    for inst in by_user.values():
+        assert inst["pid"] in pids and inst["ready"] is True and inst["status"] == "healthy"
+        assert inst["requests"] == 1 and inst["memKb"] > 1000 and inst["port"] > 0
+        assert inst["startedAt"].endswith("+00:00")
+    memory = body["memory"]
+    assert memory["kbInstanceUse"] == sum(i["memKb"] for i in body["instances"])
+    assert memory["kbTotal"] > memory["kbAvailable"] > 0
+    assert memory["nMaxInstancesEstimate"] >= 2
+
+
+async def test_health_is_ok_then_503_while_shutting_down(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    settings = load_settings(cli={"dbPath": str(tmp_path / "db")}, environ={}).settings
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    resp = await client.get("/health")
+    assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    await app.shutdown()
+    assert app[STATE].shutting_down
+    resp = await client.get("/health")
+    assert resp.status == 503

@@ -1,0 +1,72 @@
+"""A real HTTP upstream that speaks chroma's launch interface (`run --host H --path P --port N`)
+and its heartbeat, and echoes what it received.  Started by stcs through `chromaCommand`, it
+shows what stcs forwards to an instance; it never stands in for chroma's behaviour.
+
+* ``GET /api/v2/heartbeat`` -> 200, as chroma.
+* ``/echo/...`` (any method) -> JSON of the request's method, path, query, headers and the
+  SHA-256 and length of the body exactly as received.
+* ``GET /gzipped`` -> a gzip-compressed JSON body with ``Content-Encoding: gzip``.
+* ``GET /hop`` -> a response carrying hop-by-hop headers.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+
+from aiohttp import web
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    return web.json_response({"nanosecond heartbeat": 1})
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_len": len(body),
+        }
+    )
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    payload = gzip.compress(json.dumps({"compressed": True}).encode())
+    return web.Response(
+        body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+
+
+async def hop(request: web.Request) -> web.Response:
+    return web.Response(
+        text="ok",
+        headers={
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "Keep-Alive": "timeout=5",
+            "X-Kept": "yes",
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.add_argument("--host")
+    parser.add_argument("--path")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/api/v2/heartbeat", heartbeat)
+    app.router.add_get("/gzipped", gzipped)
+    app.router.add_get("/hop", hop)
+    app.router.add_route("*", "/echo/{tail:.*}", echo)
+    web.run_app(app, host=args.host, port=args.port, print=None, auto_decompress=False)
+
+
+if __name__ == "__main__":
+    main()
