@@ -66,10 +66,11 @@ class StcsServer:
     port: int
     db: Path
     log_path: Path
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -125,8 +126,12 @@ def start_stcs(
     env: dict[str, str] | None = None,
     wait: bool = True,
     name: str = "stcs",
+    ca: Path | None = None,
 ) -> StcsServer:
-    """Start ``stcs serve`` on a free port with ``args``; wait until ``/health`` answers."""
+    """Start ``stcs serve`` on a free port with ``args``; wait until ``/health`` answers.
+
+    ``ca``: the server serves HTTPS with this (self-signed) certificate; verify against it.
+    """
     port = free_port()
     db = db or tmp_path / "db"
     log_path = tmp_path / f"{name}-{port}.log"
@@ -141,14 +146,17 @@ def start_stcs(
         cwd=tmp_path,
     )
     out.close()
-    server = StcsServer(proc=proc, port=port, db=db, log_path=log_path)
+    server = StcsServer(
+        proc=proc, port=port, db=db, log_path=log_path, scheme="https" if ca else "http"
+    )
     if wait:
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"stcs exited {proc.returncode}:\n{log_path.read_text()}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{server.url}/health", timeout=1).status_code == 200:
+                health = requests.get(f"{server.url}/health", timeout=1, verify=str(ca or True))
+                if health.status_code == 200:
                     break
             if time.monotonic() > deadline:
                 server.stop(signal.SIGKILL)
@@ -250,6 +258,34 @@ class AuthServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop = None
+
+
+def self_signed_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (openssl CLI): (cert, key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 @pytest.fixture

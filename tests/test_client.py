@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import requests
 from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
-from tests.conftest import AuthServer, StcsServer, new_token, user_dirs
+from tests.conftest import AuthServer, StcsServer, new_token, self_signed_cert, user_dirs
 
 DIM = 384
 
@@ -184,3 +185,34 @@ def test_chroma_errors_pass_through(server: StcsServer) -> None:
     client = client_for(server, new_token())
     with pytest.raises(NotFoundError):
         client.get_collection("does-not-exist")
+
+
+def test_in_app_tls_with_a_verified_certificate(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    server = stcs("--enableSSL", "--sslCertFile", str(cert), "--sslCertKeyFile", str(key), ca=cert)
+    settings = Settings(chroma_server_ssl_verify=str(cert), anonymized_telemetry=False)
+    client = chromadb.HttpClient(
+        host="127.0.0.1",
+        port=server.port,
+        ssl=True,
+        headers={"X-Chroma-Token": (token := new_token())},
+        settings=settings,
+    )
+    client.create_collection("over-tls").add(ids=["a"], embeddings=vectors(1, 4))
+    assert client.get_collection("over-tls").count() == 1
+    assert user_dirs(server.db) == [token]
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{server.port}/health", timeout=5)  # TLS only
+
+
+def test_log_file_receives_json_lines(stcs: Callable[..., StcsServer], tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "stcs.log"
+    log_file.parent.mkdir()
+    server = stcs("--logFile", str(log_file))
+    client_for(server, new_token()).heartbeat()
+    server.stop()
+    events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+    assert events[0] == "stcs starting" and "instance started" in events
+    assert "request" in events and events[-1] == "stcs stopped"
