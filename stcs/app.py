@@ -26,7 +26,14 @@ import structlog
 from aiohttp import web
 
 from stcs import launcher as launcher_mod
-from stcs.auth import AuthServerResolver, Resolver, UuidResolver, extract_token, validate_user_id
+from stcs.auth import (
+    AuthServerResolver,
+    Resolver,
+    UuidResolver,
+    extract_token,
+    tls_context,
+    validate_user_id,
+)
 from stcs.config import Settings
 from stcs.errors import AdminDisabledError, AdminForbiddenError, HTTPError, UpstreamError
 from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward, new_upstream_session
@@ -81,6 +88,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             status = exc.status
             raise
         status = response.status
+        if response.prepared and (request.transport is None or request.transport.is_closing()):
+            info["upstream_status"] = status
+            status = 499  # the client left before the response was complete
         return response
     except asyncio.CancelledError:
         status = 499  # client went away (nginx's convention)
@@ -247,7 +257,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     auth_session: aiohttp.ClientSession | None = None
     if settings.auth_server_endpoint:
         auth_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=100, keepalive_timeout=30, ssl=tls_context(settings.auth_server_ca_file)
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         state.resolver = AuthServerResolver(

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -97,6 +98,12 @@ class UuidResolver:
         if not UUID_RE.fullmatch(token):
             raise AuthError("invalid token: expected a UUID")
         return token.lower()
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The TLS context for the auth server: certificates verified, against ``ca_file`` (PEM)
+    if given, else the system's CAs.  Raises OSError or ssl.SSLError for an unusable file."""
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 def _digest(token: str) -> bytes:

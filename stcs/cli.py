@@ -113,6 +113,14 @@ def _serve(resolved: Resolved) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"stcs: error: cannot load sslCertFile/sslCertKeyFile: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if settings.auth_server_ca_file:
+        from stcs.auth import tls_context
+
+        try:
+            tls_context(settings.auth_server_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"stcs: error: cannot load authServerCAFile: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     for notice in resolved.notices:
         log.info("config notice", notice=notice)
     scheme = "https" if ssl_context else "http"

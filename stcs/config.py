@@ -101,6 +101,12 @@ class Settings:
         secret=True,
         help="Sent to the auth server as `x-api-key`, if set.",
     )
+    auth_server_ca_file: str = setting(
+        "",
+        key="authServerCAFile",
+        env="AUTH_SERVER_CA_FILE",
+        help="PEM CA bundle to verify an https authServerEndpoint with. Empty: the system's CAs.",
+    )
     admin_api_key: str = setting(
         "",
         key="adminAPIKey",

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import shlex
 import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -129,7 +130,12 @@ class DbPathLock:
 @dataclass
 class Child:
     """One running chroma server.  ``started_at`` is wall-clock seconds, ``start_ms`` the time
-    from spawn to the first good heartbeat."""
+    from spawn to the first good heartbeat.
+
+    It holds its user's directory lock and its port until `release`, which the supervisor calls
+    only once the process is reaped *and* forgotten: until then no other child can be given the
+    port (a request still routed to it can never reach another user's server) or the directory.
+    """
 
     user_id: str
     port: int
@@ -138,7 +144,7 @@ class Child:
     started_at: float
     start_ms: float = 0.0
     _lock_fd: int | None = field(default=None, repr=False)
-    _exited: asyncio.Future[int] | None = field(default=None, repr=False)
+    _release_port: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -149,20 +155,22 @@ class Child:
         return self.process.returncode
 
     async def wait(self) -> int:
-        """Wait for the process to exit and be reaped, then release the directory lock.
+        """Wait for the process to exit and be reaped; the exit status, ``-N`` for signal N."""
+        return await self.process.wait()
 
-        Returns the exit status as asyncio gives it: ``-N`` for death by signal N.
+    def release(self) -> None:
+        """Give back the directory lock and the port (idempotent).
+
+        Raises RuntimeError if the process has not been reaped: its lock and port stay held.
         """
-        if self._exited is None:
-            self._exited = asyncio.ensure_future(self._reap())
-        return await asyncio.shield(self._exited)
-
-    async def _reap(self) -> int:
-        code = await self.process.wait()
+        if self.process.returncode is None:
+            raise RuntimeError(f"child {self.pid} is still running")
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        return code
+        if self._release_port is not None:
+            self._release_port()
+            self._release_port = None
 
 
 def describe_exit(code: int) -> str:
@@ -223,6 +231,17 @@ class ChromaLauncher:
         self._env = child_environment(os.environ if environ is None else environ)
         self._locks_dir = db_dir / STATE_DIR / "locks"
         self._logs_dir = db_dir / STATE_DIR / "logs"
+        # Ports handed to children that have not been released yet (see `Child.release`).
+        self._ports: set[int] = set()
+
+    def _reserve_port(self) -> int:
+        """A port free on 127.0.0.1 and not held by any unreleased child of ours."""
+        for _ in range(100):
+            port = free_port()
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+        raise StartFailedError("no free port for the user's chroma server")
 
     @classmethod
     def command_from_setting(cls, chroma_command: str) -> list[str]:
@@ -265,10 +284,13 @@ class ChromaLauncher:
                 except BaseException:  # cancelled or timed out: never leave a child behind
                     if child.returncode is None:
                         await self.stop(child)
+                    self._ports.discard(child.port)
                     raise
                 if code is None:
                     child._lock_fd, lock_fd = lock_fd, -1
+                    child._release_port = functools.partial(self._ports.discard, child.port)
                     return child
+                self._ports.discard(child.port)
                 log.warning(
                     "instance exited before ready",
                     user_id=user_id,
@@ -283,7 +305,7 @@ class ChromaLauncher:
                 os.close(lock_fd)
 
     async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
-        port = free_port()
+        port = self._reserve_port()
         with log_path.open("wb") as out:
             # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
             process = await asyncio.create_subprocess_exec(
@@ -303,7 +325,7 @@ class ChromaLauncher:
     async def _wait_ready(self, child: Child) -> int | None:
         """Poll the heartbeat with backoff.  None when ready; the exit status if it exited.
 
-        Raises StartFailedError (after stopping the child) on timeout.
+        Raises StartFailedError on timeout (the caller stops the child).
         """
         started = time.monotonic()
         deadline = started + self._start_timeout
@@ -335,7 +357,6 @@ class ChromaLauncher:
             timeout_ms=int(self._start_timeout * 1000),
             log_tail=read_tail(child.log_path)[-500:],
         )
-        await self.stop(child)
         raise StartFailedError("the user's chroma server did not become ready in time")
 
     async def stop(self, child: Child) -> int:

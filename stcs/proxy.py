@@ -147,7 +147,14 @@ async def forward(
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The client went away mid-download: ordinary, not an error.  (Checked
+                    # apart from upstream reads: aiohttp's ClientConnectionResetError is both a
+                    # ConnectionError and a ClientError.)
+                    log.debug("client disconnected mid-response", port=port)
+                    return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             # Upstream died mid-body: the status line is gone already; abort the client's
             # connection so it sees a broken response, not a short one that looks complete.

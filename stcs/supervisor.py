@@ -343,9 +343,19 @@ class Supervisor:
             self._finalize(inst)
 
     def _finalize(self, inst: Instance) -> None:
-        """Forget ``inst`` (idempotent): registry entry, slot, and wake whoever waits on it."""
+        """Forget ``inst`` (idempotent): registry entry, slot, then the child's port and
+        directory lock, and wake whoever waits on it."""
         if self.registry.get(inst.user_id) is inst:
             del self.registry[inst.user_id]
+        if inst.child is not None:
+            try:
+                inst.child.release()
+            except RuntimeError:
+                log.error(
+                    "instance not reaped, keeping its port and lock",
+                    user_id=inst.user_id,
+                    pid=inst.child.pid,
+                )
         if inst.has_slot:
             inst.has_slot = False
             self._slots_used -= 1
