@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,7 +35,13 @@ from stcs.auth import (
     validate_user_id,
 )
 from stcs.config import Settings
-from stcs.errors import AdminDisabledError, AdminForbiddenError, HTTPError, UpstreamError
+from stcs.errors import (
+    AdminDisabledError,
+    AdminForbiddenError,
+    HTTPError,
+    ShuttingDownError,
+    UpstreamError,
+)
 from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward, new_upstream_session
 from stcs.supervisor import Supervisor
 
@@ -51,6 +57,11 @@ class State:
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
     shutting_down: bool = False
+    in_flight: int = 0  # requests being handled now (all endpoints)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 STATE = web.AppKey("stcs_state", State)
@@ -79,6 +90,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     info: dict[str, Any] = {"user_id": None, "cold_start": False, "upstream_port": None}
     request[INFO] = info
     status = 500
+    state = request.app[STATE]
+    state.in_flight += 1
+    state.idle.clear()
     try:
         try:
             response = await handler(request)
@@ -105,6 +119,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             {"error": "InternalError", "message": "internal error"}, status=500
         )
     finally:
+        state.in_flight -= 1
+        if not state.in_flight:
+            state.idle.set()
         log.info(
             "request",
             method=request.method,
@@ -231,6 +248,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     assert state.resolver and state.supervisor and state.upstream
     settings = state.settings
     info = request[INFO]
+    if state.shutting_down:
+        raise ShuttingDownError("server is shutting down", headers={"Connection": "close"})
     token = extract_token(request.headers)
     user_id = validate_user_id(await state.resolver.resolve(token))
     info["user_id"] = user_id

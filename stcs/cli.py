@@ -93,11 +93,13 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
 
 def _serve(resolved: Resolved) -> int:
     # Imported here: `check-config` and `--help` stay fast and need no aiohttp.
+    import asyncio
+
     import structlog
-    from aiohttp import web
 
     from stcs import log as log_mod
-    from stcs.app import SERVER_OPTIONS, create_app
+    from stcs.app import create_app
+    from stcs.server import serve
 
     settings = resolved.settings
     try:
@@ -135,15 +137,14 @@ def _serve(resolved: Resolved) -> int:
         db_max_instances=settings.db_max_instances,
     )
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.listen_host,
-            port=settings.app_port,
-            ssl_context=ssl_context,
-            access_log=None,
-            print=None,
-            shutdown_timeout=SHUTDOWN_GRACE_S,
-            **SERVER_OPTIONS,
+        asyncio.run(
+            serve(
+                create_app(settings),
+                host=settings.listen_host,
+                port=settings.app_port,
+                ssl_context=ssl_context,
+                grace_s=SHUTDOWN_GRACE_S,
+            )
         )
     except LockHeldError as exc:
         log.error("cannot start", reason=str(exc))

@@ -13,6 +13,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 # The Node.js server's levels (pino) mapped onto the standard library's.
 LEVELS = {
@@ -71,6 +72,24 @@ def configure(level: str = "info", log_file: str = "", *, json: bool | None = No
     root.setLevel(LEVELS[level])
     # aiohttp's access log is replaced by our one line per request.
     logging.getLogger("aiohttp.access").disabled = True
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter())
+
+
+class BadRequestFilter(logging.Filter):
+    """Turn aiohttp's traceback for a client's malformed HTTP (oversize header, bad request
+    line, ...) into one warning line: a client must not be able to fill the error log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "bad request from client: %s"
+            record.args = (exc.message.splitlines()[0] if exc.message else type(exc).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -210,6 +211,7 @@ class AuthServer:
     api_keys: list[str | None] = field(default_factory=list)
     delay: float = 0.0
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -240,7 +242,9 @@ class AuthServer:
             app.router.add_get("/validate-token", self._handle)
             self._runner = web.AppRunner(app)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port or free_port())
+            site = web.TCPSite(
+                self._runner, "127.0.0.1", self.port or free_port(), ssl_context=self.ssl_context
+            )
             loop.run_until_complete(site.start())
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready.set()

@@ -1,0 +1,89 @@
+"""Run the application: listen, wait for SIGTERM/SIGINT, shut down in a fixed, bounded order.
+
+Why not `aiohttp.web.run_app`: its graceful shutdown first marks every connection closing, and
+from then on aiohttp drops the bytes that still arrive on it (aio-libs/aiohttp#2298, closed
+"wontfix").  A request whose body is still uploading at SIGTERM — a chroma ``add`` — could then
+never finish and would be cut at the timeout.  So the order here is (as uvicorn's):
+
+1. the signal handler only sets a flag (a second signal skips the wait below);
+2. ``/health`` turns 503 and new requests on open connections get 503 ``ShuttingDownError``;
+3. the listening socket closes (open connections keep reading);
+4. wait until the requests in flight are done, at most ``grace_s`` seconds;
+5. aiohttp closes the connections and runs the cleanup contexts in reverse: the supervisor stops
+   every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), sessions close, the ``dbPath``
+   lock is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+
+import structlog
+from aiohttp import web
+
+from stcs.app import SERVER_OPTIONS, STATE
+
+log = structlog.get_logger("stcs.server")
+
+# After the drain, aiohttp gets this long to finish handlers that are still running (s).
+HANDLER_CLOSE_TIMEOUT_S = 1.0
+
+
+async def serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    grace_s: float = 10.0,
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then shut down as above.
+
+    Raises LockHeldError (another stcs holds ``dbPath``) or OSError (cannot listen); in both
+    cases everything started is cleaned up first.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:  # only sets flags: no logging, no awaiting in a signal handler
+        (hurry if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=HANDLER_CLOSE_TIMEOUT_S,
+        **SERVER_OPTIONS,
+    )
+    try:
+        await runner.setup()  # cleanup contexts: dbPath lock, sessions, supervisor
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        scheme = "https" if ssl_context else "http"
+        log.info("listening", url=f"{scheme}://{host}:{port}")
+        await stop.wait()
+
+        state = app[STATE]
+        state.shutting_down = True
+        log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
+        await site.stop()
+        started = time.monotonic()
+        drained = asyncio.ensure_future(state.idle.wait())
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait({drained, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        hurried.cancel()
+        if state.in_flight:
+            log.warning("requests still in flight at shutdown", count=state.in_flight)
+        else:
+            log.info("requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1))
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
