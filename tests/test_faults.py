@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -338,3 +339,39 @@ def test_wrong_ca_means_503_not_401(
         f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": "t"}, timeout=10
     )
     assert resp.status_code == 503
+
+
+def test_every_acknowledged_write_survives_sigterm_and_restart(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs()
+    token = new_token()
+    col = client_for(server, token).create_collection("stream")
+    acked: list[str] = []
+    failures: list[str] = []
+
+    def writer() -> None:
+        for batch in range(10_000):
+            ids = [f"b{batch}-{i}" for i in range(100)]
+            try:
+                col.add(ids=ids, embeddings=vectors(100, batch))
+            except Exception as exc:  # the server went away: stop writing
+                failures.append(type(exc).__name__)
+                return
+            acked.extend(ids)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < 1000:  # mid-stream: at least 10 batches acknowledged
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert not thread.is_alive() and failures
+    assert server.proc.wait(30) == 0
+    restarted = stcs(db=server.db)
+    again = client_for(restarted, token).get_collection("stream")
+    present = set(again.get(ids=acked, include=[])["ids"])
+    assert len(acked) >= 1000
+    assert present == set(acked), f"{len(set(acked) - present)} acknowledged ids lost"
