@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -245,3 +246,46 @@ async def test_health_is_ok_then_503_while_shutting_down(
     assert app[STATE].shutting_down
     resp = await client.get("/health")
     assert resp.status == 503
+
+
+async def test_unreachable_ready_instance_is_replaced_and_the_request_retried(
+    echo_server: StcsServer,
+) -> None:
+    token = new_token()
+    headers = {"X-Chroma-Token": token}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{echo_server.url}/stop-listening", headers=headers) as resp:
+            assert resp.status == 200
+        [stale] = echo_server.children()
+        # The instance is alive and "ready" but refuses connections: stcs must stop it, start a
+        # fresh one and retry the request there (it never reached the first one).
+        async with session.post(
+            f"{echo_server.url}/echo/after", data=b"payload", headers=headers
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["body_len"] == 7
+    [fresh] = echo_server.children()
+    assert fresh.pid != stale.pid
+    assert [e["reason"] for e in echo_server.wait_event("instance stopped")] == ["unreachable"]
+
+
+async def test_a_port_stays_reserved_until_its_child_is_released(tmp_path: Path) -> None:
+    from stcs.launcher import ChromaLauncher
+
+    async with aiohttp.ClientSession() as session:
+        launcher = ChromaLauncher(tmp_path / "db", session)
+        child = await launcher.launch("port-owner")
+        assert child.port in launcher._ports
+        child.process.kill()
+        await child.wait()
+        assert child.port in launcher._ports  # dead and reaped, but not yet released
+        lock = tmp_path / "db/.stcs/locks/port-owner.lock"
+        fd = os.open(lock, os.O_RDWR)
+        with pytest.raises(BlockingIOError):  # and its directory is still locked
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+        child.release()
+        assert child.port not in launcher._ports
+        fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now free
+        os.close(fd)

@@ -7,9 +7,12 @@ shows what stcs forwards to an instance; it never stands in for chroma's behavio
   SHA-256 and length of the body exactly as received.
 * ``GET /gzipped`` -> a gzip-compressed JSON body with ``Content-Encoding: gzip``.
 * ``GET /hop`` -> a response carrying hop-by-hop headers.
+* ``GET /stop-listening`` -> closes the listening socket but stays alive: a "ready" instance
+  that refuses new connections.
 """
 
 import argparse
+import asyncio
 import gzip
 import hashlib
 import json
@@ -53,6 +56,26 @@ async def hop(request: web.Request) -> web.Response:
     )
 
 
+async def stop_listening(request: web.Request) -> web.Response:
+    for site in list(request.app["runner"].sites):
+        await site.stop()
+    return web.Response(text="closed", headers={"Connection": "close"})
+
+
+async def serve(host: str, port: int) -> None:
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/api/v2/heartbeat", heartbeat)
+    app.router.add_get("/gzipped", gzipped)
+    app.router.add_get("/hop", hop)
+    app.router.add_get("/stop-listening", stop_listening)
+    app.router.add_route("*", "/echo/{tail:.*}", echo)
+    runner = web.AppRunner(app, auto_decompress=False)
+    app["runner"] = runner
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    await asyncio.Event().wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command")
@@ -60,12 +83,7 @@ def main() -> None:
     parser.add_argument("--path")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
-    app = web.Application(client_max_size=1024**3)
-    app.router.add_get("/api/v2/heartbeat", heartbeat)
-    app.router.add_get("/gzipped", gzipped)
-    app.router.add_get("/hop", hop)
-    app.router.add_route("*", "/echo/{tail:.*}", echo)
-    web.run_app(app, host=args.host, port=args.port, print=None, auto_decompress=False)
+    asyncio.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":
