@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import math
 import os
 import time
@@ -57,6 +58,7 @@ class State:
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
     shutting_down: bool = False
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # front proxies
     in_flight: int = 0  # requests being handled now (all endpoints)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
 
@@ -128,9 +130,34 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             path=request.path,
             status=status,
             duration_ms=round((time.monotonic() - started) * 1000, 2),
-            client=request.remote,
+            client=client_address(request, state.trusted),
             **info,
         )
+
+
+def client_address(
+    request: web.Request, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> str | None:
+    """The client's address: the peer, or, when the peer is a trusted front proxy, the
+    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
+    peer = request.remote
+    if not trusted or peer is None or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(
+    address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -242,6 +269,16 @@ async def admin_health(request: web.Request) -> web.Response:
     )
 
 
+async def auth_only(request: web.Request) -> web.Response:
+    """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
+    ``X-Stcs-User-Id``; 401/503/502 as the error table.  Starts no instance."""
+    state = request.app[STATE]
+    assert state.resolver is not None
+    user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
+    request[INFO]["user_id"] = user_id
+    return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Any other method and path: authenticate, find the user's instance, stream through."""
     state = request.app[STATE]
@@ -347,13 +384,14 @@ def create_app(settings: Settings) -> web.Application:
     Serve it with `SERVER_OPTIONS` passed to aiohttp's server (as `cli` does).
     """
     app = web.Application(middlewares=[request_middleware])
-    app[STATE] = State(settings=settings)
+    app[STATE] = State(settings=settings, trusted=settings.trusted_networks)
     app.cleanup_ctx.append(_db_lock_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/health", health, allow_head=True)
     app.router.add_get("/admin-health", admin_health)
+    app.router.add_get("/auth", auth_only, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
 

@@ -14,9 +14,11 @@ import argparse
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from stcs import __version__
-from stcs.config import SETTINGS, Resolved, load_settings
+from stcs.config import BY_KEY, SETTINGS, Resolved, load_settings
+from stcs.deploy import KINDS, RenderOptions, render
 from stcs.errors import ConfigError, LockHeldError
 
 EXIT_OK = 0
@@ -57,11 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     settings = _settings_parser()
     sub.add_parser("serve", parents=[settings], help="run the server")
-    sub.add_parser(
+    check = sub.add_parser(
         "check-config",
         parents=[settings],
         help="print the resolved settings and where each comes from",
     )
+    check.add_argument("--get", metavar="KEY", help="print only this setting's value (raw)")
+    render = sub.add_parser(
+        "render",
+        parents=[settings],
+        help="print a deployment file rendered from the settings",
+        description="Render an nginx/Apache site, the nginx cluster router or the systemd unit.",
+    )
+    render.add_argument("kind", choices=sorted(KINDS))
+    render.add_argument("--listen", default="80", help="front server address (default 80)")
+    render.add_argument("--tls-listen", default="443", help="TLS address (default 443)")
+    render.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a stcs node (nginx-cluster; repeat for each)",
+    )
+    render.add_argument("--user", default="stcs", help="service user (systemd)")
+    render.add_argument("--stcs-bin", default="/opt/stcs/venv/bin/stcs", help="(systemd)")
+    render.add_argument("--config-path", default="/etc/stcs/config.yml", help="(systemd)")
+    render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")
+    render.add_argument("--source-dir", default="/opt/stcs/src", help="(systemd)")
+    render.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     return parser
 
 
@@ -171,8 +196,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stcs: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
+        if args.get:
+            return _get_setting(resolved, args.get)
         return _check_config(resolved)
+    if args.command == "render":
+        return _render(resolved, args)
     return _serve(resolved)
+
+
+def _get_setting(resolved: Resolved, key: str) -> int:
+    info = BY_KEY.get(key)
+    if info is None:
+        print(f"stcs: unknown setting {key!r}", file=sys.stderr)
+        return EXIT_USAGE
+    value = getattr(resolved.settings, info.name)
+    print(("true" if value else "false") if isinstance(value, bool) else value)
+    return EXIT_OK
+
+
+def _render(resolved: Resolved, args: argparse.Namespace) -> int:
+    options = RenderOptions(
+        listen=args.listen,
+        tls_listen=args.tls_listen,
+        nodes=tuple(args.node),
+        user=args.user,
+        stcs_bin=args.stcs_bin,
+        config_path=args.config_path,
+        working_dir=args.working_dir,
+        source_dir=args.source_dir,
+    )
+    try:
+        text = render(args.kind, resolved.settings, options)
+    except ConfigError as exc:
+        print(f"stcs: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

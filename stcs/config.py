@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,13 @@ class Settings:
         env="SSL_CERT_KEY_FILE",
         help="PEM private key for TLS.",
     )
+    trusted_proxies: str = setting(
+        "",
+        key="trustedProxies",
+        env="TRUSTED_PROXIES",
+        help="Comma-separated addresses or networks (CIDR) of front proxies whose "
+        "X-Forwarded-For is believed for the client address in the logs, e.g. `127.0.0.1`.",
+    )
     web_server_type: str = setting(
         "",
         key="webServerType",
@@ -295,6 +303,15 @@ class Settings:
     def app_tls(self) -> bool:
         """Whether stcs itself terminates TLS (a front web server does it when configured)."""
         return self.enable_ssl and not self.web_server_type
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trustedProxies`` parsed.  Raises ValueError for an entry that is no address."""
+        return tuple(
+            ipaddress.ip_network(item.strip(), strict=False)
+            for item in self.trusted_proxies.split(",")
+            if item.strip()
+        )
 
     @property
     def db_dir(self) -> Path:
@@ -537,6 +554,10 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
                 raise ConfigError(f"{key}: required when enableSSL is true")
     if not settings.db_path:
         raise ConfigError("dbPath: must not be empty")
+    try:
+        settings.trusted_networks  # noqa: B018  (parses the list)
+    except ValueError as exc:
+        raise ConfigError(f"trustedProxies ({sources['trustedProxies']}): {exc}") from None
     if settings.chroma_command:
         try:
             argv = shlex.split(settings.chroma_command)

@@ -7,6 +7,7 @@ shows what stcs forwards to an instance; it never stands in for chroma's behavio
   SHA-256 and length of the body exactly as received.
 * ``GET /gzipped`` -> a gzip-compressed JSON body with ``Content-Encoding: gzip``.
 * ``GET /hop`` -> a response carrying hop-by-hop headers.
+* ``GET /slow?delay=D&chunks=N&interval=S`` -> after D seconds, N chunks S seconds apart.
 * ``GET /stop-listening`` -> closes the listening socket but stays alive: a "ready" instance
   that refuses new connections.
 """
@@ -16,6 +17,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import time
 
 from aiohttp import web
 
@@ -25,6 +27,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def echo(request: web.Request) -> web.Response:
+    arrived = time.time()  # before the body is read: when the request reached us
     body = await request.read()
     return web.json_response(
         {
@@ -33,6 +36,7 @@ async def echo(request: web.Request) -> web.Response:
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "body_len": len(body),
+            "arrived": arrived,
         }
     )
 
@@ -56,6 +60,19 @@ async def hop(request: web.Request) -> web.Response:
     )
 
 
+async def slow(request: web.Request) -> web.StreamResponse:
+    chunks = int(request.query.get("chunks", "6"))
+    interval = float(request.query.get("interval", "0.5"))
+    await asyncio.sleep(float(request.query.get("delay", "0")))  # before the status line
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    for i in range(chunks):
+        await response.write(f"chunk {i}\n".encode())
+        await asyncio.sleep(interval)
+    await response.write_eof()
+    return response
+
+
 async def stop_listening(request: web.Request) -> web.Response:
     for site in list(request.app["runner"].sites):
         await site.stop()
@@ -68,6 +85,7 @@ async def serve(host: str, port: int) -> None:
     app.router.add_get("/gzipped", gzipped)
     app.router.add_get("/hop", hop)
     app.router.add_get("/stop-listening", stop_listening)
+    app.router.add_get("/slow", slow)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     runner = web.AppRunner(app, auto_decompress=False)
     app["runner"] = runner
