@@ -150,7 +150,9 @@ def start_stcs(
     server = StcsServer(
         proc=proc, port=port, db=db, log_path=log_path, scheme="https" if ca else "http"
     )
-    if wait:
+    if not wait:
+        return server
+    try:  # whatever goes wrong from here on, the process started above is stopped
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
@@ -158,12 +160,13 @@ def start_stcs(
             with contextlib.suppress(requests.RequestException):
                 health = requests.get(f"{server.url}/health", timeout=1, verify=str(ca or True))
                 if health.status_code == 200:
-                    break
+                    return server
             if time.monotonic() > deadline:
-                server.stop(signal.SIGKILL)
                 raise AssertionError(f"stcs not healthy in 20 s:\n{log_path.read_text()}")
             time.sleep(0.05)
-    return server
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
 
 
 @pytest.fixture

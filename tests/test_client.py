@@ -216,3 +216,37 @@ def test_log_file_receives_json_lines(stcs: Callable[..., StcsServer], tmp_path:
     events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
     assert events[0] == "stcs starting" and "instance started" in events
     assert "request" in events and events[-1] == "stcs stopped"
+
+
+def test_auth_endpoint_answers_204_with_the_user_id_and_starts_nothing(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    auth_server.answers["good"] = (200, {"userId": "auth-only-user"})
+    server = stcs("--auth", auth_server.url)
+    ok = requests.get(f"{server.url}/auth", headers={"Authorization": "Bearer good"}, timeout=10)
+    assert ok.status_code == 204 and ok.headers["X-Stcs-User-Id"] == "auth-only-user"
+    bad = requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": "bad"}, timeout=10)
+    assert bad.status_code == 401 and bad.json()["error"] == "AuthError"
+    assert requests.get(f"{server.url}/auth", timeout=10).status_code == 401
+    assert server.children() == [] and user_dirs(server.db) == []
+    auth_server.stop()
+    down = requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": "other"}, timeout=10)
+    assert down.status_code == 503 and down.json()["error"] == "InternalError"
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "logged"),
+    [
+        ("127.0.0.1", "203.0.113.9", "203.0.113.9"),
+        ("127.0.0.0/8, 10.0.0.0/8", "203.0.113.9, 10.1.2.3", "203.0.113.9"),
+        ("", "203.0.113.9", "127.0.0.1"),  # not trusted: a client cannot spoof its address
+        ("10.0.0.0/8", "203.0.113.9", "127.0.0.1"),  # the peer is not a trusted proxy
+    ],
+)
+def test_client_address_in_the_log_honours_trusted_proxies(
+    stcs: Callable[..., StcsServer], trusted: str, forwarded: str, logged: str
+) -> None:
+    server = stcs("--trustedProxies", trusted) if trusted else stcs()
+    requests.get(f"{server.url}/health", headers={"X-Forwarded-For": forwarded}, timeout=10)
+    health = [e for e in server.events("request") if e["path"] == "/health"]
+    assert health[-1]["client"] == logged

@@ -122,6 +122,7 @@ def test_env_booleans_and_ints_are_parsed() -> None:
         ("authServerEndpoint: ftp://x\n", "authServerEndpoint"),
         ("appPort: 70000\n", "appPort"),
         ('chromaCommand: "\'unclosed"\n', "chromaCommand"),
+        ("trustedProxies: '10.0.0.0/8, nonsense'\n", "trustedProxies"),
         ("- a\n- b\n", "mapping"),
         ("a: [\n", "not valid YAML"),
     ],
