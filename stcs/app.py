@@ -10,26 +10,21 @@ sessions, then the supervisor (``dbPath`` lock, orphan clean-up, children).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
-import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
-import psutil
 import structlog
 from aiohttp import web
 
+from stcs import admin
 from stcs import launcher as launcher_mod
 from stcs.auth import (
     AuthServerResolver,
-    Resolver,
+    Blocklist,
     UuidResolver,
     extract_token,
     tls_context,
@@ -37,37 +32,17 @@ from stcs.auth import (
 )
 from stcs.config import Settings
 from stcs.errors import (
-    AdminDisabledError,
-    AdminForbiddenError,
     HTTPError,
     ShuttingDownError,
     UpstreamError,
+    UserBlockedError,
 )
 from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward, new_upstream_session
+from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
 
 log = structlog.get_logger("stcs.app")
 
-
-@dataclass
-class State:
-    """Per-application state, filled by the cleanup contexts."""
-
-    settings: Settings
-    upstream: aiohttp.ClientSession | None = None
-    resolver: Resolver | None = None
-    supervisor: Supervisor | None = None
-    shutting_down: bool = False
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # front proxies
-    in_flight: int = 0  # requests being handled now (all endpoints)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-
-STATE = web.AppKey("stcs_state", State)
-INFO = web.RequestKey("stcs_request_info", dict)  # what the request line logs (user id, ...)
 
 # Options for aiohttp's server (`web.run_app(..., **SERVER_OPTIONS)`).  auto_decompress off: a
 # gzip request body must reach chroma exactly as sent, under its own Content-Encoding header.
@@ -124,12 +99,14 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         state.in_flight -= 1
         if not state.in_flight:
             state.idle.set()
+        duration = time.monotonic() - started
+        state.metrics.observe_request(request.method, status, duration)
         log.info(
             "request",
             method=request.method,
             path=request.path,
             status=status,
-            duration_ms=round((time.monotonic() - started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
             client=client_address(request, state.trusted),
             **info,
         )
@@ -167,108 +144,6 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def check_admin_key(request: web.Request) -> None:
-    """Raise AdminDisabledError (no ``adminAPIKey``) or AdminForbiddenError (wrong key).
-
-    The key is compared in constant time (`hmac.compare_digest`).
-    """
-    expected = request.app[STATE].settings.admin_api_key
-    if not expected:
-        raise AdminDisabledError("admin endpoints are disabled (no adminAPIKey configured)")
-    given = request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise AdminForbiddenError("invalid admin key")
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _rss_kb(pid: int) -> int | None:
-    """Resident set size of ``pid`` in kB (1000 bytes, as the Node.js server), None if gone."""
-    try:
-        return round(psutil.Process(pid).memory_info().rss / 1000)
-    except psutil.Error:
-        return None
-
-
-async def admin_health(request: web.Request) -> web.Response:
-    """``GET /admin-health``: the Node.js server's JSON, instances and memory summary.
-
-    Shape: ``{"status": "ok", "instances": [{userId, port, pid, memKb, startedAt, lastActive,
-    ready, requests, inFlight, status[, message]}], "memory": {kbTotal, kbAvailable, kbAppUse,
-    kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed, nMaxInstancesEstimate},
-    "queueLength": n}``.  Memory in kB of 1000 bytes; times ISO 8601 UTC.
-    """
-    check_admin_key(request)
-    state = request.app[STATE]
-    assert state.supervisor is not None and state.upstream is not None
-    supervisor, session = state.supervisor, state.upstream
-
-    async def describe(inst: Any) -> dict[str, Any]:
-        child = inst.child
-        entry: dict[str, Any] = {
-            "userId": inst.user_id,
-            "port": child.port if child else None,
-            "pid": child.pid if child else None,
-            "memKb": _rss_kb(child.pid) if child else None,
-            "startedAt": _iso(child.started_at) if child else None,
-            "lastActive": _iso(inst.last_active_wall),
-            "ready": inst.state.value == "ready",
-            "requests": inst.requests,
-            "inFlight": inst.in_flight,
-            "status": inst.state.value,
-        }
-        if child is not None and inst.state.value == "ready":
-            url = f"http://127.0.0.1:{child.port}{launcher_mod.HEARTBEAT_PATH}"
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-                    entry["status"] = "healthy" if ok else "error"
-                    if not ok:
-                        entry["message"] = f"heartbeat answered {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                entry["status"] = "error"
-                entry["message"] = "heartbeat failed"
-        return entry
-
-    instances = await asyncio.gather(*(describe(i) for i in list(supervisor.registry.values())))
-    vm = psutil.virtual_memory()
-    kb_instances = sum(i["memKb"] or 0 for i in instances)
-    counted = sum(1 for i in instances if i["memKb"])
-    average = round(kb_instances / counted) if counted else None
-    kb_app = round(psutil.Process(os.getpid()).memory_info().rss / 1000)
-    kb_available = round(vm.available / 1000)
-    kb_floor = supervisor.min_free_bytes / 1000
-    memory = {
-        "kbTotal": round(vm.total / 1000),
-        "kbAvailable": kb_available,
-        "kbAppUse": kb_app,
-        "kbInstanceUse": kb_instances,
-        "kbInstanceAverage": average,
-        "kbUsedTotal": kb_app + kb_instances,
-        "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
-        "nMaxInstancesEstimate": (
-            min(
-                state.settings.db_max_instances,
-                max(0, math.floor((kb_available - kb_floor) / average)) + len(instances),
-            )
-            if average
-            else None
-        ),
-    }
-    return web.json_response(
-        {
-            "status": "ok",
-            "instances": instances,
-            "memory": memory,
-            "queueLength": supervisor.queue_length,
-            "maxInstances": state.settings.db_max_instances,
-        }
-    )
-
-
 async def auth_only(request: web.Request) -> web.Response:
     """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
     ``X-Stcs-User-Id``; 401/503/502 as the error table.  Starts no instance."""
@@ -291,6 +166,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     user_id = validate_user_id(await state.resolver.resolve(token))
     info["user_id"] = user_id
     structlog.contextvars.bind_contextvars(user_id=user_id)
+    if state.blocklist is not None and user_id in state.blocklist:
+        raise UserBlockedError("this user is blocked")
     check_declared_size(request, settings.max_body_size)
     for attempt in (1, 2):
         async with state.supervisor.acquire(user_id) as lease:
@@ -324,6 +201,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             api_key=settings.auth_server_api_key,
             cache_ttl_ms=settings.auth_cache_ttl,
             timeout_ms=settings.auth_timeout,
+            on_lookup=lambda result: state.metrics.auth_lookups.labels(result).inc(),
         )
     else:
         state.resolver = UuidResolver()
@@ -360,6 +238,8 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         start_timeout_ms=settings.db_start_timeout,
         stop_timeout_ms=settings.db_stop_timeout,
         max_retries=settings.db_max_retries,
+        logs_dir=settings.child_logs_dir,
+        log_max_bytes=settings.child_log_max_bytes,
     )
     state.supervisor = Supervisor(
         chroma,
@@ -367,7 +247,17 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         max_instances=settings.db_max_instances,
         queue_timeout_ms=settings.queue_timeout,
         min_free_memory_mb=settings.db_min_free_memory_mb,
+        metrics=state.metrics,
     )
+    supervisor = state.supervisor
+    state.metrics.bind(
+        lambda: (
+            supervisor.running,
+            supervisor.queue_length,
+            [i.child.pid for i in list(supervisor.registry.values()) if i.child],
+        )
+    )
+    state.blocklist = Blocklist(db_dir / launcher_mod.STATE_DIR / "blocked.json")
     state.supervisor.start()
     yield
     await state.supervisor.close()
@@ -390,7 +280,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_supervisor_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/health", health, allow_head=True)
-    app.router.add_get("/admin-health", admin_health)
+    admin.add_routes(app)
     app.router.add_get("/auth", auth_only, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app

@@ -22,7 +22,8 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -127,8 +128,10 @@ class AuthServerResolver:
         api_key: str = "",
         cache_ttl_ms: int = 60000,
         timeout_ms: int = 5000,
+        on_lookup: Callable[[str], None] | None = None,
     ) -> None:
         self._session = session
+        self._on_lookup = on_lookup
         self._endpoint = endpoint
         self._api_key = api_key
         self._cache_ttl = cache_ttl_ms / 1000
@@ -150,6 +153,7 @@ class AuthServerResolver:
         if hit is not None:
             user_id, expires = hit
             if time.monotonic() < expires:
+                self._count("cache_hit")
                 if user_id is None:
                     raise AuthError("invalid token")
                 return user_id
@@ -158,10 +162,26 @@ class AuthServerResolver:
         if task is None:
             # The lookup runs as its own task: a caller that disconnects (is cancelled) does
             # not cancel the lookup the other callers of the same token are waiting for.
-            task = asyncio.ensure_future(self._lookup(token, key))
+            task = asyncio.ensure_future(self._counted_lookup(token, key))
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         return await asyncio.shield(task)
+
+    def _count(self, result: str) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(result)
+
+    async def _counted_lookup(self, token: str, key: bytes) -> str:
+        try:
+            user_id = await self._lookup(token, key)
+        except AuthError:
+            self._count("rejected")
+            raise
+        except (AuthUnavailableError, InvalidUserIdError):
+            self._count("error")
+            raise
+        self._count("ok")
+        return user_id
 
     def _remember(self, key: bytes, user_id: str | None, ttl: float) -> None:
         if ttl <= 0:
@@ -227,3 +247,29 @@ def _user_id_from(body: bytes) -> str:
         if isinstance(user_id, str) and user_id:
             return user_id
     raise AuthUnavailableError("auth server answer has no string userId")
+
+
+class Blocklist:
+    """Users refused with 403 ``AuthorizationError`` whatever their token, persisted as a JSON
+    list in ``path`` (``<dbPath>/.stcs/blocked.json``) so a block survives restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self._users: set[str] = set(json.loads(path.read_text()))
+        except FileNotFoundError:
+            self._users = set()
+
+    def __contains__(self, user_id: str) -> bool:
+        return user_id in self._users
+
+    @property
+    def users(self) -> list[str]:
+        return sorted(self._users)
+
+    def set(self, user_id: str, blocked: bool) -> None:
+        """Block or unblock ``user_id`` and save (atomically: write, then rename)."""
+        (self._users.add if blocked else self._users.discard)(user_id)
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.users))
+        tmp.replace(self._path)

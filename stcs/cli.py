@@ -87,6 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")
     render.add_argument("--source-dir", default="/opt/stcs/src", help="(systemd)")
     render.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    sub.add_parser(
+        "status",
+        parents=[settings],
+        help="list the running server's instances",
+        description="A table of the instances of the stcs running on this machine's appPort "
+        "(needs adminAPIKey).",
+    )
+    for name, verb in (
+        ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
+        ("restore", "replace USER's database with ARCHIVE"),
+    ):
+        cmd = sub.add_parser(
+            name,
+            parents=[settings],
+            help=verb,
+            description=f"{verb[0].upper()}{verb[1:]}; consistent while stcs runs (the user is "
+            "held: their chroma stops and their requests wait for the copy).",
+        )
+        cmd.add_argument("user", metavar="USER")
+        cmd.add_argument("archive", metavar="ARCHIVE")
+        cmd.add_argument(
+            "--force",
+            action="store_true",
+            help="replace an existing archive (backup) or user database (restore)",
+        )
+        cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -201,7 +227,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
+    if args.command in ("status", "backup", "restore"):
+        return _maintenance(resolved, args)
     return _serve(resolved)
+
+
+def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
+    from stcs import backup as backup_mod
+
+    settings = resolved.settings
+    progress = False if getattr(args, "no_progress", False) else None
+    try:
+        if args.command == "status":
+            _print_status(backup_mod.status(settings))
+            return EXIT_OK
+        fn = backup_mod.backup if args.command == "backup" else backup_mod.restore
+        report = fn(settings, args.user, Path(args.archive), force=args.force, progress=progress)
+    except backup_mod.OperationError as exc:
+        print(f"stcs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    done = "backed up" if args.command == "backup" else "restored"
+    print(
+        f"{done} {args.user}: {report.files} files, {report.bytes / 2**20:.1f} MB "
+        f"in {report.seconds:.1f} s"
+    )
+    return EXIT_OK
+
+
+def _print_status(instances: list[dict[str, object]]) -> None:
+    if not instances:
+        print("no instances running")
+        return
+    header = ("USER", "PID", "PORT", "RSS MB", "IDLE", "REQUESTS", "IN FLIGHT", "STATUS")
+    rows = [
+        (
+            str(i["userId"]),
+            str(i["pid"]),
+            str(i["port"]),
+            f"{int(i['memKb'] or 0) / 1000:.1f}",  # type: ignore[call-overload]
+            f"{int(i['idleForMs']) / 1000:.1f}s",  # type: ignore[call-overload]
+            str(i["requests"]),
+            str(i["inFlight"]),
+            str(i["status"]),
+        )
+        for i in instances
+    ]
+    widths = [max(len(r[n]) for r in (header, *rows)) for n in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _get_setting(resolved: Resolved, key: str) -> int:

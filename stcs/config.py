@@ -185,6 +185,21 @@ class Settings:
         help="Executable (with arguments) that serves `run --host --path --port`, e.g. `chroma`. "
         "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~65 ms).",
     )
+    child_log_dir: str = setting(
+        "",
+        key="childLogDir",
+        env="CHILD_LOG_DIR",
+        help="Directory of the per-user chroma output files (<userId>.log). "
+        "Empty: <dbPath>/.stcs/logs.",
+    )
+    child_log_max_bytes: int = setting(
+        10 * MIB,
+        key="childLogMaxBytes",
+        env="CHILD_LOG_MAX_BYTES",
+        unit="bytes",
+        minimum=1024,
+        help="A user's chroma output file is cut back to its last half when it passes this.",
+    )
     auth_cache_ttl: int = setting(
         60000,
         key="authCacheTTL",
@@ -312,6 +327,13 @@ class Settings:
             for item in self.trusted_proxies.split(",")
             if item.strip()
         )
+
+    @property
+    def child_logs_dir(self) -> Path:
+        """Where children's output goes: ``childLogDir``, else ``<dbPath>/.stcs/logs``."""
+        if self.child_log_dir:
+            return Path(self.child_log_dir).expanduser().resolve()
+        return self.db_dir / ".stcs" / "logs"
 
     @property
     def db_dir(self) -> Path:

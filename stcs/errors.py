@@ -114,6 +114,13 @@ class AdminForbiddenError(HTTPError):
     error = "AuthorizationError"
 
 
+class UserBlockedError(HTTPError):
+    """The user is on the admin blocklist (``POST /admin/users/{userId}/block``)."""
+
+    status = 403
+    error = "AuthorizationError"
+
+
 class AdminDisabledError(HTTPError):
     """Admin endpoint called while no ``adminAPIKey`` is configured (as the Node.js server: 404)."""
 

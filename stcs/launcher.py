@@ -203,6 +203,8 @@ class Launcher(Protocol):
 
     async def stop(self, child: Child) -> int: ...
 
+    def rotate_log(self, child: Child) -> None: ...
+
 
 class ChromaLauncher:
     """Start and stop chroma servers for users under ``db_dir``.
@@ -221,6 +223,8 @@ class ChromaLauncher:
         stop_timeout_ms: int = 10000,
         max_retries: int = 2,
         environ: Mapping[str, str] | None = None,
+        logs_dir: Path | None = None,
+        log_max_bytes: int = 10 * 1024 * 1024,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -230,7 +234,8 @@ class ChromaLauncher:
         self._max_retries = max_retries
         self._env = child_environment(os.environ if environ is None else environ)
         self._locks_dir = db_dir / STATE_DIR / "locks"
-        self._logs_dir = db_dir / STATE_DIR / "logs"
+        self._logs_dir = logs_dir or db_dir / STATE_DIR / "logs"
+        self._log_max_bytes = log_max_bytes
         # Ports handed to children that have not been released yet (see `Child.release`).
         self._ports: set[int] = set()
 
@@ -306,7 +311,10 @@ class ChromaLauncher:
 
     async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
         port = self._reserve_port()
-        with log_path.open("wb") as out:
+        # Truncated at each start; append mode so that when rotate_log cuts the file back,
+        # the child's next write lands at the new end instead of leaving a hole of zeros.
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        try:
             # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
             process = await asyncio.create_subprocess_exec(
                 *self.argv(data_dir, port),
@@ -318,6 +326,8 @@ class ChromaLauncher:
                 start_new_session=True,
                 pass_fds=(lock_fd,),
             )
+        finally:
+            os.close(out)
         return Child(
             user_id=user_id, port=port, process=process, log_path=log_path, started_at=time.time()
         )
@@ -358,6 +368,22 @@ class ChromaLauncher:
             log_tail=read_tail(child.log_path)[-500:],
         )
         raise StartFailedError("the user's chroma server did not become ready in time")
+
+    def rotate_log(self, child: Child) -> None:
+        """Bound a child's output file: past ``log_max_bytes``, its last half moves to
+        ``<userId>.log.1`` (replacing it) and the file starts again empty."""
+        path = child.log_path
+        try:
+            size = path.stat().st_size
+            if size <= self._log_max_bytes:
+                return
+            with path.open("rb") as fh:
+                fh.seek(size - self._log_max_bytes // 2)
+                tail = fh.read()
+            path.with_name(path.name + ".1").write_bytes(tail)
+            os.truncate(path, 0)
+        except OSError as exc:
+            log.warning("cannot rotate instance log", path=str(path), error=str(exc))
 
     async def stop(self, child: Child) -> int:
         """Stop a child: SIGTERM to its process group, wait ``stop_timeout_ms``, then SIGKILL.

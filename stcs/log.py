@@ -65,8 +65,10 @@ def configure(level: str = "info", log_file: str = "", *, json: bool | None = No
             renderer,
         ],
     )
+    global _file_handler
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    _file_handler = (handler, log_file) if log_file else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
@@ -90,6 +92,25 @@ class BadRequestFilter(logging.Filter):
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+_file_handler: tuple[logging.StreamHandler[TextIO], str] | None = None
+
+
+def reopen() -> None:
+    """Reopen ``logFile`` (after logrotate moved it): called on SIGHUP.  No-op on stdout."""
+    if _file_handler is None:
+        return
+    handler, path = _file_handler
+    try:
+        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        logging.getLogger("stcs").error("cannot reopen log file %s: %s", path, exc)
+        return
+    old = handler.setStream(stream)
+    if old is not None:
+        old.close()
+    logging.getLogger("stcs").info("log file reopened")
 
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:

@@ -24,7 +24,9 @@ import time
 import structlog
 from aiohttp import web
 
-from stcs.app import SERVER_OPTIONS, STATE
+from stcs import log as log_mod
+from stcs.app import SERVER_OPTIONS
+from stcs.state import STATE
 
 log = structlog.get_logger("stcs.server")
 
@@ -54,6 +56,9 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # SIGHUP: reopen logFile (logrotate).  asyncio runs this callback in the loop, not in the
+    # signal handler itself, so opening a file here is safe.
+    loop.add_signal_handler(signal.SIGHUP, log_mod.reopen)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -85,5 +90,5 @@ async def serve(
             log.info("requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1))
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -31,6 +31,7 @@ import structlog
 
 from stcs.errors import CapacityTimeoutError, ShuttingDownError
 from stcs.launcher import Child, Launcher, describe_exit
+from stcs.metrics import Metrics
 
 log = structlog.get_logger("stcs.supervisor")
 
@@ -65,6 +66,7 @@ class Instance:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing in flight
     stop_task: asyncio.Future[None] | None = None
     start_task: asyncio.Task[None] | None = None
 
@@ -99,6 +101,7 @@ class Supervisor:
         queue_timeout_ms: int,
         min_free_memory_mb: int = 0,
         memory: Callable[[], int] = available_memory,
+        metrics: Metrics | None = None,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -112,6 +115,8 @@ class Supervisor:
         self._queue: deque[asyncio.Event] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
+        self.metrics = metrics or Metrics()
         self.closing = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -158,6 +163,8 @@ class Supervisor:
             inst.in_flight -= 1
             inst.last_active = time.monotonic()
             inst.last_active_wall = time.time()
+            if not inst.in_flight:
+                inst.drained.set()
 
     async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
         deadline = time.monotonic() + self.queue_timeout  # the queue wait counts from arrival
@@ -165,6 +172,17 @@ class Supervisor:
         while True:
             if self.closing:
                 raise ShuttingDownError("server is shutting down")
+            hold = self._holds.get(user_id)
+            if hold is not None:  # held (admin stop, backup): wait, bounded like the queue
+                remaining = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(hold.wait(), max(0.0, remaining))
+                except asyncio.TimeoutError:
+                    raise CapacityTimeoutError(
+                        "this user's database is held for maintenance; retry later",
+                        headers={"Retry-After": "5"},
+                    ) from None
+                continue
             inst = self.registry.get(user_id)
             if inst is None:
                 inst = Instance(user_id)
@@ -175,6 +193,7 @@ class Supervisor:
                 # reaper can never see this instance idle while the request is being handed in.
                 inst.in_flight += 1
                 inst.requests += 1
+                inst.drained.clear()
                 return inst, cold
             cold = True
             if inst.state is State.STARTING:
@@ -200,6 +219,8 @@ class Supervisor:
             child = await self.launcher.launch(inst.user_id)
         except BaseException as exc:
             self._finalize(inst)
+            if not isinstance(exc, (asyncio.CancelledError, ShuttingDownError)):
+                self.metrics.starts.labels("failed").inc()
             # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
             failure = (
                 exc if isinstance(exc, Exception) else ShuttingDownError("server is shutting down")
@@ -214,6 +235,8 @@ class Supervisor:
         inst.last_active = time.monotonic()
         inst.last_active_wall = time.time()
         inst.started.set_result(None)
+        self.metrics.starts.labels("ok").inc()
+        self.metrics.start_duration.observe(child.start_ms / 1000)
         log.info(
             "instance started",
             user_id=inst.user_id,
@@ -230,6 +253,7 @@ class Supervisor:
         Raises CapacityTimeoutError at ``deadline`` (monotonic s), ShuttingDownError on close.
         """
         waiter: asyncio.Event | None = None
+        queued_at = 0.0
         try:
             while True:
                 if self.closing:
@@ -240,6 +264,8 @@ class Supervisor:
                 if at_head and not full and not low_memory:
                     self._slots_used += 1
                     inst.has_slot = True
+                    if waiter is not None:
+                        self.metrics.queue_wait.observe(time.monotonic() - queued_at)
                     return
                 if at_head:
                     victim = self._pick_victim()
@@ -249,6 +275,9 @@ class Supervisor:
                 if waiter is None:
                     waiter = asyncio.Event()
                     self._queue.append(waiter)
+                    queued_at = time.monotonic()
+                    if low_memory and not full:
+                        self.metrics.memory_floor.inc()
                     log.info(
                         "start queued",
                         user_id=inst.user_id,
@@ -257,6 +286,7 @@ class Supervisor:
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self.metrics.queue_timeouts.inc()
                     retry_after = max(1, math.ceil(min(self.evict_min_idle, self.queue_timeout)))
                     log.warning(
                         "start queue timed out",
@@ -301,6 +331,15 @@ class Supervisor:
         structlog.contextvars.clear_contextvars()
         code = await child.wait()
         if inst.state is not State.STOPPING:
+            self.metrics.stops.labels("crashed").inc()
+            log.info(
+                "instance stopped",
+                user_id=inst.user_id,
+                pid=child.pid,
+                reason="crashed",
+                exit=describe_exit(code),
+                requests=inst.requests,
+            )
             log.error(
                 "instance crashed",
                 user_id=inst.user_id,
@@ -330,6 +369,7 @@ class Supervisor:
             if child is not None:
                 started = time.monotonic()
                 code = await self.launcher.stop(child)
+                self.metrics.stops.labels(reason).inc()
                 log.info(
                     "instance stopped",
                     user_id=inst.user_id,
@@ -369,6 +409,8 @@ class Supervisor:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for inst in list(self.registry.values()):
+                if inst.child is not None and inst.state is State.READY:
+                    self.launcher.rotate_log(inst.child)
                 if (
                     inst.state is State.READY
                     and inst.in_flight == 0
@@ -381,6 +423,43 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- holds (admin stop, backup, restore) -------------------------------------------------
+
+    async def hold(self, user_id: str, drain_timeout_s: float = 300.0) -> bool:
+        """Hold ``user_id``: new requests wait (up to their ``queueTimeout``); the requests in
+        flight finish (at most ``drain_timeout_s``), then the instance is stopped (reason
+        ``admin``).  Returns whether an instance was stopped.  Release with `release`.
+
+        Raises TimeoutError (the hold is released) when in-flight requests outlast the drain.
+        """
+        if user_id not in self._holds:
+            self._holds[user_id] = asyncio.Event()
+        inst = self.registry.get(user_id)
+        if inst is None:
+            return False
+        if inst.state is State.STARTING:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(inst.started)
+        if inst.state is State.READY and inst.in_flight:
+            log.info("waiting for requests in flight", user_id=user_id, count=inst.in_flight)
+            try:
+                await asyncio.wait_for(inst.drained.wait(), drain_timeout_s)
+            except asyncio.TimeoutError:
+                self.release(user_id)
+                raise TimeoutError(f"requests still in flight after {drain_timeout_s} s") from None
+        await self._stop(inst, "admin")
+        return True
+
+    def release(self, user_id: str) -> None:
+        """End a hold: waiting requests go on (and start the instance again)."""
+        hold = self._holds.pop(user_id, None)
+        if hold is not None:
+            hold.set()
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(self._holds)
 
     # -- introspection ----------------------------------------------------------------------
 

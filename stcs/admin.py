@@ -1,0 +1,290 @@
+"""Admin endpoints, all behind ``adminAPIKey`` (``x-api-key: KEY`` or ``Authorization: Bearer
+KEY``; 404 while no key is configured, 403 on a wrong one):
+
+* ``GET /admin-health`` — the Node.js server's JSON (instances, memory summary).
+* ``GET /metrics`` — Prometheus text format.
+* ``GET /admin/instances`` — running instances.
+* ``DELETE /admin/instances/{userId}[?drainTimeout=S]`` — stop one user's instance once its
+  requests in flight are done (new ones for that user wait meanwhile); 404 if none runs.
+* ``POST|DELETE /admin/users/{userId}/block`` — refuse (403) or allow a user again.
+* ``POST /admin/users/{userId}/hold[?ttl=S&drainTimeout=S]`` — hold a user for maintenance
+  (backup, restore): the instance stops after its requests in flight, new requests wait; the hold
+  ends with ``DELETE`` or after ``ttl`` seconds (default 600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import psutil
+import structlog
+from aiohttp import web
+
+from stcs import launcher as launcher_mod
+from stcs.auth import validate_user_id
+from stcs.errors import (
+    AdminDisabledError,
+    AdminForbiddenError,
+    HTTPError,
+    InvalidUserIdError,
+)
+from stcs.metrics import CONTENT_TYPE
+from stcs.state import STATE, State
+from stcs.supervisor import Instance
+
+log = structlog.get_logger("stcs.admin")
+
+DEFAULT_HOLD_TTL_S = 600.0
+DEFAULT_DRAIN_TIMEOUT_S = 300.0
+
+
+class NoInstanceError(HTTPError):
+    status = 404
+    error = "NotFoundError"
+
+
+class BadAdminRequestError(HTTPError):
+    status = 400
+    error = "InvalidArgumentError"
+
+
+def check_admin_key(request: web.Request) -> None:
+    """Raise AdminDisabledError (no ``adminAPIKey``) or AdminForbiddenError (wrong key).
+
+    The key comes from ``x-api-key`` or ``Authorization: Bearer``; compared in constant time
+    (`hmac.compare_digest`).
+    """
+    expected = request.app[STATE].settings.admin_api_key
+    if not expected:
+        raise AdminDisabledError("admin endpoints are disabled (no adminAPIKey configured)")
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        given = value.strip() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AdminForbiddenError("invalid admin key")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _rss_kb(pid: int) -> int | None:
+    """Resident set size of ``pid`` in kB (1000 bytes, as the Node.js server), None if gone."""
+    try:
+        return round(psutil.Process(pid).memory_info().rss / 1000)
+    except psutil.Error:
+        return None
+
+
+def instance_entry(inst: Instance, now: float) -> dict[str, Any]:
+    """One instance as the admin endpoints show it (``now``: monotonic seconds)."""
+    child = inst.child
+    return {
+        "userId": inst.user_id,
+        "port": child.port if child else None,
+        "pid": child.pid if child else None,
+        "memKb": _rss_kb(child.pid) if child else None,
+        "startedAt": _iso(child.started_at) if child else None,
+        "lastActive": _iso(inst.last_active_wall),
+        "idleForMs": round(inst.idle_for(now) * 1000),
+        "ready": inst.state.value == "ready",
+        "requests": inst.requests,
+        "inFlight": inst.in_flight,
+        "status": inst.state.value,
+        "logFile": str(child.log_path) if child else None,
+    }
+
+
+def _state(request: web.Request) -> State:
+    check_admin_key(request)
+    state = request.app[STATE]
+    assert state.supervisor is not None and state.upstream is not None
+    return state
+
+
+def _user_id(request: web.Request) -> str:
+    try:
+        return validate_user_id(request.match_info["user_id"])
+    except InvalidUserIdError:
+        raise BadAdminRequestError("not a valid user id") from None
+
+
+def _seconds(request: web.Request, name: str, default: float) -> float:
+    try:
+        value = float(request.query.get(name, default))
+    except ValueError:
+        raise BadAdminRequestError(f"{name} must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadAdminRequestError(f"{name} must be a number of seconds")
+    return value
+
+
+async def admin_health(request: web.Request) -> web.Response:
+    """``GET /admin-health``: the Node.js server's JSON, instances and memory summary.
+
+    Shape: ``{"status": "ok", "instances": [{userId, port, pid, memKb, startedAt, lastActive,
+    ready, requests, inFlight, status[, message], idleForMs, logFile}], "memory": {kbTotal,
+    kbAvailable, kbAppUse, kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed,
+    nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n}``.  Memory in kB of 1000 bytes
+    (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when the instance
+    answered its heartbeat.
+    """
+    state = _state(request)
+    supervisor, session = state.supervisor, state.upstream
+    assert supervisor is not None and session is not None
+    now = time.monotonic()
+
+    async def describe(inst: Instance) -> dict[str, Any]:
+        entry = instance_entry(inst, now)
+        child = inst.child
+        if child is not None and entry["ready"]:
+            url = f"http://127.0.0.1:{child.port}{launcher_mod.HEARTBEAT_PATH}"
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    await resp.read()
+                    entry["status"] = "healthy" if resp.status == 200 else "error"
+                    if resp.status != 200:
+                        entry["message"] = f"heartbeat answered {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                entry["status"] = "error"
+                entry["message"] = "heartbeat failed"
+        return entry
+
+    instances = await asyncio.gather(*(describe(i) for i in list(supervisor.registry.values())))
+    vm = psutil.virtual_memory()
+    kb_instances = sum(i["memKb"] or 0 for i in instances)
+    counted = sum(1 for i in instances if i["memKb"])
+    average = round(kb_instances / counted) if counted else None
+    kb_app = round(psutil.Process(os.getpid()).memory_info().rss / 1000)
+    kb_available = round(vm.available / 1000)
+    kb_floor = supervisor.min_free_bytes / 1000
+    memory = {
+        "kbTotal": round(vm.total / 1000),
+        "kbAvailable": kb_available,
+        "kbAppUse": kb_app,
+        "kbInstanceUse": kb_instances,
+        "kbInstanceAverage": average,
+        "kbUsedTotal": kb_app + kb_instances,
+        "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
+        "nMaxInstancesEstimate": (
+            min(
+                state.settings.db_max_instances,
+                max(0, math.floor((kb_available - kb_floor) / average)) + len(instances),
+            )
+            if average
+            else None
+        ),
+    }
+    return web.json_response(
+        {
+            "status": "ok",
+            "instances": instances,
+            "memory": memory,
+            "queueLength": supervisor.queue_length,
+            "maxInstances": state.settings.db_max_instances,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text exposition format."""
+    state = _state(request)
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    """``GET /admin/instances``: ``{"instances": [...], "held": [...], "blocked": [...]}``."""
+    state = _state(request)
+    assert state.supervisor is not None and state.blocklist is not None
+    now = time.monotonic()
+    instances = [instance_entry(i, now) for i in list(state.supervisor.registry.values())]
+    return web.json_response(
+        {"instances": instances, "held": state.supervisor.held, "blocked": state.blocklist.users}
+    )
+
+
+async def stop_instance(request: web.Request) -> web.Response:
+    """``DELETE /admin/instances/{userId}``: stop it after its requests in flight."""
+    state = _state(request)
+    assert state.supervisor is not None
+    user_id = _user_id(request)
+    drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
+    if user_id not in state.supervisor.registry:
+        raise NoInstanceError(f"no instance is running for {user_id}")
+    try:
+        stopped = await state.supervisor.hold(user_id, drain)
+    except TimeoutError as exc:
+        raise BadAdminRequestError(str(exc)) from None
+    finally:
+        if user_id not in state.hold_expiry:  # not held by a maintenance hold: release now
+            state.supervisor.release(user_id)
+    log.info("admin stopped instance", user_id=user_id, stopped=stopped)
+    return web.json_response({"userId": user_id, "stopped": stopped})
+
+
+async def block_user(request: web.Request) -> web.Response:
+    """``POST|DELETE /admin/users/{userId}/block``: block (and stop) or unblock a user."""
+    state = _state(request)
+    assert state.supervisor is not None and state.blocklist is not None
+    user_id = _user_id(request)
+    blocked = request.method == "POST"
+    state.blocklist.set(user_id, blocked)
+    log.info("user blocked" if blocked else "user unblocked", user_id=user_id)
+    if blocked and user_id in state.supervisor.registry:
+        try:
+            await state.supervisor.hold(user_id, DEFAULT_DRAIN_TIMEOUT_S)
+        finally:
+            if user_id not in state.hold_expiry:
+                state.supervisor.release(user_id)
+    return web.json_response({"userId": user_id, "blocked": blocked})
+
+
+async def hold_user(request: web.Request) -> web.Response:
+    """``POST|DELETE /admin/users/{userId}/hold``: hold a user for maintenance, or release."""
+    state = _state(request)
+    supervisor = state.supervisor
+    assert supervisor is not None
+    user_id = _user_id(request)
+    expiry = state.hold_expiry.pop(user_id, None)
+    if expiry is not None:
+        expiry.cancel()
+    if request.method == "DELETE":
+        supervisor.release(user_id)
+        log.info("hold released", user_id=user_id)
+        return web.json_response({"userId": user_id, "held": False})
+    ttl = _seconds(request, "ttl", DEFAULT_HOLD_TTL_S)
+    drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
+
+    def expire() -> None:
+        state.hold_expiry.pop(user_id, None)
+        supervisor.release(user_id)
+        log.warning("hold expired", user_id=user_id, ttl_s=ttl)
+
+    state.hold_expiry[user_id] = asyncio.get_running_loop().call_later(ttl, expire)
+    try:
+        stopped = await supervisor.hold(user_id, drain)
+    except TimeoutError as exc:
+        state.hold_expiry.pop(user_id).cancel()
+        raise BadAdminRequestError(str(exc)) from None
+    log.info("user held", user_id=user_id, stopped=stopped, ttl_s=ttl)
+    return web.json_response({"userId": user_id, "held": True, "stopped": stopped})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the admin endpoints (before the catch-all proxy route)."""
+    app.router.add_get("/admin-health", admin_health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/instances", list_instances)
+    app.router.add_delete("/admin/instances/{user_id}", stop_instance)
+    app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)
+    app.router.add_route("DELETE", "/admin/users/{user_id}/block", block_user)
+    app.router.add_route("POST", "/admin/users/{user_id}/hold", hold_user)
+    app.router.add_route("DELETE", "/admin/users/{user_id}/hold", hold_user)

@@ -1,0 +1,268 @@
+"""Back up and restore one user's chroma directory, consistent while stcs runs; `stcs status`.
+
+With a server running on ``dbPath`` the user is *held* through the admin API (``POST
+/admin/users/{userId}/hold``): the user's chroma stops after its requests in flight, new
+requests for that user wait (up to ``queueTimeout``) instead of failing, and the hold ends when
+the copy is done (or after a TTL, should this process die).  Without a server, the ``dbPath``
+lock is taken so none can start during the copy.  Either way the user's directory lock
+(``.stcs/locks/<userId>.lock``) is held while files are read or replaced: no chroma can have
+them open.
+
+Archives are gzip tarballs holding ``data/...`` (the directory's contents), so they restore
+under any user id.  A backup is written to ``OUT.partial`` and renamed when complete; a restore
+extracts beside the user's directory and swaps it in, so a failure never leaves half a database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import ssl
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from stcs.auth import validate_user_id
+from stcs.config import Settings
+from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
+from stcs.launcher import STATE_DIR, DbPathLock, lock_file
+
+ARCHIVE_ROOT = "data"
+HOLD_TTL_S = 3600  # a hold this process forgot to release ends by itself
+
+
+class OperationError(StcsError):
+    """The operation was refused or failed; the message says why.  Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a backup or restore did: files, bytes, seconds."""
+
+    files: int
+    bytes: int
+    seconds: float
+
+
+class AdminClient:
+    """Talks to the running stcs on this machine with ``adminAPIKey``."""
+
+    def __init__(self, settings: Settings) -> None:
+        scheme = "https" if settings.app_tls else "http"
+        self.base = f"{scheme}://127.0.0.1:{settings.app_port}"
+        self._key = settings.admin_api_key
+        self._context: ssl.SSLContext | None = None
+        if settings.app_tls:
+            # Our own server on loopback, verified against its own certificate (which names
+            # the public host, not 127.0.0.1).
+            self._context = ssl.create_default_context(cafile=settings.ssl_cert_file)
+            self._context.check_hostname = False
+
+    def request(self, method: str, path: str, timeout: float = 600) -> dict[str, Any]:
+        """Call an admin endpoint; the JSON answer.  Raises OperationError."""
+        if not self._key:
+            raise OperationError("this needs adminAPIKey set (the running server's admin API)")
+        req = urllib.request.Request(
+            f"{self.base}{path}", method=method, headers={"x-api-key": self._key}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._context) as resp:
+                answer: dict[str, Any] = json.loads(resp.read() or b"{}")
+                return answer
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("message", exc.reason)
+            except ValueError:
+                message = exc.reason
+            raise OperationError(f"{method} {path}: {exc.code} {message}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise OperationError(f"no stcs answers at {self.base}: {exc}") from None
+
+
+def _user_dir(settings: Settings, user_id: str) -> Path:
+    try:
+        return settings.db_dir / validate_user_id(user_id)
+    except InvalidUserIdError:
+        raise OperationError(f"{user_id!r} is not a valid user id") from None
+
+
+@contextlib.contextmanager
+def held(settings: Settings, user_id: str) -> Iterator[str]:
+    """Hold ``user_id`` for the block: via the running server, or by holding ``dbPath``.
+
+    Yields "server" or "offline".  Raises OperationError.
+    """
+    settings.db_dir.mkdir(parents=True, exist_ok=True)
+    db_lock = DbPathLock(settings.db_dir)
+    try:
+        db_lock.acquire()
+        mode = "offline"
+    except LockHeldError:
+        mode = "server"
+    client = AdminClient(settings)
+    if mode == "server":
+        client.request("POST", f"/admin/users/{user_id}/hold?ttl={HOLD_TTL_S}")
+    try:
+        locks = settings.db_dir / STATE_DIR / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = lock_file(locks / f"{user_id}.lock")
+        except BlockingIOError:
+            raise OperationError(f"{user_id}'s database is open by a chroma process") from None
+        try:
+            yield mode
+        finally:
+            os.close(fd)
+    finally:
+        if mode == "server":
+            client.request("DELETE", f"/admin/users/{user_id}/hold")
+        else:
+            db_lock.release()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def backup(
+    settings: Settings,
+    user_id: str,
+    out: Path,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Report:
+    """Write ``user_id``'s directory to the gzip tarball ``out``.
+
+    Raises OperationError: unknown user, ``out`` exists without ``force``, hold refused.
+    ``progress`` None shows a bar on a terminal.
+    """
+    src = _user_dir(settings, user_id)
+    if not src.is_dir():
+        raise OperationError(f"no data for {user_id} in {settings.db_dir}")
+    if out.exists() and not force:
+        raise OperationError(f"{out} exists (use --force to replace it)")
+    started = time.monotonic()
+    partial = out.with_name(out.name + ".partial")
+    with held(settings, user_id):
+        files = _files(src)
+        total = sum(f.stat().st_size for f in files)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"backup {user_id}",
+            disable=None if progress is None else not progress,
+        )
+        try:
+            with tarfile.open(partial, "w:gz") as tar:
+                tar.add(src, arcname=ARCHIVE_ROOT, recursive=False)
+                dirs_added: set[Path] = set()
+                for path in files:
+                    rel = path.relative_to(src)
+                    for parent in reversed(rel.parents[:-1]):
+                        if parent not in dirs_added:
+                            dirs_added.add(parent)
+                            name = f"{ARCHIVE_ROOT}/{parent.as_posix()}"
+                            tar.add(src / parent, arcname=name, recursive=False)
+                    tar.add(path, arcname=f"{ARCHIVE_ROOT}/{rel.as_posix()}")
+                    bar.update(path.stat().st_size)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
+    partial.replace(out)
+    return Report(files=len(files), bytes=total, seconds=time.monotonic() - started)
+
+
+def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Members under ``data/``, regular files and directories only, no way out of it."""
+    members = tar.getmembers()
+    for m in members:
+        parts = Path(m.name).parts
+        if (
+            not parts
+            or parts[0] != ARCHIVE_ROOT
+            or ".." in parts
+            or m.name.startswith("/")
+            or not (m.isfile() or m.isdir())
+        ):
+            raise OperationError(f"not an stcs backup: unexpected member {m.name!r}")
+    return members
+
+
+def restore(
+    settings: Settings,
+    user_id: str,
+    src: Path,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Report:
+    """Replace ``user_id``'s directory with the backup ``src``.
+
+    Refuses (OperationError, nothing changed) when the user already has data and ``force`` is
+    not given, or when ``src`` is not an stcs backup.
+    """
+    dest = _user_dir(settings, user_id)
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise OperationError(f"{user_id} already has data in {dest} (use --force to replace it)")
+    try:
+        with tarfile.open(src, "r:gz") as tar:
+            members = _check_members(tar)
+    except (OSError, tarfile.TarError) as exc:
+        raise OperationError(f"cannot read {src}: {exc}") from None
+    started = time.monotonic()
+    total = sum(m.size for m in members if m.isfile())
+    staging = settings.db_dir / STATE_DIR / f"restore-{user_id}-{os.getpid()}"
+    trash = settings.db_dir / STATE_DIR / f"replaced-{user_id}-{os.getpid()}"
+    with held(settings, user_id):
+        shutil.rmtree(staging, ignore_errors=True)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"restore {user_id}",
+            disable=None if progress is None else not progress,
+        )
+        try:
+            with tarfile.open(src, "r:gz") as tar:
+                for member in members:  # already checked by _check_members
+                    if sys.version_info >= (3, 12):
+                        tar.extract(member, staging, filter="data")
+                    else:
+                        tar.extract(member, staging)
+                    bar.update(member.size if member.isfile() else 0)
+            if dest.exists():
+                dest.replace(trash)
+            (staging / ARCHIVE_ROOT).replace(dest)
+        except BaseException:
+            if trash.exists() and not dest.exists():
+                trash.replace(dest)  # put the original back
+            raise
+        finally:
+            bar.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+    return Report(
+        files=sum(1 for m in members if m.isfile()), bytes=total, seconds=time.monotonic() - started
+    )
+
+
+def status(settings: Settings) -> list[dict[str, Any]]:
+    """The running server's instances (``GET /admin/instances``).  Raises OperationError."""
+    instances: list[dict[str, Any]] = AdminClient(settings).request(
+        "GET", "/admin/instances", timeout=30
+    )["instances"]
+    return instances

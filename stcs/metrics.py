@@ -1,0 +1,115 @@
+"""Prometheus metrics (prometheus-client), served at ``GET /metrics`` with the admin key.
+
+One registry per application (not the global one), so several apps in one process (tests)
+do not collide.  No label carries a user id: cardinality stays bounded whatever the number of
+users.  Times are seconds, sizes bytes (Prometheus base units).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_START_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 20)
+_QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class _LiveCollector(Collector):
+    """Values read at scrape time: running instances, queue length, children's RSS."""
+
+    def __init__(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        running, queued, pids = self._snapshot()
+        yield GaugeMetricFamily(
+            "stcs_instances_running", "Chroma instances holding a slot.", value=running
+        )
+        yield GaugeMetricFamily(
+            "stcs_queue_length", "Instance starts waiting for a slot.", value=queued
+        )
+        rss = 0
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                rss += psutil.Process(pid).memory_info().rss
+        yield GaugeMetricFamily(
+            "stcs_children_rss_bytes", "Resident memory of all chroma children.", value=rss
+        )
+
+
+class Metrics:
+    """The metrics of one stcs application.  Call `bind` once the supervisor exists."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stcs_requests", "Requests answered.", ["method", "status_class"], registry=r
+        )
+        self.request_duration = Histogram(
+            "stcs_request_duration_seconds",
+            "Time to answer a request (to its last byte).",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.starts = Counter(
+            "stcs_instance_starts", "Chroma instance starts.", ["result"], registry=r
+        )
+        self.start_duration = Histogram(
+            "stcs_instance_start_duration_seconds",
+            "Spawn to first good heartbeat.",
+            buckets=_START_BUCKETS,
+            registry=r,
+        )
+        self.stops = Counter(
+            "stcs_instance_stops", "Chroma instances stopped.", ["reason"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "stcs_queue_wait_seconds",
+            "Time a start waited for an instance slot.",
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.queue_timeouts = Counter(
+            "stcs_queue_timeouts", "Starts that gave up waiting (503 RateLimitError).", registry=r
+        )
+        self.memory_floor = Counter(
+            "stcs_memory_floor_waits",
+            "Starts that had to wait because of dbMinFreeMemoryMB.",
+            registry=r,
+        )
+        self.auth_lookups = Counter(
+            "stcs_auth_lookups",
+            "Token resolutions by result (ok, rejected, error, cache_hit).",
+            ["result"],
+            registry=r,
+        )
+        self.info = Gauge("stcs_up", "1 while stcs serves.", registry=r)
+        self.info.set(1)
+        # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
+        for result in ("ok", "failed"):
+            self.starts.labels(result)
+        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable"):
+            self.stops.labels(reason)
+        for result in ("ok", "rejected", "error", "cache_hit"):
+            self.auth_lookups.labels(result)
+
+    def bind(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:
+        """Register the scrape-time values; ``snapshot`` gives (running, queued, child pids)."""
+        self.registry.register(_LiveCollector(snapshot))
+
+    def observe_request(self, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, f"{status // 100}xx").inc()
+        self.request_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

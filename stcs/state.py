@@ -1,0 +1,40 @@
+"""Per-application state shared by the request handlers (`app`, `admin`)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from stcs.auth import Blocklist, Resolver
+from stcs.config import Settings
+from stcs.metrics import Metrics
+from stcs.supervisor import Supervisor
+
+
+@dataclass
+class State:
+    """Filled by the cleanup contexts of `app.create_app`."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    blocklist: Blocklist | None = None
+    upstream: aiohttp.ClientSession | None = None
+    resolver: Resolver | None = None
+    supervisor: Supervisor | None = None
+    shutting_down: bool = False
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # front proxies
+    in_flight: int = 0  # requests being handled now (all endpoints)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
+    hold_expiry: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+STATE = web.AppKey("stcs_state", State)
+INFO = web.RequestKey("stcs_request_info", dict[str, Any])  # what the request line logs
