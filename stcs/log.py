@@ -28,14 +28,43 @@ LEVELS = {
 }
 
 
+class _Stream:
+    """The log destination behind a stable object: `reopen` swaps the file beneath every
+    logger (stcs's own and the standard library's) without reconfiguring them."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target = target
+
+    def write(self, text: str) -> int:
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's fast writer, carrying the logger name for ``add_logger_name``."""
+
+    def __init__(self, file: Any, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
 def configure(level: str = "info", log_file: str = "", *, json: bool | None = None) -> None:
     """Route all logging to ``log_file`` (appended) or standard output.
 
-    ``level`` is a `LEVELS` name.  ``json`` None picks JSON unless the stream is a terminal.
-    Raises OSError when ``log_file`` cannot be opened.
+    stcs's own events go through structlog's native pipeline (no stdlib record per line: the
+    request line is on the hot path); other libraries' stdlib records are rendered the same
+    way by a `ProcessorFormatter`.  ``level`` is a `LEVELS` name.  ``json`` None picks JSON
+    unless the stream is a terminal.  Raises OSError when ``log_file`` cannot be opened.
     """
-    stream: TextIO = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout  # noqa: SIM115
-    as_json = (not stream.isatty()) if json is None else json
+    global _stream, _log_file
+    target: TextIO = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout  # noqa: SIM115
+    _stream, _log_file = _Stream(target), log_file
+    as_json = (not target.isatty()) if json is None else json
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -45,30 +74,22 @@ def configure(level: str = "info", log_file: str = "", *, json: bool | None = No
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else structlog.dev.ConsoleRenderer(colors=target.isatty())
     )
+    exc_info: Any = structlog.processors.format_exc_info if as_json else _identity
+    stream = _stream
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=lambda *args: _NamedWriteLogger(stream, str(args[0]) if args else "stcs"),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if as_json else _identity,
-            renderer,
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, exc_info, renderer],
     )
-    global _file_handler
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    _file_handler = (handler, log_file) if log_file else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
@@ -94,23 +115,22 @@ class BadRequestFilter(logging.Filter):
         return True
 
 
-_file_handler: tuple[logging.StreamHandler[TextIO], str] | None = None
+_stream: _Stream | None = None
+_log_file = ""
 
 
 def reopen() -> None:
     """Reopen ``logFile`` (after logrotate moved it): called on SIGHUP.  No-op on stdout."""
-    if _file_handler is None:
+    if _stream is None or not _log_file:
         return
-    handler, path = _file_handler
     try:
-        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        target = open(_log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
-        logging.getLogger("stcs").error("cannot reopen log file %s: %s", path, exc)
+        structlog.get_logger("stcs").error("cannot reopen log file", error=str(exc))
         return
-    old = handler.setStream(stream)
-    if old is not None:
-        old.close()
-    logging.getLogger("stcs").info("log file reopened")
+    old, _stream.target = _stream.target, target
+    old.close()
+    structlog.get_logger("stcs").info("log file reopened")
 
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -92,6 +93,7 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self._request_children: dict[tuple[str, int], Any] = {}
         self.info = Gauge("stcs_up", "1 while stcs serves.", registry=r)
         self.info.set(1)
         # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
@@ -107,7 +109,11 @@ class Metrics:
         self.registry.register(_LiveCollector(snapshot))
 
     def observe_request(self, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, f"{status // 100}xx").inc()
+        key = (method, status // 100)
+        child = self._request_children.get(key)
+        if child is None:  # labels() takes a lock and builds a key: once per (method, class)
+            child = self._request_children[key] = self.requests.labels(method, f"{key[1]}xx")
+        child.inc()
         self.request_duration.observe(seconds)
 
     def render(self) -> bytes:

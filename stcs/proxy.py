@@ -11,7 +11,7 @@ connect timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
@@ -42,6 +42,11 @@ HOP_BY_HOP = frozenset(
 # (aiohttp's server already answered 100-continue to the client).
 REQUEST_DROP = HOP_BY_HOP | {"authorization", "x-chroma-token", "host", "expect"}
 RESPONSE_DROP = HOP_BY_HOP
+SMALL_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # web.Response sets it from the body
+
+# Bodies up to this size (bytes) with a known length are read whole (the fast path): one write
+# each way instead of a stream of chunks.  Larger ones, and chunked ones, are streamed.
+SMALL_BODY = 64 * 1024
 
 CONNECT_TIMEOUT_S = 2.0
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
@@ -64,13 +69,14 @@ def new_upstream_session() -> aiohttp.ClientSession:
     )
 
 
-def filter_headers(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> CIMultiDict[str]:
+def filter_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Copy ``headers`` without ``drop`` (lowercase names) and without those that the
     ``Connection`` header names (RFC 9110 §7.6.1)."""
-    dropped = set(drop)
-    for value in headers.getall("Connection", ()):
-        dropped.update(token.strip().lower() for token in value.split(","))
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
+    dropped = drop
+    if "Connection" in headers:
+        named = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
+        dropped = drop | named
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in dropped])
 
 
 def check_declared_size(request: web.Request, max_body_size: int) -> None:
@@ -114,9 +120,14 @@ async def forward(
     limited: _LimitedBody | None = None
     data: object = None
     if request.body_exists:
-        if request.content_length is None:
+        length = request.content_length
+        if length is None:
             limited = _LimitedBody(request.content, max_body_size)
             data = limited.chunks()
+        elif length <= SMALL_BODY:
+            # Fast path (most chroma calls): read it whole, so headers and body go upstream in
+            # one write; chroma reads a body whole before it acts anyway.
+            data = await request.read()
         else:
             data = request.content
     url = URL(f"http://127.0.0.1:{port}{request.raw_path}", encoded=True)
@@ -137,6 +148,23 @@ async def forward(
             ) from None
         log.warning("upstream request failed", port=port, error=type(exc).__name__)
         raise UpstreamError("the user's chroma server failed during the request") from exc
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+        # Fast path: a small answer goes back in one write (status line, headers and body),
+        # and an upstream that fails while sending it still gets a clean 502.
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            upstream.close()
+            log.warning("upstream failed mid-response", port=port, error=type(exc).__name__)
+            raise UpstreamError("the user's chroma server failed during the request") from exc
+        upstream.release()
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=filter_headers(upstream.headers, SMALL_RESPONSE_DROP),
+            body=body,
+        )
     complete = False
     try:
         response = web.StreamResponse(

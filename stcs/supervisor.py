@@ -22,7 +22,7 @@ import enum
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,33 @@ class Lease:
     instance: Instance
     port: int
     cold_start: bool
+
+
+class _Hold:
+    """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
+    every request's path)."""
+
+    __slots__ = ("_inst", "_supervisor", "_user_id")
+
+    def __init__(self, supervisor: Supervisor, user_id: str) -> None:
+        self._supervisor = supervisor
+        self._user_id = user_id
+        self._inst: Instance | None = None
+
+    async def __aenter__(self) -> Lease:
+        inst, cold = await self._supervisor._ready_instance(self._user_id)
+        assert inst.child is not None
+        self._inst = inst
+        return Lease(instance=inst, port=inst.child.port, cold_start=cold)
+
+    async def __aexit__(self, *exc: object) -> None:
+        inst = self._inst
+        assert inst is not None
+        inst.in_flight -= 1
+        inst.last_active = time.monotonic()
+        inst.last_active_wall = time.time()
+        if not inst.in_flight:
+            inst.drained.set()
 
 
 def available_memory() -> int:
@@ -149,22 +176,13 @@ class Supervisor:
 
     # -- requests ---------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def acquire(self, user_id: str) -> AsyncIterator[Lease]:
-        """Hold ``user_id``'s ready instance for one request, starting it if needed.
+    def acquire(self, user_id: str) -> _Hold:
+        """``async with supervisor.acquire(user_id) as lease``: hold ``user_id``'s ready
+        instance for one request, starting it if needed.
 
-        Raises StartFailedError, CapacityTimeoutError or ShuttingDownError.
+        Raises StartFailedError, CapacityTimeoutError or ShuttingDownError on entry.
         """
-        inst, cold = await self._ready_instance(user_id)
-        assert inst.child is not None
-        try:
-            yield Lease(instance=inst, port=inst.child.port, cold_start=cold)
-        finally:
-            inst.in_flight -= 1
-            inst.last_active = time.monotonic()
-            inst.last_active_wall = time.time()
-            if not inst.in_flight:
-                inst.drained.set()
+        return _Hold(self, user_id)
 
     async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
         deadline = time.monotonic() + self.queue_timeout  # the queue wait counts from arrival

@@ -176,16 +176,16 @@ def test_request_body_is_streamed_not_buffered(
     started = time.time()
     conn.putrequest("PUT", "/echo/upload")
     conn.putheader("X-Chroma-Token", token)
-    conn.putheader("Content-Length", "6000")
+    conn.putheader("Content-Length", "72000")  # over stcs's 64 KiB read-whole threshold
     conn.endheaders()
-    for _ in range(6):  # 6 x 1000 bytes over 3 s
-        conn.send(b"x" * 1000)
+    for _ in range(6):  # 6 x 12000 bytes over 3 s
+        conn.send(b"x" * 12000)
         time.sleep(0.5)
     resp = conn.getresponse()
     finished = time.time()
     seen = json.loads(resp.read())
     conn.close()
-    assert resp.status == 200 and seen["body_len"] == 6000
+    assert resp.status == 200 and seen["body_len"] == 72000
     assert finished - started >= 2.5
     assert seen["arrived"] - started < 1.0, "the front server held the body back"
 

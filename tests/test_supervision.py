@@ -48,14 +48,16 @@ async def slow_create(
 ) -> aiohttp.ClientResponse:
     """Create a collection with a body trickled over ``seconds``: a request held in flight."""
     head = f'{{"name": "{name}"'.encode()
-    pad_chunks = 10
-    body_len = len(head) + pad_chunks * 100 + 1
+    # Over the proxy's small-body threshold (64 KiB): streamed to chroma as it arrives, so the
+    # request is in flight *at chroma* while it trickles.
+    pad_chunks, pad = 10, 8000
+    body_len = len(head) + pad_chunks * pad + 1
 
     async def body() -> AsyncIterator[bytes]:
         yield head
         for _ in range(pad_chunks):
             await asyncio.sleep(seconds / pad_chunks)
-            yield b" " * 100
+            yield b" " * pad
         yield b"}"
 
     return await session.post(

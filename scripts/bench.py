@@ -1,0 +1,504 @@
+"""stcs against direct chroma, measured in the same run; prints a markdown table and writes it
+to docs/benchmarks.md (with the machine description).  Bounded: a few minutes.
+
+    scripts/bench [--duration 8] [--out docs/benchmarks.md]
+
+1. Throughput, p50 and p99 at concurrency 8 (wrk), ``GET /api/v2/heartbeat`` and a top-10 query
+   on a 10,000 x 384 collection: the *same* chroma child measured directly (its port) and
+   through stcs, so only stcs differs.
+2. Cold start: a never-seen user's first request to its response, p50/p99 over 20 users, with
+   the lean launcher and with ``chromaCommand: chroma``.
+3. Idle RSS per child, and RSS of stcs itself with 50 idle children.
+4. Churn: 200 users, ``dbMaxInstances`` 20, each adds and queries; total time, p99, errors.
+5. Auth-server mode: requests/s with the token cache warm vs every request asking the auth
+   server (``authCacheTTL`` 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import chromadb
+import psutil
+import requests
+from chromadb.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CHROMA = str(Path(PY).parent / "chroma")
+ENV = {**os.environ, "ANONYMIZED_TELEMETRY": "False", "RUST_LOG": "warn"}
+ADMIN = "bench-admin"
+API = "/api/v2/tenants/default_tenant/databases/default_database/collections"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{url} not up in {timeout} s")
+
+
+@contextmanager
+def stcs(db: Path, *args: str) -> Iterator[str]:
+    port = free_port()
+    log = open(db.parent / f"stcs-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "stcs",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            str(db),
+            "--adminAPIKey",
+            ADMIN,
+            *args,
+        ],
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stcs_pid(base: str) -> int:
+    port = int(base.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return int(conn.pid)
+    raise RuntimeError("stcs pid not found")
+
+
+def child_port(base: str, user: str) -> int:
+    body = requests.get(f"{base}/admin/instances", headers={"x-api-key": ADMIN}, timeout=10)
+    return int(next(i["port"] for i in body.json()["instances"] if i["userId"] == user))
+
+
+@dataclass
+class Wrk:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(
+    url: str,
+    seconds: int,
+    headers: dict[str, str],
+    body: str | None = None,
+    connections: int = 8,
+    script: str = "",
+) -> Wrk:
+    """wrk at ``connections`` concurrency (2 threads); POST ``body`` as JSON when given."""
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(script)
+        if body is not None:
+            lua.write(
+                f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+            )
+    try:
+        out = subprocess.run(
+            [*args, "-s", lua.name, url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(lua.name)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, flags=re.MULTILINE))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return Wrk(rps, _ms(lat["50"]), _ms(lat["99"]), errors)
+
+
+# -- 1. throughput ------------------------------------------------------------------------------
+
+
+def throughput(tmp: Path, seconds: int) -> list[str]:
+    rows = []
+    with stcs(tmp / "tp") as base:
+        token = str(uuid.uuid4())
+        client = chromadb.HttpClient(
+            host="127.0.0.1",
+            port=int(base.rsplit(":", 1)[1]),
+            headers={"X-Chroma-Token": token},
+            settings=Settings(anonymized_telemetry=False),
+        )
+        col = client.create_collection("bench", metadata={"hnsw:space": "l2"})
+        rng = random.Random(1)
+        for start in range(0, 10_000, 2_000):
+            col.add(
+                ids=[str(i) for i in range(start, start + 2_000)],
+                embeddings=[[rng.random() for _ in range(384)] for _ in range(2_000)],
+            )
+        query = json.dumps(
+            {
+                "query_embeddings": [[rng.random() for _ in range(384)]],
+                "n_results": 10,
+                "include": ["distances"],
+            }
+        )
+        direct = f"http://127.0.0.1:{child_port(base, token)}"
+        auth = {"X-Chroma-Token": token}
+        for name, path, body in (
+            ("heartbeat", "/api/v2/heartbeat", None),
+            ("query 10k x 384, top 10", f"{API}/{col.id}/query", query),
+        ):
+            wrk(f"{direct}{path}", 2, {}, body)  # warm-up
+            d = wrk(f"{direct}{path}", seconds, {}, body)
+            s = wrk(f"{base}{path}", seconds, auth, body)
+            rows.append(
+                f"| {name} | {d.rps:,.0f} | {s.rps:,.0f} | **{s.rps / d.rps:.2f}** | "
+                f"{d.p50_ms:.2f} / {d.p99_ms:.2f} | {s.p50_ms:.2f} / {s.p99_ms:.2f} | "
+                f"{s.p50_ms - d.p50_ms:+.2f} | {d.errors + s.errors} |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+# -- 2. cold start --------------------------------------------------------------------------------
+
+
+def cold_start(tmp: Path, users: int) -> list[str]:
+    rows = []
+    for name, args in (
+        ("lean launcher (default)", ()),
+        ("chromaCommand: chroma", ("--chromaCommand", CHROMA)),
+    ):
+        with stcs(tmp / f"cold-{len(rows)}", "--dbMaxInstances", str(users + 1), *args) as base:
+            session = requests.Session()
+            session.get(f"{base}/health")
+            times = []
+            for _ in range(users):
+                started = time.perf_counter()
+                resp = session.get(
+                    f"{base}/api/v2/heartbeat", headers={"X-Chroma-Token": str(uuid.uuid4())}
+                )
+                times.append((time.perf_counter() - started) * 1000)
+                assert resp.status_code == 200, resp.text
+            time.sleep(2)
+            kids = psutil.Process(stcs_pid(base)).children()
+            rss = statistics.median(k.memory_info().rss for k in kids) / 2**20
+        rows.append(
+            f"| {name} | {statistics.median(times):.0f} | {pct(times, 0.99):.0f} | {rss:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+# -- 3. memory with 50 idle children ---------------------------------------------------------------
+
+
+def memory(tmp: Path) -> str:
+    with stcs(tmp / "mem", "--dbMaxInstances", "60") as base:
+        session = requests.Session()
+        before = psutil.Process(stcs_pid(base)).memory_info().rss / 2**20
+        for _ in range(50):
+            session.get(f"{base}/api/v2/heartbeat", headers={"X-Chroma-Token": str(uuid.uuid4())})
+        time.sleep(2)
+        proc = psutil.Process(stcs_pid(base))
+        kids = proc.children()
+        child_rss = [k.memory_info().rss / 2**20 for k in kids]
+        row = (
+            f"| {len(kids)} | {before:.1f} | {proc.memory_info().rss / 2**20:.1f} | "
+            f"{statistics.median(child_rss):.1f} | {sum(child_rss) / 1024:.2f} |"
+        )
+    print(row, flush=True)
+    return row
+
+
+# -- 4. churn -----------------------------------------------------------------------------------
+
+
+async def _churn(base: str, users: int, concurrency: int) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    rng = random.Random(3)
+
+    async def call(
+        session: aiohttp.ClientSession, path: str, body: object, headers: dict[str, str]
+    ) -> dict[str, object] | None:
+        nonlocal errors
+        started = time.perf_counter()
+        async with session.post(f"{base}{path}", json=body, headers=headers) as resp:
+            answer = await resp.json(content_type=None)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if resp.status >= 300:
+                errors += 1
+                return None
+            return answer if isinstance(answer, dict) else {}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        headers = {"X-Chroma-Token": str(uuid.uuid4())}
+        vec = [rng.random() for _ in range(64)]
+        async with sem:
+            try:
+                created = await call(session, API, {"name": "churn"}, headers)
+                if created is None:
+                    return
+                coll = created["id"]
+                if None is not await call(
+                    session,
+                    f"{API}/{coll}/add",
+                    {"ids": ["a", "b"], "embeddings": [vec, vec[::-1]]},
+                    headers,
+                ):
+                    await call(
+                        session,
+                        f"{API}/{coll}/query",
+                        {"query_embeddings": [vec], "n_results": 2, "include": ["distances"]},
+                        headers,
+                    )
+            except aiohttp.ClientError:
+                errors += 1
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(one(session) for _ in range(users)))
+    return time.perf_counter() - started, latencies, errors
+
+
+def churn(tmp: Path) -> str:
+    with stcs(
+        tmp / "churn", "--dbMaxInstances", "20", "--ttl", "1000", "--queueTimeout", "120000"
+    ) as base:
+        total, lat, errors = asyncio.run(_churn(base, 200, 40))
+        log = next((tmp / "churn").parent.glob(f"stcs-{base.rsplit(':', 1)[1]}.log"))
+        events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    starts = sum(1 for e in events if e.get("event") == "instance started")
+    evicted = sum(1 for e in events if e.get("reason") == "evicted")
+    row = (
+        f"| 200 | 20 | {total:.1f} | {statistics.median(lat):.0f} | {pct(lat, 0.99):.0f} | "
+        f"{starts} | {evicted} | **{errors}** |"
+    )
+    print(row, flush=True)
+    return row
+
+
+# -- 5. auth server -----------------------------------------------------------------------------
+
+AUTH_SERVER = textwrap.dedent("""
+    import sys
+    from aiohttp import web
+    async def check(request):
+        return web.json_response({"userId": "bench-user"})
+    app = web.Application()
+    app.router.add_get("/check", check)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+""")
+
+
+UNIQUE_TOKEN_LUA = """
+math.randomseed(os.time() + tonumber(string.sub(tostring({}), 8), 16))
+local prefix = tostring(math.random(1, 1000000000))
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["X-Chroma-Token"] = "tok-" .. prefix .. "-" .. n})
+end
+"""
+
+
+def auth_mode(tmp: Path, seconds: int) -> list[str]:
+    port = free_port()
+    server = subprocess.Popen([PY, "-c", AUTH_SERVER, str(port)], env=ENV)
+    rows = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/check")
+        results = {}
+        for name, ttl in (("token cache warm", "60000"), ("auth server on every request", "0")):
+            with stcs(
+                tmp / f"auth-{ttl}",
+                "--auth",
+                f"http://127.0.0.1:{port}/check",
+                "--authCacheTTL",
+                ttl,
+            ) as base:
+                url = f"{base}/api/v2/heartbeat"
+                requests.get(url, headers={"X-Chroma-Token": "t"}, timeout=30)
+                # Warm: one token, resolved once.  Every request: a new token each time, so
+                # neither the cache nor the single-flight sharing of a lookup can help.
+                script = UNIQUE_TOKEN_LUA if ttl == "0" else ""
+                results[name] = wrk(url, seconds, {"X-Chroma-Token": "t"}, script=script)
+        warm = results["token cache warm"].rps
+        for name, r in results.items():
+            rows.append(
+                f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} | "
+                f"{r.rps / warm:.2f} | {r.errors} |"
+            )
+            print(rows[-1], flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+    return rows
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = psutil.virtual_memory().total / 2**30
+    import aiohttp as _a
+
+    loop = "uvloop" if _uvloop_available() else "asyncio"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.platform()}, "
+        f"Python {platform.python_version()}, chromadb {chromadb.__version__}, "
+        f"aiohttp {_a.__version__}, event loop: {loop}"
+    )
+
+
+def _uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--only", choices=["throughput", "cold", "memory", "churn", "auth"])
+    args = parser.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="stcs-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        sections: dict[str, list[str]] = {}
+        todo = [args.only] if args.only else ["throughput", "cold", "memory", "churn", "auth"]
+        if "throughput" in todo:
+            print("## throughput", flush=True)
+            sections["throughput"] = throughput(tmp, args.duration)
+        if "cold" in todo:
+            print("## cold start", flush=True)
+            sections["cold"] = cold_start(tmp, 20)
+        if "memory" in todo:
+            print("## memory", flush=True)
+            sections["memory"] = [memory(tmp)]
+        if "churn" in todo:
+            print("## churn", flush=True)
+            sections["churn"] = [churn(tmp)]
+        if "auth" in todo:
+            print("## auth", flush=True)
+            sections["auth"] = auth_mode(tmp, args.duration)
+    took = time.monotonic() - started
+    report = render(sections, took)
+    if not args.only:
+        Path(args.out).write_text(report)
+        print(f"\nwritten to {args.out} ({took:.0f} s)")
+
+
+def render(sections: dict[str, list[str]], took: float) -> str:
+    parts = [
+        f"# Benchmarks\n\n`scripts/bench`, {time.strftime('%Y-%m-%d')}, {took:.0f} s. "
+        f"Machine: {machine()}.\n"
+    ]
+    if "throughput" in sections:
+        parts.append(
+            "## Throughput and latency (wrk, 2 threads, 8 connections)\n\nThe same chroma "
+            "child, measured directly on its port and through stcs.\n\n"
+            "| request | direct req/s | stcs req/s | ratio | direct p50 / p99 (ms) | "
+            "stcs p50 / p99 (ms) | added p50 (ms) | errors |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(sections["throughput"])
+            + "\n"
+        )
+    if "cold" in sections:
+        parts.append(
+            "## Cold start (20 never-seen users, one after another)\n\n"
+            "| launcher | first response p50 (ms) | p99 (ms) | idle RSS per child (MB) |\n"
+            "|---|---|---|---|\n" + "\n".join(sections["cold"]) + "\n"
+        )
+    if "memory" in sections:
+        parts.append(
+            "## Memory with 50 idle children\n\n| children | stcs RSS before (MB) | "
+            "stcs RSS with them (MB) | child RSS median (MB) | children total (GiB) |\n"
+            "|---|---|---|---|---|\n" + "\n".join(sections["memory"]) + "\n"
+        )
+    if "churn" in sections:
+        parts.append(
+            "## Churn (each user: create, add, query; 40 at a time; dbTTL 1 s)\n\n"
+            "| users | dbMaxInstances | total (s) | p50 (ms) | p99 (ms) | starts | evictions | "
+            "errors |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(sections["churn"]) + "\n"
+        )
+    if "auth" in sections:
+        parts.append(
+            "## Auth-server mode (heartbeat through stcs, wrk 8 connections)\n\n"
+            "| token resolution | req/s | p50 / p99 (ms) | vs warm cache | errors |\n"
+            "|---|---|---|---|---|\n" + "\n".join(sections["auth"]) + "\n"
+        )
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
