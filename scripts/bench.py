@@ -455,13 +455,26 @@ def main() -> None:
     took = time.monotonic() - started
     report = render(sections, took)
     if not args.only:
-        Path(args.out).write_text(report)
+        write_between_markers(Path(args.out), report)
         print(f"\nwritten to {args.out} ({took:.0f} s)")
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_between_markers(path: Path, report: str) -> None:
+    """Replace the text between the markers (the analysis around them is kept)."""
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = f"{text.rstrip()}\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{report}\n{END}{tail}")
 
 
 def render(sections: dict[str, list[str]], took: float) -> str:
     parts = [
-        f"# Benchmarks\n\n`scripts/bench`, {time.strftime('%Y-%m-%d')}, {took:.0f} s. "
+        f"Run of `scripts/bench`, {time.strftime('%Y-%m-%d')}, {took:.0f} s. "
         f"Machine: {machine()}.\n"
     ]
     if "throughput" in sections:
