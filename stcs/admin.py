@@ -32,8 +32,9 @@ from stcs.auth import validate_user_id
 from stcs.errors import (
     AdminDisabledError,
     AdminForbiddenError,
-    HTTPError,
+    BadAdminRequestError,
     InvalidUserIdError,
+    NoInstanceError,
 )
 from stcs.metrics import CONTENT_TYPE
 from stcs.state import STATE, State
@@ -43,16 +44,6 @@ log = structlog.get_logger("stcs.admin")
 
 DEFAULT_HOLD_TTL_S = 600.0
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
-
-
-class NoInstanceError(HTTPError):
-    status = 404
-    error = "NotFoundError"
-
-
-class BadAdminRequestError(HTTPError):
-    status = 400
-    error = "InvalidArgumentError"
 
 
 def check_admin_key(request: web.Request) -> None:

@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
@@ -130,6 +130,17 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
             db_lock.release()
 
 
+def _progress(total: int, desc: str, progress: bool | None) -> tqdm[NoReturn]:
+    """A byte progress bar on stderr; ``progress`` None shows it only on a terminal."""
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        disable=None if progress is None else not progress,
+    )
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -157,13 +168,7 @@ def backup(
     with held(settings, user_id):
         files = _files(src)
         total = sum(f.stat().st_size for f in files)
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"backup {user_id}",
-            disable=None if progress is None else not progress,
-        )
+        bar = _progress(total, f"backup {user_id}", progress)
         try:
             with tarfile.open(partial, "w:gz") as tar:
                 tar.add(src, arcname=ARCHIVE_ROOT, recursive=False)
@@ -229,13 +234,7 @@ def restore(
     trash = settings.db_dir / STATE_DIR / f"replaced-{user_id}-{os.getpid()}"
     with held(settings, user_id):
         shutil.rmtree(staging, ignore_errors=True)
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"restore {user_id}",
-            disable=None if progress is None else not progress,
-        )
+        bar = _progress(total, f"restore {user_id}", progress)
         try:
             with tarfile.open(src, "r:gz") as tar:
                 for member in members:  # already checked by _check_members

@@ -121,6 +121,21 @@ class UserBlockedError(HTTPError):
     error = "AuthorizationError"
 
 
+class BadAdminRequestError(HTTPError):
+    """An admin call with an unusable argument (user id, seconds) or that could not finish
+    (requests still in flight after ``drainTimeout``)."""
+
+    status = 400
+    error = "InvalidArgumentError"
+
+
+class NoInstanceError(HTTPError):
+    """An admin call about a user whose instance is not running."""
+
+    status = 404
+    error = "NotFoundError"
+
+
 class AdminDisabledError(HTTPError):
     """Admin endpoint called while no ``adminAPIKey`` is configured (as the Node.js server: 404)."""
 
