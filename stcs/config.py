@@ -183,7 +183,7 @@ class Settings:
         key="chromaCommand",
         env="CHROMA_COMMAND",
         help="Executable (with arguments) that serves `run --host --path --port`, e.g. `chroma`. "
-        "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~65 ms).",
+        "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~80 ms).",
     )
     child_log_dir: str = setting(
         "",

@@ -1,9 +1,10 @@
 """How a chroma server is started and stopped (mechanism only; `supervisor` decides when).
 
 A child is ``chroma run --host 127.0.0.1 --path <dbPath>/<userId> --port <port>``, run by
-default through the *lean launcher*: a ``python -c`` bootstrap that calls chroma's Rust CLI
-(``chromadb_rust_bindings.cli``) without importing the ``chromadb`` package (~65 ms to the first
-heartbeat and ~45 MB, against ~1 s and ~115 MB for the ``chroma`` console script).
+default through the *lean launcher*: a ``python -S -c`` bootstrap that calls chroma's Rust CLI
+(``chromadb_rust_bindings.cli``) without importing the ``chromadb`` package (~80 ms to the first
+heartbeat and ~38 MB, against ~0.8 s and ~110 MB for the ``chroma`` console script; see
+docs/benchmarks.md).
 ``chromaCommand`` names another executable; the same bootstrap then ``exec``s it.
 
 The bootstrap sets ``PR_SET_PDEATHSIG`` (prctl(2)) on itself, so the child gets SIGTERM when
