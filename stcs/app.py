@@ -38,7 +38,7 @@ from stcs.errors import (
     UpstreamError,
     UserBlockedError,
 )
-from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward, new_upstream_session
+from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
 
@@ -186,7 +186,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             info["cold_start"] = info["cold_start"] or lease.cold_start
             info["upstream_port"] = lease.port
             try:
-                return await forward(request, lease.port, state.upstream, settings.max_body_size)
+                return await forward(request, lease.port, state.pool, settings.max_body_size)
             except UpstreamUnreachableError:
                 # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
                 state.supervisor.report_dead(lease.instance)
@@ -198,7 +198,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     settings = state.settings
-    state.upstream = new_upstream_session()
+    # The request path uses the lean keep-alive pool (stcs.upstream); this aiohttp session
+    # serves the occasional calls: readiness probes and /admin-health heartbeats.
+    state.upstream = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
     auth_session: aiohttp.ClientSession | None = None
     if settings.auth_server_endpoint:
         auth_session = aiohttp.ClientSession(
@@ -219,6 +224,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         state.resolver = UuidResolver()
     yield
     await state.upstream.close()
+    state.pool.close()
     if auth_session is not None:
         await auth_session.close()
 
@@ -260,6 +266,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         queue_timeout_ms=settings.queue_timeout,
         min_free_memory_mb=settings.db_min_free_memory_mb,
         metrics=state.metrics,
+        on_instance_gone=state.pool.forget,
     )
     supervisor = state.supervisor
     state.metrics.bind(

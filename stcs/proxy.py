@@ -10,16 +10,14 @@ connect timeout.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from stcs.errors import BodyTooLargeError, UpstreamError
+from stcs.upstream import UnreachableError, UpstreamFailedError, UpstreamPool
 
 log = structlog.get_logger("stcs.proxy")
 
@@ -41,6 +39,8 @@ HOP_BY_HOP = frozenset(
 # Not forwarded upstream: credentials meant for stcs; Host (set for the upstream); Expect
 # (aiohttp's server already answered 100-continue to the client).
 REQUEST_DROP = HOP_BY_HOP | {"authorization", "x-chroma-token", "host", "expect"}
+# Framing headers are set by the upstream client from the body it actually sends.
+UPSTREAM_REQUEST_DROP = REQUEST_DROP | {"content-length"}
 RESPONSE_DROP = HOP_BY_HOP
 SMALL_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # web.Response sets it from the body
 
@@ -48,35 +48,21 @@ SMALL_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # web.Response sets it fr
 # each way instead of a stream of chunks.  Larger ones, and chunked ones, are streamed.
 SMALL_BODY = 64 * 1024
 
-CONNECT_TIMEOUT_S = 2.0
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
-
 
 class UpstreamUnreachableError(Exception):
     """The connection to the instance could not be opened: the request never reached chroma,
     so retrying it on a fresh instance is safe."""
 
 
-def new_upstream_session() -> aiohttp.ClientSession:
-    """The one keep-alive `ClientSession` stcs uses for all instances."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=UPSTREAM_TIMEOUT,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-    )
-
-
-def filter_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """Copy ``headers`` without ``drop`` (lowercase names) and without those that the
-    ``Connection`` header names (RFC 9110 §7.6.1)."""
+def filter_headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+    """``pairs`` without ``drop`` (lowercase names) and without those that a ``Connection``
+    header names (RFC 9110 §7.6.1)."""
+    pairs = list(pairs)
     dropped = drop
-    if "Connection" in headers:
-        named = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
-        dropped = drop | named
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in dropped])
+    named = [v for k, v in pairs if k.lower() == "connection"]
+    if named:
+        dropped = drop | {t.strip().lower() for v in named for t in v.split(",")}
+    return [(k, v) for k, v in pairs if k.lower() not in dropped]
 
 
 def check_declared_size(request: web.Request, max_body_size: int) -> None:
@@ -107,7 +93,7 @@ class _LimitedBody:
 
 
 async def forward(
-    request: web.Request, port: int, session: aiohttp.ClientSession, max_body_size: int
+    request: web.Request, port: int, pool: UpstreamPool, max_body_size: int
 ) -> web.StreamResponse:
     """Forward ``request`` to the chroma instance on ``127.0.0.1:port``; stream the answer.
 
@@ -116,86 +102,67 @@ async def forward(
     (the instance failed mid-request, before any response was sent).  A failure after the
     response started aborts the client connection, so a truncated body is never seen as whole.
     """
-    headers = filter_headers(request.headers, REQUEST_DROP)
+    headers = filter_headers(request.headers.items(), UPSTREAM_REQUEST_DROP)
     limited: _LimitedBody | None = None
-    data: object = None
+    body: bytes | AsyncIterator[bytes] | None = None
+    length = request.content_length
     if request.body_exists:
-        length = request.content_length
         if length is None:
             limited = _LimitedBody(request.content, max_body_size)
-            data = limited.chunks()
+            body = limited.chunks()
         elif length <= SMALL_BODY:
             # Fast path (most chroma calls): read it whole, so headers and body go upstream in
             # one write; chroma reads a body whole before it acts anyway.
-            data = await request.read()
+            body = await request.read()
         else:
-            data = request.content
-    url = URL(f"http://127.0.0.1:{port}{request.raw_path}", encoded=True)
+            body = request.content.iter_any()
     try:
-        upstream = await session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-        )
-    except aiohttp.ClientConnectorError as exc:
+        upstream = await pool.request(port, request.method, request.raw_path, headers, body, length)
+    except UnreachableError as exc:
         raise UpstreamUnreachableError(str(exc)) from exc
-    except (aiohttp.ClientError, asyncio.TimeoutError, BodyTooLargeError) as exc:
+    except (UpstreamFailedError, BodyTooLargeError, ConnectionError, aiohttp.ClientError) as exc:
         if limited is not None and limited.exceeded:
             raise BodyTooLargeError(
                 f"request body exceeds the limit of {max_body_size} bytes"
             ) from None
         log.warning("upstream request failed", port=port, error=type(exc).__name__)
         raise UpstreamError("the user's chroma server failed during the request") from exc
-    length = upstream.content_length
-    if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-        # Fast path: a small answer goes back in one write (status line, headers and body),
-        # and an upstream that fails while sending it still gets a clean 502.
-        try:
-            body = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            upstream.close()
-            log.warning("upstream failed mid-response", port=port, error=type(exc).__name__)
-            raise UpstreamError("the user's chroma server failed during the request") from exc
-        upstream.release()
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=filter_headers(upstream.headers, SMALL_RESPONSE_DROP),
-            body=body,
-        )
-    complete = False
     try:
+        size = upstream.content_length
+        if size is not None and size <= SMALL_BODY and request.method != "HEAD":
+            # Fast path: a small answer goes back in one write (status line, headers and
+            # body), and an upstream that fails while sending it still gets a clean 502.
+            try:
+                data = await upstream.read()
+            except UpstreamFailedError as exc:
+                log.warning("upstream failed mid-response", port=port, error=str(exc))
+                raise UpstreamError("the user's chroma server failed during the request") from exc
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=filter_headers(upstream.headers, SMALL_RESPONSE_DROP),
+                body=data,
+            )
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
             headers=filter_headers(upstream.headers, RESPONSE_DROP),
         )
-        await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    # The client went away mid-download: ordinary, not an error.  (Checked
-                    # apart from upstream reads: aiohttp's ClientConnectionResetError is both a
-                    # ConnectionError and a ClientError.)
-                    log.debug("client disconnected mid-response", port=port)
-                    return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            await response.prepare(request)
+            async for chunk in upstream.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The client went away mid-download: ordinary, not an error.  (aiohttp's
+            # ClientConnectionResetError, raised by writes to a gone client, is one.)
+            log.debug("client disconnected mid-response", port=port)
+        except UpstreamFailedError as exc:
             # Upstream died mid-body: the status line is gone already; abort the client's
             # connection so it sees a broken response, not a short one that looks complete.
-            log.warning("upstream failed mid-response", port=port, error=type(exc).__name__)
+            log.warning("upstream failed mid-response", port=port, error=str(exc))
             if request.transport is not None:
                 request.transport.abort()
-            return response
-        await response.write_eof()
-        complete = True
         return response
     finally:
-        # A connection with an unread body must not go back to the pool.
-        if complete:
-            upstream.release()
-        else:
-            upstream.close()
+        upstream.release()  # back to the pool only after a complete response

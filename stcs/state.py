@@ -14,6 +14,7 @@ from stcs.auth import Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
 from stcs.supervisor import Supervisor
+from stcs.upstream import UpstreamPool
 
 
 @dataclass
@@ -23,7 +24,8 @@ class State:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     blocklist: Blocklist | None = None
-    upstream: aiohttp.ClientSession | None = None
+    upstream: aiohttp.ClientSession | None = None  # readiness probes, admin heartbeats
+    pool: UpstreamPool = field(default_factory=UpstreamPool)  # the request path
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
     shutting_down: bool = False

@@ -129,6 +129,7 @@ class Supervisor:
         min_free_memory_mb: int = 0,
         memory: Callable[[], int] = available_memory,
         metrics: Metrics | None = None,
+        on_instance_gone: Callable[[int], None] | None = None,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -144,6 +145,7 @@ class Supervisor:
         self._reaper: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
         self.metrics = metrics or Metrics()
+        self._on_instance_gone = on_instance_gone  # called with the port of a forgotten child
         self.closing = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -406,6 +408,8 @@ class Supervisor:
         if self.registry.get(inst.user_id) is inst:
             del self.registry[inst.user_id]
         if inst.child is not None:
+            if self._on_instance_gone is not None:
+                self._on_instance_gone(inst.child.port)
             try:
                 inst.child.release()
             except RuntimeError:
