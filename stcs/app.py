@@ -31,16 +31,17 @@ from stcs.auth import (
     tls_context,
     validate_user_id,
 )
-from stcs.config import Settings
+from stcs.config import Networks, Settings
 from stcs.errors import (
     HTTPError,
     ShuttingDownError,
     UpstreamError,
     UserBlockedError,
 )
-from stcs.proxy import UpstreamUnreachableError, check_declared_size, forward
+from stcs.proxy import check_declared_size, forward
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
+from stcs.upstream import UnreachableError
 
 log = structlog.get_logger("stcs.app")
 
@@ -98,7 +99,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except asyncio.CancelledError:
         status = 499  # client went away (nginx's convention)
         raise
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one too
         status = 499
         raise
     except Exception:
@@ -119,14 +120,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             path=request.path,
             status=status,
             duration_ms=round(duration * 1000, 2),
-            client=client_address(request, state.trusted),
+            client=client_address(request, state.settings.trusted_networks),
             **info,
         )
 
 
-def client_address(
-    request: web.Request, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> str | None:
+def client_address(request: web.Request, trusted: Networks) -> str | None:
     """The client's address: the peer, or, when the peer is a trusted front proxy, the
     right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
     peer = request.remote
@@ -139,9 +138,7 @@ def client_address(
     return hops[0] if hops else peer
 
 
-def _is_trusted(
-    address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
+def _is_trusted(address: str, trusted: Networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -187,7 +184,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             info["upstream_port"] = lease.port
             try:
                 return await forward(request, lease.port, state.pool, settings.max_body_size)
-            except UpstreamUnreachableError:
+            except UnreachableError:
                 # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
                 state.supervisor.report_dead(lease.instance)
                 if attempt == 2:
@@ -252,7 +249,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     chroma = launcher_mod.ChromaLauncher(
         db_dir,
         state.upstream,
-        command=launcher_mod.ChromaLauncher.command_from_setting(settings.chroma_command),
+        command=settings.chroma_argv,
         start_timeout_ms=settings.db_start_timeout,
         stop_timeout_ms=settings.db_stop_timeout,
         max_retries=settings.db_max_retries,
@@ -293,7 +290,7 @@ def create_app(settings: Settings) -> web.Application:
     Serve it with `SERVER_OPTIONS` passed to aiohttp's server (as `cli` does).
     """
     app = web.Application(middlewares=[request_middleware])
-    app[STATE] = State(settings=settings, trusted=settings.trusted_networks)
+    app[STATE] = State(settings=settings)
     app.cleanup_ctx.append(_db_lock_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)

@@ -140,7 +140,6 @@ class AuthServerResolver:
         # digest -> (user id or None for rejected, expiry on the monotonic clock)
         self._cache: dict[bytes, tuple[str | None, float]] = {}
         self._inflight: dict[bytes, asyncio.Future[str]] = {}
-        self.lookups = 0  # calls made to the auth server
 
     async def resolve(self, token: str) -> str:
         """Return the user id for ``token``.
@@ -198,7 +197,6 @@ class AuthServerResolver:
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         if self._api_key:
             headers["x-api-key"] = self._api_key
-        self.lookups += 1
         started = time.monotonic()
         try:
             async with self._session.get(

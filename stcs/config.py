@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import shlex
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ IGNORED_KEYS = ("compileFromSource", "nodeVersion", "pythonVersion")
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "critical")
 WEB_SERVER_TYPES = ("", "apache", "nginx")
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -319,14 +322,20 @@ class Settings:
         """Whether stcs itself terminates TLS (a front web server does it when configured)."""
         return self.enable_ssl and not self.web_server_type
 
-    @property
-    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    @functools.cached_property  # parsed once: the request line uses it on every request
+    def trusted_networks(self) -> Networks:
         """``trustedProxies`` parsed.  Raises ValueError for an entry that is no address."""
         return tuple(
             ipaddress.ip_network(item.strip(), strict=False)
             for item in self.trusted_proxies.split(",")
             if item.strip()
         )
+
+    @functools.cached_property
+    def chroma_argv(self) -> list[str]:
+        """``chromaCommand`` split into argv (shell-like quoting; empty: the lean launcher).
+        Raises ValueError for unbalanced quotes."""
+        return shlex.split(self.chroma_command)
 
     @property
     def child_logs_dir(self) -> Path:
@@ -582,7 +591,7 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"trustedProxies ({sources['trustedProxies']}): {exc}") from None
     if settings.chroma_command:
         try:
-            argv = shlex.split(settings.chroma_command)
+            argv = settings.chroma_argv
         except ValueError as exc:
             raise ConfigError(f"chromaCommand ({sources['chromaCommand']}): {exc}") from None
         if not argv:

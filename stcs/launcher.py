@@ -26,7 +26,6 @@ import fcntl
 import functools
 import importlib.util
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -263,11 +262,6 @@ class ChromaLauncher:
                 self._ports.add(port)
                 return port
         raise StartFailedError("no free port for the user's chroma server")
-
-    @classmethod
-    def command_from_setting(cls, chroma_command: str) -> list[str]:
-        """Split the ``chromaCommand`` setting into argv (shell-like quoting)."""
-        return shlex.split(chroma_command)
 
     def argv(self, data_dir: Path, port: int) -> list[str]:
         """The child's full argv for ``data_dir`` and ``port``."""

@@ -1,6 +1,7 @@
 """Stream one request to a chroma instance and its response back.
 
-Bodies are streamed both ways, never read whole.  Hop-by-hop headers (RFC 9110 §7.6.1: those
+Bodies are streamed both ways; only those up to `SMALL_BODY` with a known length are read whole
+(one write instead of a stream of chunks).  Hop-by-hop headers (RFC 9110 §7.6.1: those
 named in ``Connection`` plus the fixed set below) are dropped in both directions, and so are the
 client's credentials (``Authorization``, ``X-Chroma-Token``): chroma has no use for them and a
 token must never leave stcs.  Compressed bodies pass through untouched (no decompression).
@@ -17,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from stcs.errors import BodyTooLargeError, UpstreamError
-from stcs.upstream import UnreachableError, UpstreamFailedError, UpstreamPool
+from stcs.upstream import UpstreamFailedError, UpstreamPool
 
 log = structlog.get_logger("stcs.proxy")
 
@@ -47,11 +48,6 @@ SMALL_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}  # web.Response sets it fr
 # Bodies up to this size (bytes) with a known length are read whole (the fast path): one write
 # each way instead of a stream of chunks.  Larger ones, and chunked ones, are streamed.
 SMALL_BODY = 64 * 1024
-
-
-class UpstreamUnreachableError(Exception):
-    """The connection to the instance could not be opened: the request never reached chroma,
-    so retrying it on a fresh instance is safe."""
 
 
 def filter_headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -97,7 +93,7 @@ async def forward(
 ) -> web.StreamResponse:
     """Forward ``request`` to the chroma instance on ``127.0.0.1:port``; stream the answer.
 
-    Raises UpstreamUnreachableError (nothing was sent: safe to retry), BodyTooLargeError
+    Raises UnreachableError (nothing was sent: safe to retry), BodyTooLargeError
     (a chunked body over ``max_body_size`` bytes, before any response) or UpstreamError
     (the instance failed mid-request, before any response was sent).  A failure after the
     response started aborts the client connection, so a truncated body is never seen as whole.
@@ -118,8 +114,6 @@ async def forward(
             body = request.content.iter_any()
     try:
         upstream = await pool.request(port, request.method, request.raw_path, headers, body, length)
-    except UnreachableError as exc:
-        raise UpstreamUnreachableError(str(exc)) from exc
     except (UpstreamFailedError, BodyTooLargeError, ConnectionError, aiohttp.ClientError) as exc:
         if limited is not None and limited.exceeded:
             raise BodyTooLargeError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,6 @@ class State:
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
     shutting_down: bool = False
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # front proxies
     in_flight: int = 0  # requests being handled now (all endpoints)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
     hold_expiry: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
