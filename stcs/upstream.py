@@ -198,6 +198,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body.  Raises UpstreamFailedError if the instance fails."""
+        if self._done and not self._paused:  # all arrived (usual for small answers)
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            return body
         return b"".join([chunk async for chunk in self.chunks()])
 
     def release(self) -> None:

@@ -12,13 +12,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
 import requests
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from stcs import log as log_mod
 from tests.conftest import StcsServer, new_token, user_dirs
 from tests.test_client import client_for
 from tests.test_supervision import slow_create, wait_gone
@@ -70,6 +73,8 @@ def test_log_lines_are_json_with_the_documented_fields(stcs: Callable[..., StcsS
     lines = server.log_path.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert all({"event", "level", "timestamp"} <= e.keys() for e in events)
+    for e in events:
+        assert datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).tzinfo is not None
     proxied = [e for e in events if e["event"] == "request" and e["user_id"]]
     assert proxied
     for e in proxied:
@@ -353,3 +358,15 @@ def test_child_output_is_bounded_and_shown_in_admin(
     assert (logs / f"{token}.log.1").exists()
     assert log_file.stat().st_size <= 4096 + 8192  # cut back at the last tick, then a little
     assert b"\x00" not in log_file.read_bytes()  # no hole from the child's old offset
+
+
+def test_timestamp_is_structlog_iso_format() -> None:
+    """The request line's own stamper writes what structlog's ISO stamper writes."""
+    ours = log_mod._timestamp(None, "info", {})["timestamp"]
+    reference = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})
+    theirs = reference["timestamp"]
+    assert len(ours) == len(theirs) == len("2026-11-21T14:51:04.573126Z")
+    assert ours.endswith("Z") and theirs.endswith("Z")
+    parsed = datetime.fromisoformat(ours.replace("Z", "+00:00"))
+    assert parsed.tzinfo is not None
+    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 1
