@@ -16,6 +16,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import cast
 
 import httptools
 
@@ -50,8 +51,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A TCP transport (uvloop's is not an asyncio.Transport subclass, only alike).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._response is None:  # bytes on an idle connection: it can't be trusted again
@@ -230,12 +231,14 @@ class UpstreamPool:
             conn.close()
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
+            transport, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(port), "127.0.0.1", port),
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise UnreachableError(f"127.0.0.1:{port}: {exc}") from None
+        # Set here too: not every event loop (uvloop) has called connection_made by now.
+        conn.transport = transport
         return conn
 
     def _put(self, conn: _Connection) -> None:
