@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -174,10 +176,74 @@ def wrk(
 
 # -- 1. throughput ------------------------------------------------------------------------------
 
+# A constant heartbeat answer from aiohttp's own server: no proxying, no upstream. What any
+# aiohttp-served proxy, stcs included, can at most reach on this machine.
+AIOHTTP_CONSTANT = textwrap.dedent("""
+    import sys
+    from aiohttp import web
+    BODY = b'{"nanosecond heartbeat":1795272400943336342}'
+    async def answer(request):
+        return web.Response(body=BODY, content_type="application/json")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+""")
 
-def throughput(tmp: Path, seconds: int) -> list[str]:
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    upstream chroma {{ server 127.0.0.1:{upstream}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://chroma;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def reference_server(argv: list[str], url: str) -> Iterator[str | None]:
+    """A reference server (nginx, aiohttp) for the duration; None when it is not installed."""
+    if shutil.which(argv[0]) is None:
+        yield None
+        return
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(url)
+        yield url.rsplit("/api/", 1)[0]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def nginx_in_front(tmp: Path, upstream: int) -> Iterator[str | None]:
+    """nginx (1 worker, keep-alive upstream) in front of ``127.0.0.1:upstream``."""
+    port, conf_dir = free_port(), tmp / "nginx"
+    conf_dir.mkdir(exist_ok=True)
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=conf_dir, upstream=upstream, port=port))
+    argv = ["nginx", "-c", str(conf), "-p", str(conf_dir)]
+    with reference_server(argv, f"http://127.0.0.1:{port}/api/v2/heartbeat") as base:
+        yield base
+
+
+def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
+    """Each workload: ``rounds`` rounds of direct, nginx, (aiohttp constant,) stcs in turn, so
+    a slow stretch of the host hits them alike; medians, and the median of per-round ratios."""
     rows = []
-    with stcs(tmp / "tp") as base:
+    with stcs(tmp / "tp") as base, contextlib.ExitStack() as refs:
         token = str(uuid.uuid4())
         client = chromadb.HttpClient(
             host="127.0.0.1",
@@ -199,21 +265,124 @@ def throughput(tmp: Path, seconds: int) -> list[str]:
                 "include": ["distances"],
             }
         )
-        direct = f"http://127.0.0.1:{child_port(base, token)}"
+        child = child_port(base, token)
+        direct = f"http://127.0.0.1:{child}"
+        nginx = refs.enter_context(nginx_in_front(tmp, child))
+        port = free_port()
+        constant = refs.enter_context(
+            reference_server(
+                [PY, "-c", AIOHTTP_CONSTANT, str(port)], f"http://127.0.0.1:{port}/api/v2/heartbeat"
+            )
+        )
+        stcs_proc = psutil.Process(stcs_pid(base))
         auth = {"X-Chroma-Token": token}
         for name, path, body in (
             ("heartbeat", "/api/v2/heartbeat", None),
             ("query 10k x 384, top 10", f"{API}/{col.id}/query", query),
         ):
-            wrk(f"{direct}{path}", 2, {}, body)  # warm-up
-            d = wrk(f"{direct}{path}", seconds, {}, body)
-            s = wrk(f"{base}{path}", seconds, auth, body)
-            rows.append(
-                f"| {name} | {d.rps:,.0f} | {s.rps:,.0f} | **{s.rps / d.rps:.2f}** | "
-                f"{d.p50_ms:.2f} / {d.p99_ms:.2f} | {s.p50_ms:.2f} / {s.p99_ms:.2f} | "
-                f"{s.p50_ms - d.p50_ms:+.2f} | {d.errors + s.errors} |"
-            )
+            targets = {"direct": direct, "nginx": nginx, "stcs": base}
+            if body is None:
+                targets["aiohttp"] = constant
+            runs: dict[str, list[Wrk]] = {k: [] for k, v in targets.items() if v}
+            cpu_us: list[float] = []
+            for key in runs:
+                wrk(f"{targets[key]}{path}", 1, auth, body)  # warm-up: connections, caches
+            for _ in range(rounds):
+                for key in runs:
+                    before = stcs_proc.cpu_times()
+                    result = wrk(f"{targets[key]}{path}", seconds, auth, body)
+                    runs[key].append(result)
+                    if key == "stcs":
+                        after = stcs_proc.cpu_times()
+                        used = after.user + after.system - before.user - before.system
+                        cpu_us.append(used / (result.rps * seconds) * 1e6)
+            rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
+    return rows
+
+
+def _ratio(runs: dict[str, list[Wrk]], key: str) -> str:
+    if key not in runs:
+        return "n/a"
+    ratios = [r.rps / d.rps for r, d in zip(runs[key], runs["direct"], strict=True)]
+    return f"{statistics.median(ratios):.2f}"
+
+
+def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: list[float]) -> str:
+    def med(key: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs[key])
+
+    errors = sum(r.errors for results in runs.values() for r in results)
+    spread = ", ".join(f"{r.rps:,.0f}" for r in runs["stcs"])
+    return (
+        f"| {name} | {med('direct', 'rps'):,.0f} | {med('stcs', 'rps'):,.0f} ({spread}) | "
+        f"**{_ratio(runs, 'stcs')}** | {_ratio(runs, 'nginx')} | {_ratio(runs, 'aiohttp')} | "
+        f"{med('direct', 'p50_ms'):.2f} / {med('direct', 'p99_ms'):.2f} | "
+        f"{med('stcs', 'p50_ms'):.2f} / {med('stcs', 'p99_ms'):.2f} | "
+        f"{med('stcs', 'p50_ms') - med('direct', 'p50_ms'):+.2f} | "
+        f"{statistics.median(cpu_us):.0f} | {errors} |"
+    )
+
+
+# -- 1b. instructions per request (callgrind) ---------------------------------------------------
+
+CALLGRIND_CLIENT = 300  # requests counted, after 50 uncounted ones
+
+
+def _instructions(
+    argv: list[str], url: str, ready_url: str, headers: dict[str, str], workdir: Path
+) -> float:
+    """Instructions the server process ``argv`` executes per ``GET url`` (keep-alive, one at a
+    time), counted by valgrind's callgrind: repeatable whatever else the host is doing."""
+    out = workdir / f"callgrind-{free_port()}.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(ready_url, timeout=300)
+        session = requests.Session()
+        for _ in range(50):
+            session.get(url, headers=headers, timeout=60).raise_for_status()
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        for _ in range(CALLGRIND_CLIENT):
+            session.get(url, headers=headers, timeout=60).raise_for_status()
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    dumped = Path(f"{out}.1").read_text()
+    total = re.search(r"^(?:summary|totals): (\d+)", dumped, flags=re.MULTILINE)
+    assert total is not None, "no totals in the callgrind dump"
+    return int(total.group(1)) / CALLGRIND_CLIENT
+
+
+def instructions(tmp: Path) -> list[str]:
+    if shutil.which("valgrind") is None:
+        print("valgrind not installed: skipped", flush=True)
+        return []
+    token = str(uuid.uuid4())
+    rows = []
+    port = free_port()
+    stcs_argv = [PY, "-m", "stcs", "serve", "--port", str(port), "--db", str(tmp / "cg")]
+    url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
+    health = f"http://127.0.0.1:{port}/health"
+    proxied = _instructions(stcs_argv, url, health, {"X-Chroma-Token": token}, tmp)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
+    constant = _instructions([PY, "-c", AIOHTTP_CONSTANT, str(port)], url, url, {}, tmp)
+    for name, count in (
+        ("stcs, proxied heartbeat", proxied),
+        ("aiohttp answering a constant (no proxying)", constant),
+    ):
+        rows.append(f"| {name} | {count / 1000:,.0f}k |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -406,40 +575,44 @@ def machine() -> str:
         platform.processor(),
     )
     mem = psutil.virtual_memory().total / 2**30
-    import aiohttp as _a
-
-    loop = "uvloop" if _uvloop_available() else "asyncio"
+    nginx = (
+        subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+        if shutil.which("nginx")
+        else None
+    )
+    nginx_version = nginx.stderr.strip().split("/")[-1] if nginx else "not installed"
     return (
         f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.platform()}, "
-        f"Python {platform.python_version()}, chromadb {chromadb.__version__}, "
-        f"aiohttp {_a.__version__}, event loop: {loop}"
+        f"Python {platform.python_version()} (asyncio event loop), chromadb "
+        f"{chromadb.__version__}, aiohttp {aiohttp.__version__}, nginx {nginx_version}"
     )
 
 
-def _uvloop_available() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+SECTIONS = ["throughput", "instructions", "cold", "memory", "churn", "auth"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per throughput workload"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    parser.add_argument("--only", choices=["throughput", "cold", "memory", "churn", "auth"])
+    parser.add_argument("--only", choices=SECTIONS)
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="stcs-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         sections: dict[str, list[str]] = {}
-        todo = [args.only] if args.only else ["throughput", "cold", "memory", "churn", "auth"]
+        todo = [args.only] if args.only else SECTIONS
         if "throughput" in todo:
             print("## throughput", flush=True)
-            sections["throughput"] = throughput(tmp, args.duration)
+            sections["throughput"] = throughput(tmp, args.duration, args.rounds)
+        if "instructions" in todo:
+            print("## instructions per request (callgrind)", flush=True)
+            sections["instructions"] = instructions(tmp)
         if "cold" in todo:
             print("## cold start", flush=True)
             sections["cold"] = cold_start(tmp, 20)
@@ -480,10 +653,25 @@ def render(sections: dict[str, list[str]], took: float) -> str:
     if "throughput" in sections:
         parts.append(
             "## Throughput and latency (wrk, 2 threads, 8 connections)\n\nThe same chroma "
-            "child, measured directly on its port and through stcs.\n\n"
-            "| request | direct req/s | stcs req/s | ratio | direct p50 / p99 (ms) | "
-            "stcs p50 / p99 (ms) | added p50 (ms) | errors |\n|---|---|---|---|---|---|---|---|\n"
+            "child, measured directly on its port, through nginx (1 worker, keep-alive "
+            "upstream) and through stcs, in interleaved rounds; req/s and latencies are "
+            "medians over the rounds (stcs's rounds in brackets), ratios the median of the "
+            "per-round ratios to direct. *aiohttp* is aiohttp's own server answering a constant "
+            "heartbeat: the ceiling of any aiohttp-served proxy here. CPU is stcs's user + "
+            "system time per request.\n\n"
+            "| request | direct req/s | stcs req/s | stcs ratio | nginx ratio | aiohttp ratio | "
+            "direct p50 / p99 (ms) | stcs p50 / p99 (ms) | added p50 (ms) | stcs CPU (µs/req) "
+            "| errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
+            + "\n"
+        )
+    if sections.get("instructions"):
+        parts.append(
+            "## Instructions per request (valgrind callgrind, 300 keep-alive heartbeats one "
+            "at a time)\n\nCounted, not timed: the same for the same code whatever the host "
+            "is doing, so small changes to the request path show here first.\n\n"
+            "| server | instructions per request |\n|---|---|\n"
+            + "\n".join(sections["instructions"])
             + "\n"
         )
     if "cold" in sections:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from stcs import __version__
 from stcs.config import BY_KEY, SETTINGS, Resolved, load_settings
@@ -144,8 +145,6 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
 
 def _serve(resolved: Resolved) -> int:
     # Imported here: `check-config` and `--help` stay fast and need no aiohttp.
-    import asyncio
-
     import structlog
 
     from stcs import log as log_mod
@@ -174,6 +173,11 @@ def _serve(resolved: Resolved) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"stcs: error: cannot load authServerCAFile: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    try:
+        loop_name, run = _event_loop(settings.event_loop)
+    except ImportError:
+        print("stcs: error: eventLoop uvloop: uvloop is not installed", file=sys.stderr)
+        return EXIT_USAGE
     for notice in resolved.notices:
         log.info("config notice", notice=notice)
     scheme = "https" if ssl_context else "http"
@@ -186,9 +190,10 @@ def _serve(resolved: Resolved) -> int:
         launcher=settings.chroma_command or "lean",
         db_ttl_ms=settings.db_ttl,
         db_max_instances=settings.db_max_instances,
+        event_loop=loop_name,
     )
     try:
-        asyncio.run(
+        run(
             serve(
                 create_app(settings),
                 host=settings.listen_host,
@@ -211,6 +216,24 @@ def _serve(resolved: Resolved) -> int:
         return EXIT_FAILURE
     log.info("stcs stopped")
     return EXIT_OK
+
+
+def _event_loop(choice: str) -> tuple[str, Callable[[Coroutine[Any, Any, None]], None]]:
+    """The ``eventLoop`` setting as (name, function running the server's coroutine to its end).
+
+    Raises ImportError when ``choice`` is ``uvloop`` and it is not installed.
+    """
+    import asyncio
+
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            return "uvloop", uvloop.run
+    return "asyncio", asyncio.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -250,3 +250,15 @@ def test_client_address_in_the_log_honours_trusted_proxies(
     requests.get(f"{server.url}/health", headers={"X-Forwarded-For": forwarded}, timeout=10)
     health = [e for e in server.events("request") if e["path"] == "/health"]
     assert health[-1]["client"] == logged
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_the_client(stcs: Callable[..., StcsServer], loop: str) -> None:
+    server = stcs("--eventLoop", loop)
+    assert server.events("stcs starting")[0]["event_loop"] == loop
+    token = new_token()
+    col = client_for(server, token).create_collection("docs")
+    embeddings = vectors(300, seed=5)  # ~2 MB of JSON: the streamed request path
+    col.add(ids=[f"id-{i}" for i in range(300)], embeddings=embeddings)
+    assert col.query(query_embeddings=[embeddings[7]], n_results=1)["ids"] == [["id-7"]]
+    assert col.count() == 300

@@ -203,3 +203,17 @@ def test_serve_exits_2_on_config_error_without_starting(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "dbMaxInstances" in done.stderr
     assert not (tmp_path / "db").exists()
+
+
+def test_event_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
+    # sys.modules[name] = None makes `import uvloop` raise ImportError, as when not installed.
+    code = (
+        "import sys; sys.modules['uvloop'] = None; from stcs.cli import main; "
+        f"sys.exit(main(['serve', '--eventLoop', 'uvloop', '--db', {str(tmp_path / 'db')!r}]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert "eventLoop uvloop: uvloop is not installed" in done.stderr
+    assert not (tmp_path / "db").exists()  # nothing was started or created
