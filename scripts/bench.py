@@ -177,16 +177,24 @@ def wrk(
 # -- 1. throughput ------------------------------------------------------------------------------
 
 # A constant heartbeat answer from aiohttp's own server: no proxying, no upstream. What any
-# aiohttp-served proxy, stcs included, can at most reach on this machine.
+# aiohttp-served proxy, stcs included, can at most reach on this machine.  On the event loop
+# stcs picks by default (uvloop when installed).
 AIOHTTP_CONSTANT = textwrap.dedent("""
-    import sys
+    import asyncio, sys
     from aiohttp import web
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
     BODY = b'{"nanosecond heartbeat":1795272400943336342}'
     async def answer(request):
         return web.Response(body=BODY, content_type="application/json")
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    web.run_app(
+        app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=loop
+    )
 """)
 
 NGINX_CONF = """
@@ -583,12 +591,19 @@ def machine() -> str:
     nginx_version = nginx.stderr.strip().split("/")[-1] if nginx else "not installed"
     return (
         f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.platform()}, "
-        f"Python {platform.python_version()} (asyncio event loop), chromadb "
+        f"Python {platform.python_version()} (stcs's event loop: {_default_loop()}), chromadb "
         f"{chromadb.__version__}, aiohttp {aiohttp.__version__}, nginx {nginx_version}"
     )
 
 
 SECTIONS = ["throughput", "instructions", "cold", "memory", "churn", "auth"]
+
+
+def _default_loop() -> str:
+    """The event loop `stcs serve` runs on with ``eventLoop: auto``."""
+    from stcs.cli import _event_loop
+
+    return _event_loop("auto")[0]
 
 
 def main() -> None:
