@@ -1,11 +1,13 @@
 """stcs against direct chroma, measured in the same run; prints a markdown table and writes it
-to docs/benchmarks.md (with the machine description).  Bounded: a few minutes.
+to docs/benchmarks.md (with the machine description).  Bounded: about 5 minutes.
 
-    scripts/bench [--duration 8] [--out docs/benchmarks.md]
+    scripts/bench [--duration 5] [--rounds 3] [--only SECTION] [--out docs/benchmarks.md]
 
-1. Throughput, p50 and p99 at concurrency 8 (wrk), ``GET /api/v2/heartbeat`` and a top-10 query
-   on a 10,000 x 384 collection: the *same* chroma child measured directly (its port) and
-   through stcs, so only stcs differs.
+1. Throughput, p50 and p99 at concurrency 8 and 1 (wrk), ``GET /api/v2/heartbeat`` and a top-10
+   query on a 10,000 x 384 collection: the *same* chroma child measured directly (its port),
+   through nginx and through stcs, in interleaved rounds, so only the proxy differs; aiohttp's
+   server answering a constant as the ceiling of any aiohttp-served proxy.
+1b. Instructions per proxied heartbeat (valgrind callgrind): repeatable on a noisy host.
 2. Cold start: a never-seen user's first request to its response, p50/p99 over 20 users, with
    the lean launcher and with ``chromaCommand: chroma``.
 3. Idle RSS per child, and RSS of stcs itself with 50 idle children.
@@ -145,8 +147,9 @@ def wrk(
     connections: int = 8,
     script: str = "",
 ) -> Wrk:
-    """wrk at ``connections`` concurrency (2 threads); POST ``body`` as JSON when given."""
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    """wrk at ``connections`` concurrency (2 threads, or 1 for 1 connection); POST ``body`` as
+    JSON when given."""
+    args = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
@@ -284,21 +287,24 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
         )
         stcs_proc = psutil.Process(stcs_pid(base))
         auth = {"X-Chroma-Token": token}
-        for name, path, body in (
-            ("heartbeat", "/api/v2/heartbeat", None),
-            ("query 10k x 384, top 10", f"{API}/{col.id}/query", query),
+        heartbeat, top10 = "/api/v2/heartbeat", f"{API}/{col.id}/query"
+        for name, path, body, connections in (
+            ("heartbeat", heartbeat, None, 8),
+            ("query 10k x 384, top 10", top10, query, 8),
+            ("heartbeat, 1 connection", heartbeat, None, 1),
+            ("query, 1 connection", top10, query, 1),
         ):
             targets = {"direct": direct, "nginx": nginx, "stcs": base}
-            if body is None:
+            if body is None and connections > 1:
                 targets["aiohttp"] = constant
             runs: dict[str, list[Wrk]] = {k: [] for k, v in targets.items() if v}
             cpu_us: list[float] = []
             for key in runs:
-                wrk(f"{targets[key]}{path}", 1, auth, body)  # warm-up: connections, caches
+                wrk(f"{targets[key]}{path}", 1, auth, body, connections)  # warm-up
             for _ in range(rounds):
                 for key in runs:
                     before = stcs_proc.cpu_times()
-                    result = wrk(f"{targets[key]}{path}", seconds, auth, body)
+                    result = wrk(f"{targets[key]}{path}", seconds, auth, body, connections)
                     runs[key].append(result)
                     if key == "stcs":
                         after = stcs_proc.cpu_times()
@@ -667,7 +673,7 @@ def render(sections: dict[str, list[str]], took: float) -> str:
     ]
     if "throughput" in sections:
         parts.append(
-            "## Throughput and latency (wrk, 2 threads, 8 connections)\n\nThe same chroma "
+            "## Throughput and latency (wrk: 8 connections on 2 threads, or 1)\n\nThe same chroma "
             "child, measured directly on its port, through nginx (1 worker, keep-alive "
             "upstream) and through stcs, in interleaved rounds; req/s and latencies are "
             "medians over the rounds (stcs's rounds in brackets), ratios the median of the "
