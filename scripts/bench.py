@@ -243,6 +243,7 @@ def nginx_in_front(tmp: Path, upstream: int) -> Iterator[str | None]:
     """nginx (1 worker, keep-alive upstream) in front of ``127.0.0.1:upstream``."""
     port, conf_dir = free_port(), tmp / "nginx"
     conf_dir.mkdir(exist_ok=True)
+    conf_dir.chmod(0o777)  # temp files of nginx's workers, which run as nobody under root
     conf = conf_dir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=conf_dir, upstream=upstream, port=port))
     argv = ["nginx", "-c", str(conf), "-p", str(conf_dir)]
