@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import chromadb
@@ -79,31 +80,20 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 @contextmanager
-def stcs(db: Path, *args: str) -> Iterator[str]:
-    port = free_port()
-    log = open(db.parent / f"stcs-{port}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "stcs",
-            "serve",
-            "--port",
-            str(port),
-            "--db",
-            str(db),
-            "--adminAPIKey",
-            ADMIN,
-            *args,
-        ],
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+def serving(
+    argv: list[str], ready_url: str, log: Path | None = None, ready_timeout: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the server ``argv`` (output to ``log``, else discarded) until ``ready_url`` answers
+    200; on exit SIGTERM, and SIGKILL after 60 s."""
+    # Closed by the `with` below once the child has its own copy of the descriptor.
+    sink: contextlib.AbstractContextManager[Any] = (
+        open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL)  # noqa: SIM115
     )
-    log.close()
+    with sink as out:
+        proc = subprocess.Popen(argv, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
+        wait_http(ready_url, ready_timeout)
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -111,6 +101,16 @@ def stcs(db: Path, *args: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def stcs(db: Path, *args: str) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    argv = [PY, "-m", "stcs", "serve", "--port", str(port), "--db", str(db)]
+    argv += ["--adminAPIKey", ADMIN, *args]
+    with serving(argv, f"{base}/health", log=db.parent / f"stcs-{port}.log"):
+        yield base
 
 
 def stcs_pid(base: str) -> int:
@@ -229,13 +229,8 @@ def reference_server(argv: list[str], url: str) -> Iterator[str | None]:
     if shutil.which(argv[0]) is None:
         yield None
         return
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(url)
+    with serving(argv, url):
         yield url.rsplit("/api/", 1)[0]
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextmanager
@@ -350,14 +345,8 @@ def _instructions(
     """Instructions the server process ``argv`` executes per ``GET url`` (keep-alive, one at a
     time), counted by valgrind's callgrind: repeatable whatever else the host is doing."""
     out = workdir / f"callgrind-{free_port()}.out"
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(ready_url, timeout=300)
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+    with serving(valgrind, ready_url, ready_timeout=300) as proc:
         session = requests.Session()
         for _ in range(50):
             session.get(url, headers=headers, timeout=60).raise_for_status()
@@ -365,13 +354,6 @@ def _instructions(
         for _ in range(CALLGRIND_CLIENT):
             session.get(url, headers=headers, timeout=60).raise_for_status()
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     dumped = Path(f"{out}.1").read_text()
     total = re.search(r"^(?:summary|totals): (\d+)", dumped, flags=re.MULTILINE)
     assert total is not None, "no totals in the callgrind dump"
