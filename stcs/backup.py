@@ -166,14 +166,14 @@ def backup(
     started = time.monotonic()
     partial = out.with_name(out.name + ".partial")
     with held(settings, user_id):
-        files = _files(src)
-        total = sum(f.stat().st_size for f in files)
+        sizes = {f: f.stat().st_size for f in _files(src)}
+        total = sum(sizes.values())
         bar = _progress(total, f"backup {user_id}", progress)
         try:
             with tarfile.open(partial, "w:gz") as tar:
                 tar.add(src, arcname=ARCHIVE_ROOT, recursive=False)
                 dirs_added: set[Path] = set()
-                for path in files:
+                for path, size in sizes.items():
                     rel = path.relative_to(src)
                     for parent in reversed(rel.parents[:-1]):
                         if parent not in dirs_added:
@@ -181,14 +181,14 @@ def backup(
                             name = f"{ARCHIVE_ROOT}/{parent.as_posix()}"
                             tar.add(src / parent, arcname=name, recursive=False)
                     tar.add(path, arcname=f"{ARCHIVE_ROOT}/{rel.as_posix()}")
-                    bar.update(path.stat().st_size)
+                    bar.update(size)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         finally:
             bar.close()
     partial.replace(out)
-    return Report(files=len(files), bytes=total, seconds=time.monotonic() - started)
+    return Report(files=len(sizes), bytes=total, seconds=time.monotonic() - started)
 
 
 def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
