@@ -1,7 +1,9 @@
-"""The aiohttp application: routes, the request middleware, and the owners of resources.
+"""The control plane: the aiohttp application, its routes and the owners of resources.
 
-Own endpoints: ``GET /health`` (no auth), ``GET /admin-health`` (``x-api-key``).  Everything
-else, any method and path, is proxied to the caller's own chroma server.
+Endpoints: ``GET /health`` (no auth), ``GET /auth``, ``GET /admin-health``, ``/admin/*`` and
+``GET /metrics`` (admin key).  It listens on a private unix socket; the relay (`stcs.relay`, the
+data plane) owns the public port, answers ``GET /health`` and ``GET /auth`` itself, passes the
+other control paths here unchanged and proxies everything else to the users' chroma servers.
 
 Resources are owned by ``cleanup_ctx`` entries, torn down in reverse order on shutdown: the HTTP
 sessions, then the supervisor (``dbPath`` lock, orphan clean-up, children).
@@ -10,10 +12,8 @@ sessions, then the supervisor (``dbPath`` lock, orphan clean-up, children).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -31,17 +31,12 @@ from stcs.auth import (
     tls_context,
     validate_user_id,
 )
-from stcs.config import Networks, Settings
+from stcs.config import Settings
 from stcs.errors import (
     HTTPError,
-    ShuttingDownError,
-    UpstreamError,
-    UserBlockedError,
 )
-from stcs.proxy import check_declared_size, forward
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
-from stcs.upstream import UnreachableError
 
 log = structlog.get_logger("stcs.app")
 
@@ -72,78 +67,22 @@ def next_request_id() -> str:
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind request context, turn typed errors into responses, log one line per request."""
-    # aiohttp serves a keep-alive connection's requests in one task: both keys are re-set for
-    # every request (cheaper than clearing the whole context; nothing else is bound here).
-    structlog.contextvars.bind_contextvars(request_id=next_request_id(), user_id=None)
-    started = time.monotonic()
-    info: dict[str, Any] = {"user_id": None, "cold_start": False, "upstream_port": None}
-    request[INFO] = info
-    status = 500
-    state = request.app[STATE]
-    state.in_flight += 1
-    state.idle.clear()
+    """Turn typed errors into chroma's error responses; never a traceback for a client.
+
+    The request line, metrics and in-flight count of control-plane requests are the relay's
+    (`stcs.relay`), which passes every request to this application."""
+    request[INFO] = {"user_id": None}
     try:
-        try:
-            response = await handler(request)
-        except HTTPError as exc:
-            response = error_response(exc)
-        except web.HTTPException as exc:  # router's 404/405 for own endpoints
-            status = exc.status
-            raise
-        status = response.status
-        if response.prepared and (request.transport is None or request.transport.is_closing()):
-            info["upstream_status"] = status
-            status = 499  # the client left before the response was complete
-        return response
-    except asyncio.CancelledError:
-        status = 499  # client went away (nginx's convention)
-        raise
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one too
-        status = 499
+        return await handler(request)
+    except HTTPError as exc:
+        return error_response(exc)
+    except web.HTTPException:  # router's 404/405
         raise
     except Exception:
         log.exception("request failed")
-        status = 500
         return web.json_response(
             {"error": "InternalError", "message": "internal error"}, status=500
         )
-    finally:
-        state.in_flight -= 1
-        if not state.in_flight:
-            state.idle.set()
-        duration = time.monotonic() - started
-        state.metrics.observe_request(request.method, status, duration)
-        log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=status,
-            duration_ms=round(duration * 1000, 2),
-            client=client_address(request, state.settings.trusted_networks),
-            **info,
-        )
-
-
-def client_address(request: web.Request, trusted: Networks) -> str | None:
-    """The client's address: the peer, or, when the peer is a trusted front proxy, the
-    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
-    peer = request.remote
-    if not trusted or peer is None or not _is_trusted(peer, trusted):
-        return peer
-    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
-    for hop in reversed([h for h in hops if h]):
-        if not _is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _is_trusted(address: str, trusted: Networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in trusted)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -161,35 +100,6 @@ async def auth_only(request: web.Request) -> web.Response:
     user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
     request[INFO]["user_id"] = user_id
     return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
-
-
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    """Any other method and path: authenticate, find the user's instance, stream through."""
-    state = request.app[STATE]
-    assert state.resolver and state.supervisor and state.upstream
-    settings = state.settings
-    info = request[INFO]
-    if state.shutting_down:
-        raise ShuttingDownError("server is shutting down", headers={"Connection": "close"})
-    token = extract_token(request.headers)
-    user_id = validate_user_id(await state.resolver.resolve(token))
-    info["user_id"] = user_id
-    structlog.contextvars.bind_contextvars(user_id=user_id)
-    if state.blocklist is not None and user_id in state.blocklist:
-        raise UserBlockedError("this user is blocked")
-    check_declared_size(request, settings.max_body_size)
-    for attempt in (1, 2):
-        async with state.supervisor.acquire(user_id) as lease:
-            info["cold_start"] = info["cold_start"] or lease.cold_start
-            info["upstream_port"] = lease.port
-            try:
-                return await forward(request, lease.port, state.pool, settings.max_body_size)
-            except UnreachableError:
-                # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
-                state.supervisor.report_dead(lease.instance)
-                if attempt == 2:
-                    raise UpstreamError("the user's chroma server is unreachable") from None
-    raise AssertionError("unreachable")
 
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -281,7 +191,6 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].shutting_down = True
-    log.info("shutting down")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -298,7 +207,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health, allow_head=True)
     admin.add_routes(app)
     app.router.add_get("/auth", auth_only, allow_head=False)
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
 
 

@@ -236,6 +236,59 @@ class Settings:
         minimum=1,
         help="Largest request body passed to chroma; larger gets 413.",
     )
+    headers_timeout: int = setting(
+        10000,
+        key="headersTimeout",
+        env="HEADERS_TIMEOUT",
+        unit="ms",
+        minimum=1,
+        help="Longest time a client may take to send a request head (from its first byte, or "
+        "from the connection's opening); then 408 and the connection closes. nginx "
+        "`client_header_timeout` 60 s, Node.js `headersTimeout` 60 s.",
+    )
+    body_timeout: int = setting(
+        30000,
+        key="bodyTimeout",
+        env="BODY_TIMEOUT",
+        unit="ms",
+        minimum=1,
+        help="Longest pause between two reads of a request body; then 408, the request's "
+        "instance lease is released and the connection closes. nginx `client_body_timeout` 60 s.",
+    )
+    keep_alive_timeout: int = setting(
+        75000,
+        key="keepAliveTimeout",
+        env="KEEP_ALIVE_TIMEOUT",
+        unit="ms",
+        minimum=1,
+        help="An idle keep-alive client connection is closed after this long. nginx "
+        "`keepalive_timeout` 75 s (longer than its upstream side's 60 s), Node.js 5 s.",
+    )
+    max_header_size: int = setting(
+        16384,
+        key="maxHeaderSize",
+        env="MAX_HEADER_SIZE",
+        unit="bytes",
+        minimum=1024,
+        help="Largest request head (request line and all header lines); larger gets 431 and "
+        "the connection closes. Node.js `maxHeaderSize` 16 KiB, nginx 4 x 8 KiB buffers.",
+    )
+    max_headers_count: int = setting(
+        100,
+        key="maxHeadersCount",
+        env="MAX_HEADERS_COUNT",
+        minimum=1,
+        help="Most header lines in a request; more gets 431. Node.js `maxHeadersCount` 2000, "
+        "aiohttp 128.",
+    )
+    max_connections: int = setting(
+        4096,
+        key="maxConnections",
+        env="MAX_CONNECTIONS",
+        minimum=1,
+        help="Most client connections open at once; beyond, a new connection gets 503 and is "
+        "closed. stcs raises its open-files limit to fit (two fds per proxied connection).",
+    )
     log_file: str = setting(
         "",
         key="logFile",

@@ -1,11 +1,11 @@
 """Typed errors of stcs.
 
 Every error a request can meet is one of the `HTTPError` subclasses below.  Each carries the
-HTTP status and the chroma error *name* of DESIGN.md's error table; `app.error_middleware` is
-the one place that turns them into responses, with chroma's body shape
-``{"error": NAME, "message": TEXT}``.  The names are keys of ``chromadb.errors.error_types``, so
-the unmodified Python client raises the matching exception (``ChromaAuthError`` for
-``AuthError``, ``RateLimitError``, ``InternalError``, ...).
+HTTP status and the chroma error *name* of DESIGN.md's error table; `relay.error_response` (data
+plane) and `app.request_middleware` (control plane) turn them into responses, with chroma's
+body shape ``{"error": NAME, "message": TEXT}``.  The names are keys of
+``chromadb.errors.error_types``, so the unmodified Python client raises the matching
+exception (``ChromaAuthError`` for ``AuthError``, ``RateLimitError``, ``InternalError``, ...).
 
 `ConfigError` and `LockHeldError` are start-up errors; `cli` turns them into exit code 2.
 """
@@ -141,3 +141,42 @@ class AdminDisabledError(HTTPError):
 
     status = 404
     error = "NotFoundError"
+
+
+class BadRequestError(HTTPError):
+    """A request stcs will not relay: malformed framing (RFC 9112 §6.3: Content-Length with
+    Transfer-Encoding, several Content-Lengths, bad chunks), a target that is not origin-form
+    (absolute-form, ``*``), ``CONNECT`` or ``Upgrade``.  The connection is closed after it."""
+
+    status = 400
+    error = "InvalidArgumentError"
+
+
+class RequestTimeoutError(HTTPError):
+    """The client did not send its request head within ``headersTimeout`` or paused its body
+    longer than ``bodyTimeout`` (RFC 9110 §15.5.9).  The connection is closed after it."""
+
+    status = 408
+    error = "InvalidArgumentError"
+
+
+class HeadTooLargeError(HTTPError):
+    """Request head over ``maxHeaderSize`` bytes or ``maxHeadersCount`` lines (RFC 6585 §5)."""
+
+    status = 431
+    error = "InvalidArgumentError"
+
+
+class UnsupportedCodingError(HTTPError):
+    """A transfer coding other than ``chunked`` (RFC 9112 §6.1: a server that does not
+    understand a coding answers 501)."""
+
+    status = 501
+    error = "InvalidArgumentError"
+
+
+class TooManyConnectionsError(HTTPError):
+    """More than ``maxConnections`` client connections are open."""
+
+    status = 503
+    error = "RateLimitError"

@@ -142,14 +142,16 @@ class DbPathLock:
             self._fd = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Child:
-    """One running chroma server.  ``started_at`` is wall-clock seconds, ``start_ms`` the time
-    from spawn to the first good heartbeat.
+    """One chroma server *incarnation* (a process on a port).  ``started_at`` is wall-clock
+    seconds, ``start_ms`` the time from spawn to the first good heartbeat.
 
-    It holds its user's directory lock and its port until `release`, which the supervisor calls
-    only once the process is reaped *and* forgotten: until then no other child can be given the
-    port (a request still routed to it can never reach another user's server) or the directory.
+    It holds its user's directory lock until `release` (called once the process is reaped and
+    forgotten) and its port until then *and* until no request lease refers to it any more
+    (``leases``, counted by the supervisor): until both, no other child can be given the port,
+    so a request bound to this incarnation can never reach another user's server.  As an
+    upstream `Target`, it is unreachable from the moment its process has exited.
     """
 
     user_id: str
@@ -158,8 +160,10 @@ class Child:
     log_path: Path
     started_at: float
     start_ms: float = 0.0
+    leases: int = 0
     _lock_fd: int | None = field(default=None, repr=False)
     _release_port: Callable[[], None] | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     @property
     def pid(self) -> int:
@@ -169,20 +173,39 @@ class Child:
     def returncode(self) -> int | None:
         return self.process.returncode
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def reachable(self) -> bool:
+        return not self._released and self.process.returncode is None
+
     async def wait(self) -> int:
         """Wait for the process to exit and be reaped; the exit status, ``-N`` for signal N."""
         return await self.process.wait()
 
     def release(self) -> None:
-        """Give back the directory lock and the port (idempotent).
+        """Give back the directory lock, and the port once no lease refers to it (idempotent).
 
         Raises RuntimeError if the process has not been reaped: its lock and port stay held.
         """
         if self.process.returncode is None:
             raise RuntimeError(f"child {self.pid} is still running")
+        self._released = True
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if not self.leases:
+            self._give_back_port()
+
+    def unlease(self) -> None:
+        """One request lease less; the last one out of a released child frees the port."""
+        self.leases -= 1
+        if not self.leases and self._released:
+            self._give_back_port()
+
+    def _give_back_port(self) -> None:
         if self._release_port is not None:
             self._release_port()
             self._release_port = None

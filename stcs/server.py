@@ -1,4 +1,5 @@
-"""Run the application: listen, wait for SIGTERM/SIGINT, shut down in a fixed, bounded order.
+"""Run stcs: the relay (data plane) on the public port, the aiohttp application (control plane)
+on a private unix socket; wait for SIGTERM/SIGINT; shut down in a fixed, bounded order.
 
 Why not `aiohttp.web.run_app`: its graceful shutdown first marks every connection closing, and
 from then on aiohttp drops the bytes that still arrive on it (aio-libs/aiohttp#2298, closed
@@ -7,9 +8,10 @@ never finish and would be cut at the timeout.  So the order here is (as uvicorn'
 
 1. the signal handler only sets a flag (a second signal skips the wait below);
 2. ``/health`` turns 503 and new requests on open connections get 503 ``ShuttingDownError``;
-3. the listening socket closes (open connections keep reading);
+3. the listening socket closes, idle keep-alive connections close (busy ones keep reading);
 4. wait until the requests in flight are done, at most ``grace_s`` seconds;
-5. aiohttp closes the connections and runs the cleanup contexts in reverse: the supervisor stops
+5. the remaining client connections are aborted; aiohttp closes the control socket and runs the
+   cleanup contexts in reverse: the supervisor stops
    every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), sessions close, the ``dbPath``
    lock is released.
 """
@@ -17,8 +19,12 @@ never finish and would be cut at the timeout.  So the order here is (as uvicorn'
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import shutil
 import signal
 import ssl
+import tempfile
 import time
 
 import structlog
@@ -26,12 +32,40 @@ from aiohttp import web
 
 from stcs import log as log_mod
 from stcs.app import SERVER_OPTIONS
+from stcs.relay import Relay
 from stcs.state import STATE
 
 log = structlog.get_logger("stcs.server")
 
 # After the drain, aiohttp gets this long to finish handlers that are still running (s).
 HANDLER_CLOSE_TIMEOUT_S = 1.0
+
+
+# File descriptors kept beside two per client connection (client side, upstream side): children's
+# log files and locks, pooled upstream connections, the auth session, logs.
+FD_RESERVE = 1024
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft open-files limit towards what ``max_connections`` needs (never past the
+    hard limit); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * max_connections + FD_RESERVE
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit", wanted=want, error=str(exc))
+    if soft < 2 * max_connections + FD_RESERVE:
+        log.warning(
+            "open-files limit lower than maxConnections needs",
+            limit=soft,
+            max_connections=max_connections,
+        )
+    return soft
 
 
 async def serve(
@@ -42,7 +76,8 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     grace_s: float = 10.0,
 ) -> None:
-    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then shut down as above.
+    """Serve ``app`` behind the relay on ``host:port`` until SIGTERM or SIGINT, then shut down
+    as above.
 
     Raises LockHeldError (another stcs holds ``dbPath``) or OSError (cannot listen); in both
     cases everything started is cleaned up first.
@@ -66,18 +101,25 @@ async def serve(
         shutdown_timeout=HANDLER_CLOSE_TIMEOUT_S,
         **SERVER_OPTIONS,
     )
+    # The control socket lives in a fresh 0700 directory: only stcs's uid can reach it.
+    control_dir = tempfile.mkdtemp(prefix="stcs-control-")
+    control_socket = os.path.join(control_dir, "control.sock")
+    relay: Relay | None = None
     try:
         await runner.setup()  # cleanup contexts: dbPath lock, sessions, supervisor
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-        await site.start()
+        await web.UnixSite(runner, control_socket).start()
+        state = app[STATE]
+        raise_fd_limit(state.settings.max_connections)
+        relay = Relay(state, control_socket)
+        server = await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)
         scheme = "https" if ssl_context else "http"
         log.info("listening", url=f"{scheme}://{host}:{port}")
         await stop.wait()
 
-        state = app[STATE]
         state.shutting_down = True
         log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
-        await site.stop()
+        server.close()
+        relay.close_idle()
         started = time.monotonic()
         drained = asyncio.ensure_future(state.idle.wait())
         hurried = asyncio.ensure_future(hurry.wait())
@@ -89,6 +131,9 @@ async def serve(
         else:
             log.info("requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1))
     finally:
+        if relay is not None:
+            relay.close_all()
         await runner.cleanup()
+        shutil.rmtree(control_dir, ignore_errors=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

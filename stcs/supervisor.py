@@ -77,33 +77,45 @@ class Instance:
 
 @dataclass(frozen=True)
 class Lease:
-    """A request's hold on a ready instance (from `Supervisor.acquire`)."""
+    """A request's hold on a ready instance (from `Supervisor.acquire`), bound to one child
+    incarnation: ``child`` (port and process) is what the request may talk to, and its port is
+    not handed to another child while this lease lives."""
 
     instance: Instance
-    port: int
+    child: Child
     cold_start: bool
+
+    @property
+    def port(self) -> int:
+        return self.child.port
 
 
 class _Hold:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
     every request's path)."""
 
-    __slots__ = ("_inst", "_supervisor", "_user_id")
+    __slots__ = ("_child", "_inst", "_supervisor", "_user_id")
 
     def __init__(self, supervisor: Supervisor, user_id: str) -> None:
         self._supervisor = supervisor
         self._user_id = user_id
         self._inst: Instance | None = None
+        self._child: Child | None = None
 
     async def __aenter__(self) -> Lease:
         inst, cold = await self._supervisor._ready_instance(self._user_id)
-        assert inst.child is not None
+        child = inst.child
+        assert child is not None
+        child.leases += 1
         self._inst = inst
-        return Lease(instance=inst, port=inst.child.port, cold_start=cold)
+        self._child = child
+        return Lease(instance=inst, child=child, cold_start=cold)
 
     async def __aexit__(self, *exc: object) -> None:
         inst = self._inst
-        assert inst is not None
+        child = self._child
+        assert inst is not None and child is not None
+        child.unlease()
         inst.in_flight -= 1
         inst.last_active = time.monotonic()
         inst.last_active_wall = time.time()
@@ -129,7 +141,7 @@ class Supervisor:
         min_free_memory_mb: int = 0,
         memory: Callable[[], int] = available_memory,
         metrics: Metrics | None = None,
-        on_instance_gone: Callable[[int], None] | None = None,
+        on_instance_gone: Callable[[Child], None] | None = None,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -145,7 +157,7 @@ class Supervisor:
         self._reaper: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
         self.metrics = metrics or Metrics()
-        self._on_instance_gone = on_instance_gone  # called with the port of a forgotten child
+        self._on_instance_gone = on_instance_gone  # called with a forgotten child
         self.closing = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -409,7 +421,7 @@ class Supervisor:
             del self.registry[inst.user_id]
         if inst.child is not None:
             if self._on_instance_gone is not None:
-                self._on_instance_gone(inst.child.port)
+                self._on_instance_gone(inst.child)
             try:
                 inst.child.release()
             except RuntimeError:

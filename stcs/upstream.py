@@ -1,13 +1,16 @@
-"""Keep-alive HTTP/1.1 connections from stcs to its chroma instances.
+"""Keep-alive HTTP/1.1 connections from stcs to its chroma instances and its control plane.
 
-Why not aiohttp's client: it costs ~113 µs of CPU per request against chroma, where the
-request path of stcs needs only a fraction of its features (no redirects, cookies, proxies,
-TLS, tracing; one host, 127.0.0.1).  Measured in docs/benchmarks.md.  Response parsing is
-``httptools`` (llhttp, the parser of Node.js and uvicorn), not ours.
+Why not aiohttp's client: the request path needs a fraction of its features (no redirects,
+cookies, proxies, TLS; one host, 127.0.0.1) and its per-request CPU was most of stcs's
+(docs/benchmarks.md).  Response parsing is ``httptools`` (llhttp, the parser of Node.js and
+uvicorn), not ours.
 
-One `UpstreamPool` per application keeps idle connections per instance port.  A connection
-carries one request at a time; it goes back to the pool only after a complete response that
-allows keep-alive.
+Connections are pooled per *target*: one chroma child incarnation (`launcher.Child`: its port
+*and* its process) or the control plane's unix socket.  A target that is gone (its child exited)
+is never connected to again, so a request bound to a dead child can never reach whatever listens
+on its old port now.  A connection carries one request at a time; it goes back to the pool only
+after a complete response that allows keep-alive.  Header bytes are written as given: nothing is
+decoded or re-encoded on the way.
 """
 
 from __future__ import annotations
@@ -15,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import cast
+from collections.abc import AsyncIterator
+from typing import Protocol, cast
 
 import httptools
 
 CONNECT_TIMEOUT_S = 2.0
 IDLE_TIMEOUT_S = 30.0  # idle pooled connections older than this are closed
-MAX_IDLE_PER_PORT = 64
-READ_HIGH_WATER = 1024 * 1024  # pause reading from chroma past this much unconsumed body
+MAX_IDLE_PER_TARGET = 64
+READ_HIGH_WATER = 1024 * 1024  # pause reading from upstream past this much unconsumed body
 READ_LOW_WATER = 256 * 1024
 
 
@@ -32,14 +35,34 @@ class UnreachableError(Exception):
 
 
 class UpstreamFailedError(Exception):
-    """The connection failed or the instance sent something unparsable, mid-request."""
+    """The connection failed or the upstream sent something unparsable, mid-request."""
+
+
+class Target(Protocol):
+    """Where a pooled connection goes: ``address`` is ``(host, port)`` for TCP or a unix socket
+    path; ``reachable`` turns False for good once the target is gone (its child exited)."""
+
+    @property
+    def address(self) -> tuple[str, int] | str: ...
+
+    @property
+    def reachable(self) -> bool: ...
+
+
+class UnixTarget:
+    """The control plane's unix socket (always reachable while stcs runs)."""
+
+    reachable = True
+
+    def __init__(self, path: str) -> None:
+        self.address = path
 
 
 class _Connection(asyncio.Protocol):
     """One connection; parses responses with httptools' callbacks."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, target: Target) -> None:
+        self.target = target
         self.transport: asyncio.Transport | None = None
         self.idle_since = time.monotonic()
         self._parser = httptools.HttpResponseParser(self)
@@ -61,13 +84,21 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamFailedError(f"unparsable answer from the instance: {exc}"))
+            self._fail(UpstreamFailedError(f"unparsable answer from upstream: {exc}"))
             self.close()
+
+    def eof_received(self) -> bool | None:
+        # A close-delimited body (no Content-Length, not chunked) ends here (RFC 9112 §6.3).
+        resp = self._response
+        if resp is not None and resp._head.done() and resp._close_delimited and not resp._done:
+            resp.keep_alive = False
+            resp._finish()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
-        self._fail(UpstreamFailedError("the instance closed the connection"))
+        self._fail(UpstreamFailedError("upstream closed the connection"))
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -79,17 +110,23 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None:
-            self._response._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._response.headers.append((name, value))
 
     def on_status(self, status: bytes) -> None:
         if self._response is not None:
-            self._response.reason = status.decode("latin-1")
+            self._response.reason = status
 
     def on_headers_complete(self) -> None:
         resp = self._response
-        if resp is not None and not resp._head.done():
-            resp.status = self._parser.get_status_code()
-            resp._head.set_result(None)
+        if resp is None or resp._head.done():
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # interim (RFC 9110 §15.2): not relayed, the final one follows
+            resp.headers.clear()
+            return
+        resp.status = status
+        resp._close_delimited = resp.content_length is None and not resp.chunked
+        resp._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None:
@@ -97,7 +134,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         resp = self._response
-        if resp is not None:
+        if resp is not None and resp._head.done():
             resp.keep_alive = self._parser.should_keep_alive()
             resp._finish()
 
@@ -116,42 +153,49 @@ class _Connection(asyncio.Protocol):
         if not self._writable.is_set():
             await self._writable.wait()
         if self.closed:
-            raise UpstreamFailedError("the instance closed the connection")
+            raise UpstreamFailedError("upstream closed the connection")
 
 
 class UpstreamResponse:
-    """A response being received.  ``status``, ``reason``, ``headers`` once the head arrived;
-    the body through `read` (whole) or `chunks` (streamed); `release` when done."""
+    """A response being received.  ``status``, ``reason`` and ``headers`` (raw bytes, as sent)
+    once the head arrived; the body through `read` (whole) or `chunks` (streamed); `release`
+    when done."""
 
     def __init__(self, pool: UpstreamPool, conn: _Connection, head_only: bool) -> None:
         self._pool = pool
         self._conn = conn
         self._head_only = head_only
         self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._raw_headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
         self._more = asyncio.Event()
         self._done = False
+        self._close_delimited = False
         self._error: Exception | None = None
         self.status = 0
-        self.reason = ""
+        self.reason = b""
         self.keep_alive = False
 
     @property
-    def headers(self) -> list[tuple[str, str]]:
-        return self._raw_headers
+    def content_length(self) -> int | None:
+        """``Content-Length`` as a number (None: absent; llhttp refused malformed ones)."""
+        for name, value in self.headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                return int(value)
+        return None
 
     @property
-    def content_length(self) -> int | None:
-        for name, value in self._raw_headers:
-            if name.lower() == "content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
+    def chunked(self) -> bool:
+        return any(
+            len(name) == 17 and name.lower() == b"transfer-encoding" for name, _ in self.headers
+        )
+
+    @property
+    def has_body(self) -> bool:
+        """False for HEAD answers, 1xx, 204 and 304 (RFC 9110 §6.4.1)."""
+        return not (self._head_only or self.status in (204, 304))
 
     def _feed(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -176,12 +220,15 @@ class UpstreamResponse:
 
     async def _wait_head(self) -> None:
         await self._head
-        if self._head_only:  # a HEAD answer has no body, whatever its Content-Length says
+        if not self.has_body:
+            # No body, whatever Content-Length says; for HEAD the parser expects one: never
+            # reuse that connection.
             self._done = True
-            self.keep_alive = False  # the parser expects a body: never reuse this connection
+            if self._head_only:
+                self.keep_alive = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives.  Raises UpstreamFailedError if the instance fails."""
+        """The body as it arrives.  Raises UpstreamFailedError if the upstream fails."""
         while True:
             while self._chunks:
                 chunk = self._chunks.popleft()
@@ -198,7 +245,7 @@ class UpstreamResponse:
             await self._more.wait()
 
     async def read(self) -> bytes:
-        """The whole body.  Raises UpstreamFailedError if the instance fails."""
+        """The whole body.  Raises UpstreamFailedError if the upstream fails."""
         if self._done and not self._paused:  # all arrived (usual for small answers)
             body = b"".join(self._chunks)
             self._chunks.clear()
@@ -216,93 +263,90 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to 127.0.0.1, per instance port."""
+    """Idle keep-alive connections, per target (chroma child incarnation or unix socket)."""
 
     def __init__(self) -> None:
-        self._idle: dict[int, list[_Connection]] = {}
+        self._idle: dict[Target, list[_Connection]] = {}
 
-    async def _get(self, port: int) -> _Connection:
-        idle = self._idle.get(port)
+    async def _get(self, target: Target) -> _Connection:
+        idle = self._idle.get(target)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_TIMEOUT_S:
                 return conn
             conn.close()
+        if not target.reachable:
+            raise UnreachableError("the instance is gone")
         loop = asyncio.get_running_loop()
+        address = target.address
         try:
-            transport, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(port), "127.0.0.1", port),
-                CONNECT_TIMEOUT_S,
-            )
+            if isinstance(address, str):
+                opening = loop.create_unix_connection(lambda: _Connection(target), address)
+            else:
+                opening = loop.create_connection(lambda: _Connection(target), *address)
+            transport, conn = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise UnreachableError(f"127.0.0.1:{port}: {exc}") from None
+            raise UnreachableError(f"{address}: {exc}") from None
         # Set here too: not every event loop (uvloop) has called connection_made by now.
         conn.transport = transport
         return conn
 
     def _put(self, conn: _Connection) -> None:
-        idle = self._idle.setdefault(conn.port, [])
-        if len(idle) >= MAX_IDLE_PER_PORT:
+        if not conn.target.reachable:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.target, [])
+        if len(idle) >= MAX_IDLE_PER_TARGET:
             conn.close()
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    def forget(self, port: int) -> None:
-        """Close the idle connections of an instance that is gone."""
-        for conn in self._idle.pop(port, []):
+    def forget(self, target: Target) -> None:
+        """Close the idle connections of a target that is gone."""
+        for conn in self._idle.pop(target, []):
             conn.close()
 
     async def request(
         self,
-        port: int,
-        method: str,
-        target: str,
-        headers: Iterable[tuple[str, str]],
+        target: Target,
+        head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
-        content_length: int | None,
+        *,
+        chunked: bool = False,
+        head_only: bool = False,
     ) -> UpstreamResponse:
-        """Send a request to the instance on ``port``; return once the response head arrived.
+        """Send a request to ``target``; return once the final response head arrived.
 
-        ``target`` is the raw path and query; ``headers`` exclude Host, Content-Length and
-        Transfer-Encoding (set here).  A streamed ``body`` without ``content_length`` is sent
-        chunked.  Raises UnreachableError (nothing was sent) or UpstreamFailedError.
+        ``head`` is the whole request head, framing headers and the blank line included.  A
+        streamed ``body`` is sent as it comes, chunk-encoded when ``chunked``; ``head_only``
+        for HEAD (the answer has no body).  Raises UnreachableError (nothing was sent: safe to
+        retry) or UpstreamFailedError; whatever the body iterator raises passes through, and
+        the connection is closed.
         """
-        conn = await self._get(port)
-        resp = UpstreamResponse(self, conn, head_only=method == "HEAD")
+        conn = await self._get(target)
+        resp = UpstreamResponse(self, conn, head_only)
         conn._response = resp
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        chunked = False
-        if isinstance(body, bytes):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        elif body is not None:
-            if content_length is None:
-                chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
-            else:
-                lines.append(f"Content-Length: {content_length}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
-        assert conn.transport is not None
+        transport = conn.transport
+        assert transport is not None
         try:
-            if isinstance(body, bytes) or body is None:
-                conn.transport.write(head + body if body else head)
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
             else:
-                conn.transport.write(head)
+                transport.write(head)
                 async for chunk in body:
                     if not chunk:
                         continue
                     if conn.closed:
-                        raise UpstreamFailedError("the instance closed the connection")
+                        raise UpstreamFailedError("upstream closed the connection")
                     if chunked:
-                        conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                     else:
-                        conn.transport.write(chunk)
+                        transport.write(chunk)
                     await conn.drain()
                 if chunked:
-                    conn.transport.write(b"0\r\n\r\n")
+                    transport.write(b"0\r\n\r\n")
             await resp._wait_head()
         except BaseException:
             conn._response = None
@@ -311,5 +355,5 @@ class UpstreamPool:
         return resp
 
     def close(self) -> None:
-        for port in list(self._idle):
-            self.forget(port)
+        for target in list(self._idle):
+            self.forget(target)

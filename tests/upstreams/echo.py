@@ -8,6 +8,7 @@ shows what stcs forwards to an instance; it never stands in for chroma's behavio
 * ``GET /gzipped`` -> a gzip-compressed JSON body with ``Content-Encoding: gzip``.
 * ``GET /hop`` -> a response carrying hop-by-hop headers.
 * ``GET /slow?delay=D&chunks=N&interval=S`` -> after D seconds, N chunks S seconds apart.
+* ``GET /big?size=N`` -> N bytes, streamed.
 * ``GET /stop-listening`` -> closes the listening socket but stays alive: a "ready" instance
   that refuses new connections.
 """
@@ -34,6 +35,10 @@ async def echo(request: web.Request) -> web.Response:
             "method": request.method,
             "path": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
+            "raw_headers_hex": [[k.hex(), v.hex()] for k, v in request.raw_headers],
+            "server_port": request.transport.get_extra_info("sockname")[1]
+            if request.transport
+            else None,
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "body_len": len(body),
             "arrived": arrived,
@@ -73,6 +78,20 @@ async def slow(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def big(request: web.Request) -> web.StreamResponse:
+    """``GET /big?size=N``: N bytes (``x``), streamed in 64 KiB writes with back-pressure."""
+    size = int(request.query["size"])
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    block = b"x" * 65536
+    while size > 0:
+        await response.write(block[:size])
+        size -= len(block)
+    await response.write_eof()
+    return response
+
+
 async def stop_listening(request: web.Request) -> web.Response:
     for site in list(request.app["runner"].sites):
         await site.stop()
@@ -86,6 +105,7 @@ async def serve(host: str, port: int) -> None:
     app.router.add_get("/hop", hop)
     app.router.add_get("/stop-listening", stop_listening)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/big", big)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     runner = web.AppRunner(app, auto_decompress=False)
     app["runner"] = runner

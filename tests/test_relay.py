@@ -1,0 +1,667 @@
+"""The data plane at the byte level: raw sockets against a real ``stcs serve``.
+
+Framing and smuggling shapes, pipelining across users, the edge limits (head and body timeouts,
+head size, header count, connections), header bytes passed through unchanged, 100-continue
+ordering and back-pressure.  The instances are the echo upstream (tests/upstreams/echo.py), which
+reports exactly what reached it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import StcsServer, new_token
+
+ECHO = Path(__file__).parent / "upstreams" / "echo.py"
+MB = 1024 * 1024
+ADMIN = {"x-api-key": "admin-key-42"}
+
+
+@pytest.fixture
+def relay(stcs: Callable[..., StcsServer]) -> StcsServer:
+    return stcs(
+        "--chromaCommand",
+        f"{sys.executable} {ECHO}",
+        "--maxBodySize",
+        str(8 * MB),
+        "--adminAPIKey",
+        "admin-key-42",
+        "--headersTimeout",
+        "1000",
+        "--bodyTimeout",
+        "1000",
+        "--keepAliveTimeout",
+        "2000",
+        "--maxConnections",
+        "60",
+        "--dbMaxInstances",
+        "2",
+        "--queueTimeout",
+        "1000",
+    )
+
+
+def connect(server: StcsServer) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """One response (Content-Length or close-delimited framing); (status, headers, body)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a response head: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if status == 100 or status == 204:
+        return status, headers, rest
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-body")
+            rest += chunk
+        return status, headers, rest[:length]
+    while chunk := sock.recv(65536):
+        rest += chunk
+    return status, headers, rest
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5) -> bool:
+    """True when the peer closes (EOF or reset) within ``timeout``; leftover bytes ignored."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def proxied_requests(server: StcsServer) -> list[dict[str, Any]]:
+    return [e for e in server.events("request") if e.get("upstream_port")]
+
+
+def head(method: str, target: str, token: str | None, *extra: str) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: stcs"]
+    if token:
+        lines.append(f"X-Chroma-Token: {token}")
+    lines.extend(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# -- framing and smuggling ----------------------------------------------------------------
+
+SMUGGLING = {
+    "cl-and-te": (b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n", 400),
+    "te-and-cl": (b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", b"0\r\n\r\n", 400),
+    "duplicate-cl-same": (b"Content-Length: 3\r\nContent-Length: 3\r\n", b"abc", 400),
+    "duplicate-cl-differ": (b"Content-Length: 3\r\nContent-Length: 30\r\n", b"abc", 400),
+    "cl-with-sign": (b"Content-Length: +3\r\n", b"abc", 400),
+    "cl-list": (b"Content-Length: 3, 3\r\n", b"abc", 400),
+    "te-gzip-chunked": (b"Transfer-Encoding: gzip, chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 501),
+    "te-chunked-gzip": (b"Transfer-Encoding: chunked, gzip\r\n", b"", 400),
+    "te-identity": (b"Transfer-Encoding: identity\r\n", b"", 501),
+    "bad-chunk-size": (b"Transfer-Encoding: chunked\r\n", b"zz\r\nabc\r\n0\r\n\r\n", 400),
+    "chunk-no-crlf": (b"Transfer-Encoding: chunked\r\n", b"3\r\nabcX0\r\n\r\n", 400),
+    "obs-fold": (b"X-A: a\r\n b\r\n", b"", 400),
+    "space-before-colon": (b"Content-Length : 3\r\n", b"abc", 400),
+    "lf-only": (b"X-A: a\nX-B: b\r\n", b"", 400),
+    "nul-in-value": (b"X-A: a\x00b\r\n", b"", 400),
+    "duplicate-token": (b"X-Chroma-Token: " + b"0" * 8 + b"\r\n", b"", 400),
+    "expect-other": (b"Expect: 200-ok\r\n", b"", 400),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SMUGGLING))
+def test_smuggling_shapes_are_refused_and_close(relay: StcsServer, shape: str) -> None:
+    framing, body, status = SMUGGLING[shape]
+    token = new_token()
+    request = (
+        f"POST /echo/smuggle HTTP/1.1\r\nHost: stcs\r\nX-Chroma-Token: {token}\r\n".encode()
+        + framing
+        + b"\r\n"
+        + body
+        # A second request that must never be read as one.
+        + head("GET", "/echo/second", token)
+    )
+    with connect(relay) as sock:
+        sock.sendall(request)
+        got, _, payload = read_response(sock)
+        assert got == status, payload
+        assert json.loads(payload)["error"] == "InvalidArgumentError"
+        assert closed_by_peer(sock)
+    assert proxied_requests(relay) == []
+    assert relay.children() == []
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET http://evil/echo/x HTTP/1.1\r\nHost: evil\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: stcs\r\n",
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n",
+        b"GET /echo/ws HTTP/1.1\r\nHost: stcs\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        b"GET /echo/h2c HTTP/1.1\r\nHost: stcs\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n",
+    ],
+    ids=["absolute-form", "asterisk", "connect", "websocket", "h2c"],
+)
+def test_unroutable_targets_are_4xx_not_500(relay: StcsServer, request_head: bytes) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        sock.sendall(request_head + f"X-Chroma-Token: {token}\r\n\r\n".encode())
+        status, _, payload = read_response(sock)
+        assert status == 400, payload
+        assert json.loads(payload)["error"] == "InvalidArgumentError"
+        assert closed_by_peer(sock)
+    assert proxied_requests(relay) == []
+    assert "Traceback" not in relay.log_path.read_text()
+
+
+def test_garbage_and_non_ascii_heads_get_400_without_traceback(relay: StcsServer) -> None:
+    for raw in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS hello
+        b"G\xc3\x89T / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+    ):
+        with connect(relay) as sock:
+            sock.sendall(raw)
+            status, _, _ = read_response(sock)
+            assert status == 400
+    with connect(relay) as sock:  # empty lines only (skipped, RFC 9112 §2.2): closed at the
+        sock.sendall(b"\r\n\r\n\r\n")  # head timeout, no request
+        assert closed_by_peer(sock)
+    token = new_token()
+    with connect(relay) as sock:  # a non-ASCII token value: refused as a token, no 500
+        sock.sendall(b"GET /echo/x HTTP/1.1\r\nHost: s\r\nX-Chroma-Token: \xc3\xa9\r\n\r\n")
+        assert read_response(sock)[0] == 401
+    with connect(relay) as sock:  # a non-ASCII admin key
+        sock.sendall(b"GET /admin/instances HTTP/1.1\r\nHost: s\r\nx-api-key: \xc3\xa9\r\n\r\n")
+        assert read_response(sock)[0] == 403
+    with connect(relay) as sock:  # escapes in path and query go to chroma as sent
+        sock.sendall(head("GET", "/echo/a%20b?q=%0a%00", token))
+        status, _, payload = read_response(sock)
+        assert status == 200
+        assert json.loads(payload)["path"] == "/echo/a%20b?q=%0a%00"
+    with connect(relay) as sock:  # a raw byte >= 0x80 in the target: 400 (llhttp strict)
+        sock.sendall(head("GET", "/echo/a\xe9", token))
+        assert read_response(sock)[0] == 400
+    assert "Traceback" not in relay.log_path.read_text()
+    assert not [e for e in relay.events("request") if e["status"] >= 500]
+
+
+# -- headers ------------------------------------------------------------------------------
+
+
+def test_header_bytes_pass_through_unchanged(relay: StcsServer) -> None:
+    token = new_token()
+    odd = [
+        (b"X-Utf8", "é✓".encode()),
+        (b"X-Latin1", b"\xe9\xff"),
+        (b"x-MiXeD-CaSe", b"  spaced  value"),
+        (b"X-Empty", b""),
+    ]
+    extra = b"".join(b"%s: %s\r\n" % pair for pair in odd)
+    request = (
+        b"GET /echo/bytes HTTP/1.1\r\nHost: stcs\r\n"
+        + f"Authorization: Bearer {token}\r\n".encode()
+        + b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        + b"Proxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
+        + extra
+        + b"\r\n"
+    )
+    with connect(relay) as sock:
+        sock.sendall(request)
+        status, _, payload = read_response(sock)
+    assert status == 200
+    raw = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(payload)["raw_headers_hex"]]
+    for name, value in odd:
+        # llhttp trims the optional whitespace around a value (RFC 9110 §5.5); the rest is as sent
+        assert (name, value.strip(b" ")) in raw
+    names = {k.lower() for k, _ in raw}
+    for gone in (b"authorization", b"x-chroma-token", b"x-hop", b"keep-alive", b"te"):
+        assert gone not in names
+    assert b"proxy-authorization" not in names
+    assert token.encode() not in payload
+
+
+def test_head_over_max_header_size_is_431(relay: StcsServer) -> None:
+    with connect(relay) as sock:
+        sock.sendall(head("GET", "/echo/x", new_token(), "X-Big: " + "a" * 20000))
+        status, _, _ = read_response(sock)
+        assert status == 431
+        assert closed_by_peer(sock)
+    with connect(relay) as sock:  # many small header lines: over maxHeadersCount
+        sock.sendall(head("GET", "/echo/x", new_token(), *[f"X-{i}: 1" for i in range(150)]))
+        assert read_response(sock)[0] == 431
+    assert proxied_requests(relay) == []
+
+
+def test_unfinished_huge_head_is_cut_at_the_limit(relay: StcsServer) -> None:
+    """A head that never ends is refused once it passes maxHeaderSize (the client keeps
+    sending: it still gets the 431, then the connection closes)."""
+    with connect(relay) as sock:
+        sock.sendall(b"GET /echo/x HTTP/1.1\r\n")
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sent += sock.send(b"X-Pad: " + b"a" * 8000 + b"\r\n")
+            except OSError:
+                break
+        assert read_response(sock)[0] == 431
+        assert closed_by_peer(sock)
+    assert sent < 2 * MB  # refused within a few reads of the limit
+
+
+# -- pipelining ---------------------------------------------------------------------------
+
+
+def test_pipelined_requests_of_two_users_are_answered_in_order_each_by_its_own_instance(
+    relay: StcsServer,
+) -> None:
+    alice, bob = new_token(), new_token()
+    batch = (
+        head("GET", "/echo/alice-1", alice)
+        + head("POST", "/echo/bob-1", bob, "Content-Length: 5")
+        + b"hello"
+        + head("GET", "/echo/alice-2", alice)
+        + head("POST", "/echo/bob-2", bob, "Transfer-Encoding: chunked")
+        + b"3\r\nabc\r\n0\r\n\r\n"
+    )
+    with connect(relay) as sock:
+        sock.sendall(batch)
+        answers = [json.loads(read_response(sock)[2]) for _ in range(4)]
+    assert [a["path"] for a in answers] == [
+        "/echo/alice-1",
+        "/echo/bob-1",
+        "/echo/alice-2",
+        "/echo/bob-2",
+    ]
+    assert [a["body_len"] for a in answers] == [0, 5, 0, 3]
+    alice_ports = {answers[0]["server_port"], answers[2]["server_port"]}
+    bob_ports = {answers[1]["server_port"], answers[3]["server_port"]}
+    assert len(alice_ports) == 1 and len(bob_ports) == 1 and alice_ports != bob_ports
+    instances = requests.get(f"{relay.url}/admin/instances", headers=ADMIN, timeout=10).json()
+    by_user = {i["userId"]: i["port"] for i in instances["instances"]}
+    assert by_user[alice] in alice_ports and by_user[bob] in bob_ports
+
+
+def test_keep_alive_connection_serves_many_requests_and_idles_out(relay: StcsServer) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        for i in range(20):
+            sock.sendall(head("GET", f"/echo/{i}", token))
+            status, headers, _ = read_response(sock)
+            assert status == 200 and headers.get("connection") != "close"
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=6)  # keepAliveTimeout 2 s
+        assert 1.5 < time.monotonic() - started < 5
+
+
+# -- timeouts and held resources ----------------------------------------------------------
+
+
+def test_slowloris_head_gets_408_at_the_head_timeout(relay: StcsServer) -> None:
+    with connect(relay) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /echo/x HTTP/1.1\r\n")
+        status = None
+        for _ in range(20):  # one header byte every 0.2 s: never finishes
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                status = read_response(sock)[0]
+                break
+        assert status == 408
+        assert time.monotonic() - started < 3
+        assert closed_by_peer(sock)
+
+
+def test_idle_new_connection_is_closed_at_the_head_timeout(relay: StcsServer) -> None:
+    with connect(relay) as sock:
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=5)
+        assert time.monotonic() - started < 3
+
+
+def test_stalled_small_bodies_pin_no_instance_slot(relay: StcsServer) -> None:
+    """dbMaxInstances 2: stalled bodies of many users hold no slot and create no directory."""
+    stalled = []
+    for _ in range(6):
+        sock = connect(relay)
+        sock.sendall(head("POST", "/echo/x", new_token(), "Content-Length: 100") + b"partial")
+        stalled.append(sock)
+    try:
+        ok = requests.get(
+            f"{relay.url}/echo/served", headers={"X-Chroma-Token": new_token()}, timeout=10
+        )
+        assert ok.status_code == 200
+        for sock in stalled:
+            status, _, payload = read_response(sock)
+            assert status == 408, payload
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert len([p for p in relay.db.iterdir() if p.name != ".stcs"]) == 1
+
+
+def test_stalled_large_body_releases_its_lease_at_the_body_timeout(relay: StcsServer) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        sock.sendall(head("POST", "/echo/big", token, f"Content-Length: {MB}") + b"x" * 200_000)
+        status, _, payload = read_response(sock)
+        assert status == 408, payload
+        assert closed_by_peer(sock)
+    instances = requests.get(f"{relay.url}/admin/instances", headers=ADMIN, timeout=10).json()
+    [inst] = instances["instances"]
+    assert inst["inFlight"] == 0
+    [line] = [e for e in relay.events("request") if e["path"] == "/echo/big"]
+    assert line["status"] == 408
+
+
+def test_client_leaving_mid_upload_is_499_not_502(relay: StcsServer) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        sock.sendall(head("POST", "/echo/gone", token, f"Content-Length: {MB}") + b"x" * 200_000)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not (lines := [e for e in relay.events("request") if e["path"] == "/echo/gone"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lines[0]["status"] == 499
+    assert not relay.events("upstream request failed")
+
+
+# -- 100-continue -------------------------------------------------------------------------
+
+
+def test_100_continue_only_after_auth_and_size_checks(relay: StcsServer) -> None:
+    with connect(relay) as sock:  # no token: 401, never 100
+        sock.sendall(head("POST", "/echo/x", None, "Content-Length: 5", "Expect: 100-continue"))
+        assert read_response(sock)[0] == 401
+    with connect(relay) as sock:  # too large: 413, never 100
+        sock.sendall(
+            head(
+                "POST", "/echo/x", new_token(), f"Content-Length: {9 * MB}", "Expect: 100-continue"
+            )
+        )
+        assert read_response(sock)[0] == 413
+        assert closed_by_peer(sock)
+    token = new_token()
+    with connect(relay) as sock:  # good: 100 first, then the body, then the answer
+        sock.sendall(head("POST", "/echo/x", token, "Content-Length: 5", "Expect: 100-continue"))
+        status, _, _ = read_response(sock)
+        assert status == 100
+        sock.sendall(b"hello")
+        status, _, payload = read_response(sock)
+        assert status == 200 and json.loads(payload)["body_len"] == 5
+        expect = [k for k, _ in json.loads(payload)["headers"] if k.lower() == "expect"]
+        assert expect == []
+
+
+# -- connection limit ---------------------------------------------------------------------
+
+
+def test_connections_beyond_max_connections_get_503_and_health_recovers(
+    relay: StcsServer,
+) -> None:
+    held = []
+    try:
+        for _ in range(60):
+            held.append(connect(relay))
+        time.sleep(0.2)
+        with connect(relay) as extra:
+            status, headers, payload = read_response(extra)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert json.loads(payload)["error"] == "RateLimitError"
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if requests.get(f"{relay.url}/health", timeout=5).status_code == 200:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("/health did not recover")
+
+
+# -- back-pressure ------------------------------------------------------------------------
+
+
+def test_slow_reader_of_a_50_mb_answer_does_not_grow_stcs(relay: StcsServer) -> None:
+    token = new_token()
+    requests.get(f"{relay.url}/echo/warm", headers={"X-Chroma-Token": token}, timeout=10)
+    rss_before = psutil.Process(relay.pid).memory_info().rss
+    with connect(relay) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(head("GET", f"/big?size={50 * MB}", token))
+        time.sleep(2)  # not reading: stcs must stop reading from the instance
+        rss_stalled = psutil.Process(relay.pid).memory_info().rss
+        received = 0
+        sock.settimeout(10)
+        while received < 50 * MB:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    assert received > 50 * MB  # head + body
+    assert rss_stalled - rss_before < 8 * MB, (rss_before, rss_stalled)
+
+
+# -- many hostile connections -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_1000_hostile_connections_keep_rss_bounded_and_users_served(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}", "--headersTimeout", "30000")
+    token = new_token()
+    assert requests.get(f"{server.url}/echo/w", headers={"X-Chroma-Token": token}).ok
+    rss_before = psutil.Process(server.pid).memory_info().rss
+    socks = []
+    pad = b"X-Pad: " + b"a" * 8000 + b"\r\n"
+    try:
+        for i in range(1000):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.setblocking(False)
+            kind = i % 3
+            try:
+                if kind == 0:  # an unfinished 1 MB head
+                    sock.send(b"GET /echo/x HTTP/1.1\r\n")
+                    for _ in range(128):
+                        sock.send(pad)
+                elif kind == 1:  # slowloris: a partial head, then nothing
+                    sock.send(b"GET /echo/x HTTP/1.1\r\nX-A: ")
+                else:  # a stalled body
+                    sock.send(head("POST", "/echo/x", new_token(), "Content-Length: 1000") + b"x")
+            except (BlockingIOError, ConnectionError):
+                pass
+            socks.append(sock)
+        rss_during = psutil.Process(server.pid).memory_info().rss
+        started = time.monotonic()
+        ok = requests.get(f"{server.url}/echo/ok", headers={"X-Chroma-Token": token}, timeout=10)
+        served_ms = (time.monotonic() - started) * 1000
+        assert ok.status_code == 200
+        assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    print(
+        f"rss before {rss_before / MB:.1f} MB, with 1000 hostile connections "
+        f"{rss_during / MB:.1f} MB; a user served in {served_ms:.1f} ms"
+    )
+    assert rss_during - rss_before < 120 * MB
+    time.sleep(1)
+    fds = psutil.Process(server.pid).num_fds()
+    assert fds < 100, fds
+
+
+# -- fuzzing request heads ----------------------------------------------------------------
+
+_METHODS = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"PATCH", b"OPTIONS"])
+_FRAMING = st.sampled_from(
+    [
+        b"",
+        b"Content-Length: 5\r\n",
+        b"Content-Length: 0\r\n",
+        b"Content-Length: -1\r\n",
+        b"Content-Length: 99999999999999999999\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: xchunked\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Expect: 100-continue\r\nContent-Length: 5\r\n",
+        b"Connection: close\r\n",
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n",
+    ]
+)
+_NAME = st.binary(min_size=1, max_size=12)
+_VALUE = st.binary(max_size=40)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.one_of(_METHODS, st.binary(min_size=1, max_size=8)),
+    target=st.one_of(
+        st.sampled_from([b"/echo/f", b"/admin/instances", b"/health", b"/auth", b"*", b"//x"]),
+        st.binary(max_size=30).map(lambda b: b"/echo/" + b),
+    ),
+    who=st.sampled_from(["alice", "bob", "none", "both"]),
+    framing=_FRAMING,
+    headers=st.lists(st.tuples(_NAME, _VALUE), max_size=4),
+    body=st.binary(max_size=64),
+)
+def test_fuzzed_heads_never_500_and_never_cross_tenants(
+    fuzz_server: dict[str, Any],
+    method: bytes,
+    target: bytes,
+    who: str,
+    framing: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    tokens = fuzz_server["tokens"]
+    auth = b""
+    if who in ("alice", "both"):
+        auth += b"X-Chroma-Token: " + tokens["alice"].encode() + b"\r\n"
+    if who in ("bob", "both"):
+        auth += b"Authorization: Bearer " + tokens["bob"].encode() + b"\r\n"
+    extra = b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    raw = method + b" " + target + b" HTTP/1.1\r\nHost: s\r\n" + auth + framing + extra
+    raw += b"\r\n" + body
+    with socket.create_connection(("127.0.0.1", fuzz_server["server"].port), timeout=5) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(raw)
+        answer = b""
+        sock.settimeout(0.3)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert not answer.startswith(b"HTTP/1.1 500"), answer[:300]
+    status_line, _, rest = answer.partition(b"\r\n")
+    if status_line.startswith(b"HTTP/1.1 200") and b'"server_port"' in rest:
+        seen = json.loads(rest.partition(b"\r\n\r\n")[2].split(b"HTTP/1.1 ")[0])
+        owner = "alice" if who == "both" else who  # X-Chroma-Token wins over Authorization
+        assert owner in ("alice", "bob"), (who, raw)
+        assert seen["server_port"] == fuzz_server["ports"][owner], (who, raw)
+
+
+@pytest.fixture
+def fuzz_server(relay: StcsServer) -> Iterator[dict[str, Any]]:
+    tokens = {"alice": new_token(), "bob": new_token()}
+    ports = {}
+    for name, token in tokens.items():
+        seen = requests.get(f"{relay.url}/echo/warm", headers={"X-Chroma-Token": token}).json()
+        ports[name] = seen["server_port"]
+    fds_before = psutil.Process(relay.pid).num_fds()
+    yield {"server": relay, "tokens": tokens, "ports": ports}
+    deadline = time.monotonic() + 10
+    while psutil.Process(relay.pid).num_fds() > fds_before + 2:
+        assert time.monotonic() < deadline, (fds_before, psutil.Process(relay.pid).num_fds())
+        time.sleep(0.1)
+    log = relay.log_path.read_text()
+    assert "Traceback" not in log
+    assert not [e for e in relay.events("request") if e["status"] in (500, 502)]
+    instances = requests.get(f"{relay.url}/admin/instances", headers=ADMIN, timeout=10).json()
+    assert {i["userId"]: i["port"] for i in instances["instances"]} == {
+        tokens[n]: p for n, p in ports.items()
+    }
+
+
+# -- lease integrity ----------------------------------------------------------------------
+
+
+async def test_a_request_bound_to_a_dead_child_never_reaches_its_old_port(tmp_path: Path) -> None:
+    """The lease is bound to the child incarnation: once that child has exited, nothing is
+    sent to its port, whoever listens there now, and the port is not handed to another child
+    of ours while a lease refers to it."""
+    import aiohttp
+
+    from stcs.launcher import ChromaLauncher
+    from stcs.upstream import UnreachableError, UpstreamPool
+
+    async with aiohttp.ClientSession() as session:
+        launcher = ChromaLauncher(tmp_path / "db", session)
+        child = await launcher.launch("victim")
+        child.leases += 1  # a request holds a lease on this incarnation
+        child.process.kill()
+        await child.wait()
+        child.release()  # the supervisor forgets it
+        assert child.port in launcher._ports  # still reserved while the lease lives
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", child.port))  # another tenant's server, say
+        squatter.listen()
+        squatter.setblocking(False)
+        pool = UpstreamPool()
+        with pytest.raises(UnreachableError):
+            await pool.request(child, b"POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", None)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # nothing connected
+        squatter.close()
+        child.unlease()  # the request ends
+        assert child.port not in launcher._ports
