@@ -13,7 +13,9 @@ stamp="$VENV/.stcs-installed-${STCS_EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     spec="$ROOT"
     [ -n "${STCS_EXTRAS:-}" ] && spec="$ROOT[$STCS_EXTRAS]"
-    echo "scripts: installing ${spec#$ROOT} into $VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$spec"
+    echo "scripts: installing stcs${STCS_EXTRAS:+[$STCS_EXTRAS]} into $VENV" >&2
+    # -W: setuptools warns on every editable install that a folder named like the package
+    # may shadow it; here that folder *is* the package (pip re-raises it as a Python warning).
+    "$VENV/bin/python" -W "ignore:Editable installation" -m pip install --quiet -e "$spec"
     touch "$stamp"
 fi

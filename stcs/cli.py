@@ -42,7 +42,8 @@ def _settings_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, object] = {
             "dest": f"setting:{info.key}",
             "default": None,
-            "help": f"{info.help} [{info.env}]",
+            # argparse %-formats help text (for %(default)s): a literal % must be doubled.
+            "help": f"{info.help} [{info.env}]".replace("%", "%%"),
         }
         if info.type is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")

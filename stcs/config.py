@@ -465,7 +465,8 @@ BY_KEY: dict[str, SettingInfo] = {s.key: s for s in SETTINGS}
 class Resolved:
     """`Settings` plus where each value came from and notices for the operator.
 
-    ``sources`` maps YAML key -> "command line" | "config.yml (PATH)" | "env NAME" | "default".
+    ``sources`` maps YAML key -> "command line" | "FILE (PATH)" (the config file's name and
+    absolute path) | "env NAME" | "default".
     """
 
     settings: Settings
@@ -495,8 +496,12 @@ def display_value(info: SettingInfo, value: Any) -> str:
 
 
 def _unknown_key_message(key: str, where: str) -> str:
-    close = difflib.get_close_matches(key, list(BY_KEY), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    """The message for an unknown key, with the likeliest meant key: the closest by `difflib`
+    with case ignored, so ``dbttl`` and ``dbtl`` suggest ``dbTTL`` (compared as typed, ``dbtl``
+    is closer to ``dbPath``)."""
+    by_lower = {k.lower(): k for k in BY_KEY}
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+    hint = f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
     return f"unknown setting {key!r} in {where}{hint}"
 
 
@@ -518,7 +523,13 @@ def _parse_text(info: SettingInfo, raw: str, where: str) -> Any:
 
 
 def _check_yaml_value(info: SettingInfo, value: Any, where: str) -> Any:
-    """Type-check a value from YAML: ints must be ints (not bools), bools bools, strings str."""
+    """Type-check a value from YAML: ints must be ints (not bools), bools bools, strings str.
+
+    A quoted number for an integer setting (``dbTTL: "180000"``) is read as the number, as the
+    same text from the environment is: the Node.js server took such files.  Raises ConfigError.
+    """
+    if info.type is int and isinstance(value, str):
+        return _parse_text(info, value, where)
     ok = (
         isinstance(value, bool)
         if info.type is bool
@@ -576,13 +587,13 @@ def load_settings(
     if config_path is None:
         default = Path(DEFAULT_CONFIG_FILE)
         yaml_values = read_config_file(default) if default.is_file() else {}
-        yaml_where = f"config.yml ({default.resolve()})" if default.is_file() else ""
+        yaml_where = f"{default.name} ({default.resolve()})" if default.is_file() else ""
     else:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         yaml_values = read_config_file(path)
-        yaml_where = f"config.yml ({path.resolve()})"
+        yaml_where = f"{path.name} ({path.resolve()})"
 
     for key in cli:
         if key not in BY_KEY:

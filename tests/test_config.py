@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stcs.cli import build_parser, main
 from stcs.config import BY_KEY, IGNORED_KEYS, SETTINGS, load_settings
 from stcs.errors import ConfigError
 
@@ -113,7 +115,8 @@ def test_env_booleans_and_ints_are_parsed() -> None:
     ("text", "needle"),
     [
         ("dbTtl: 5\n", "'dbTtl'"),  # unknown key, with a suggestion
-        ("appPort: '8000'\n", "appPort"),  # wrong type
+        ("appPort: 'eight'\n", "appPort"),  # wrong type
+        ("appPort: '80.5'\n", "appPort"),
         ("bindToLocalhost: 1\n", "bindToLocalhost"),
         ("dbMaxInstances: true\n", "dbMaxInstances"),
         ("dbMaxInstances: 0\n", "dbMaxInstances"),
@@ -135,6 +138,34 @@ def test_bad_yaml_value_is_an_error_naming_the_key(tmp_path: Path, text: str, ne
 def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'dbTTL'"):
         load_settings(config_path=write(tmp_path, "dbTtl: 5\n"), environ={})
+
+
+@pytest.mark.parametrize("typo", ["dbtl", "dbttl", "DBTTL", "dbTtl"])
+def test_unknown_key_suggestion_ignores_case(tmp_path: Path, typo: str) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'dbTTL'"):
+        load_settings(config_path=write(tmp_path, f"{typo}: 5\n"), environ={})
+
+
+def test_quoted_numbers_load_as_numbers_as_from_the_environment(tmp_path: Path) -> None:
+    # The Node.js server read `dbTTL: "180000"`; the environment gives the same text as a string.
+    text = 'appPort: "8070"\ndbTTL: "180000"\ndbMaxInstances: " 7 "\nqueueTimeout: "0"\n'
+    s = load_settings(config_path=write(tmp_path, text), environ={}).settings
+    assert (s.app_port, s.db_ttl, s.db_max_instances, s.queue_timeout) == (8070, 180000, 7, 0)
+    with pytest.raises(ConfigError, match=r"dbMaxInstances .*at least 1"):
+        load_settings(config_path=write(tmp_path, 'dbMaxInstances: "0"\n'), environ={})
+
+
+def test_errors_name_the_config_file_that_was_given(tmp_path: Path) -> None:
+    path = tmp_path / "stcs-prod.yaml"
+    path.write_text("dbTTL: soon\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_path=path, environ={})
+    assert f"stcs-prod.yaml ({path})" in str(caught.value)
+    assert "config.yml" not in str(caught.value)
+    path.write_text("appName: x\n")
+    assert load_settings(config_path=path, environ={}).sources["appName"] == (
+        f"stcs-prod.yaml ({path})"
+    )
 
 
 def test_bad_env_value_names_the_variable() -> None:
@@ -217,3 +248,36 @@ def test_event_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> No
     assert done.returncode == 2
     assert "eventLoop uvloop: uvloop is not installed" in done.stderr
     assert not (tmp_path / "db").exists()  # nothing was started or created
+
+
+def _subcommands() -> list[str]:
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_the_subcommands_are_those_the_readme_names() -> None:
+    assert _subcommands() == ["backup", "check-config", "render", "restore", "serve", "status"]
+
+
+@pytest.mark.parametrize(
+    "command", [[], *([c] for c in _subcommands())], ids=lambda c: " ".join(["stcs", *c])
+)
+def test_every_help_prints_usage_and_exits_0(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: stcs")
+    if command:  # the settings' help, among them eventLoop's with a literal %
+        assert "--eventLoop" in out and "~5 % more" in " ".join(out.split())
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from stcs import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stcs {__version__}"
