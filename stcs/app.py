@@ -39,6 +39,7 @@ from stcs.errors import (
     UserBlockedError,
 )
 from stcs.proxy import check_declared_size, forward
+from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
 from stcs.upstream import UnreachableError
@@ -166,7 +167,7 @@ async def auth_only(request: web.Request) -> web.Response:
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Any other method and path: authenticate, find the user's instance, stream through."""
     state = request.app[STATE]
-    assert state.resolver and state.supervisor and state.upstream
+    assert state.resolver and state.supervisor and state.upstream and state.quotas
     settings = state.settings
     info = request[INFO]
     if state.shutting_down:
@@ -178,18 +179,28 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if state.blocklist is not None and user_id in state.blocklist:
         raise UserBlockedError("this user is blocked")
     check_declared_size(request, settings.max_body_size)
-    for attempt in (1, 2):
-        async with state.supervisor.acquire(user_id) as lease:
-            info["cold_start"] = info["cold_start"] or lease.cold_start
-            info["upstream_port"] = lease.port
-            try:
-                return await forward(request, lease.port, state.pool, settings.max_body_size)
-            except UnreachableError:
-                # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
-                state.supervisor.report_dead(lease.instance)
-                if attempt == 2:
-                    raise UpstreamError("the user's chroma server is unreachable") from None
-    raise AssertionError("unreachable")
+    admission = await state.quotas.admit(user_id, request.method, request.path)
+    status = 0
+    try:
+        for attempt in (1, 2):
+            async with state.supervisor.acquire(user_id) as lease:
+                info["cold_start"] = info["cold_start"] or lease.cold_start
+                info["upstream_port"] = lease.port
+                await admission.check_write(lease.port)
+                try:
+                    response = await forward(
+                        request, lease.port, state.pool, settings.max_body_size
+                    )
+                    status = response.status
+                    return response
+                except UnreachableError:
+                    # Nothing reached chroma: mark the instance dead and retry once on a fresh one.
+                    state.supervisor.report_dead(lease.instance)
+                    if attempt == 2:
+                        raise UpstreamError("the user's chroma server is unreachable") from None
+        raise AssertionError("unreachable")
+    finally:
+        admission.done(status)
 
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -274,9 +285,13 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     )
     state.blocklist = Blocklist(db_dir / launcher_mod.STATE_DIR / "blocked.json")
+    state.quotas = quotas = Quotas(settings, db_dir, state.metrics)
+    state.metrics.bind_disk(quotas.sizes)
+    await quotas.start()
     state.supervisor.start()
     yield
     await state.supervisor.close()
+    await quotas.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:
