@@ -7,6 +7,8 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
 * ``DELETE /admin/instances/{userId}[?drainTimeout=S]`` — stop one user's instance once its
   requests in flight are done (new ones for that user wait meanwhile); 404 if none runs.
 * ``POST|DELETE /admin/users/{userId}/block`` — refuse (403) or allow a user again.
+* ``GET|PUT /admin/users/{userId}/limits`` — a user's effective limits, overrides and usage;
+  ``PUT`` replaces the user's overrides (`stcs.quotas`, kept in ``<dbPath>/.stcs/limits.json``).
 * ``POST /admin/users/{userId}/hold[?ttl=S&drainTimeout=S]`` — hold a user for maintenance
   (backup, restore): the instance stops after its requests in flight, new requests wait; the hold
   ends with ``DELETE`` or after ``ttl`` seconds (default 600).
@@ -37,6 +39,7 @@ from stcs.errors import (
     NoInstanceError,
 )
 from stcs.metrics import CONTENT_TYPE
+from stcs.quotas import Quotas, check_overrides
 from stcs.state import STATE, State
 from stcs.supervisor import Instance
 
@@ -192,14 +195,63 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_instances(request: web.Request) -> web.Response:
-    """``GET /admin/instances``: ``{"instances": [...], "held": [...], "blocked": [...]}``."""
+    """``GET /admin/instances``: ``{"instances": [...], "held": [...], "blocked": [...],
+    "limitOverrides": {userId: {key: value}}}``; each instance also carries ``usage``
+    (``diskBytes``, ``inFlight``) next to its effective ``limits`` (YAML key -> value, 0 off).
+    """
     state = _state(request)
     assert state.supervisor is not None and state.blocklist is not None
+    quotas = state.quotas
+    assert quotas is not None
     now = time.monotonic()
-    instances = [instance_entry(i, now) for i in list(state.supervisor.registry.values())]
+    instances = []
+    for inst in list(state.supervisor.registry.values()):
+        entry = instance_entry(inst, now)
+        entry["usage"] = quotas.usage(inst.user_id)
+        entry["limits"] = quotas.limits_for(inst.user_id).as_keys()
+        instances.append(entry)
     return web.json_response(
-        {"instances": instances, "held": state.supervisor.held, "blocked": state.blocklist.users}
+        {
+            "instances": instances,
+            "held": state.supervisor.held,
+            "blocked": state.blocklist.users,
+            "limitOverrides": quotas.overrides.users,
+        }
     )
+
+
+def _limits_doc(quotas: Quotas, user_id: str) -> dict[str, Any]:
+    return {
+        "userId": user_id,
+        "limits": quotas.limits_for(user_id).as_keys(),
+        "overrides": quotas.overrides.users.get(user_id, {}),
+        "usage": quotas.usage(user_id),
+    }
+
+
+async def user_limits(request: web.Request) -> web.Response:
+    """``GET|PUT /admin/users/{userId}/limits``.
+
+    ``GET``: ``{"userId", "limits": {key: value}, "overrides": {key: value}, "usage":
+    {"diskBytes": bytes | null, "inFlight": n}}`` (keys: the settings' YAML names, e.g.
+    ``userMaxDiskMB``; 0 is off).  ``PUT`` with a JSON object ``{key: int >= 0 | null}``
+    replaces the user's overrides (null or a missing key: the setting applies; ``{}`` clears
+    them), saves them and answers as ``GET``.  400 ``InvalidArgumentError`` for an unknown key
+    or a bad value.
+    """
+    state = _state(request)
+    quotas = state.quotas
+    assert quotas is not None
+    user_id = _user_id(request)
+    if request.method == "PUT":
+        try:
+            checked = check_overrides(await request.json())
+        except ValueError as exc:  # json.JSONDecodeError is one too
+            raise BadAdminRequestError(str(exc)) from None
+        overrides = {k: v for k, v in checked.items() if v is not None}
+        quotas.set_overrides(user_id, overrides)
+        log.info("user limits set", user_id=user_id, overrides=overrides)
+    return web.json_response(_limits_doc(quotas, user_id))
 
 
 async def stop_instance(request: web.Request) -> web.Response:
@@ -277,5 +329,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/instances/{user_id}", stop_instance)
     app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)
     app.router.add_route("DELETE", "/admin/users/{user_id}/block", block_user)
+    app.router.add_get("/admin/users/{user_id}/limits", user_limits, allow_head=False)
+    app.router.add_put("/admin/users/{user_id}/limits", user_limits)
     app.router.add_route("POST", "/admin/users/{user_id}/hold", hold_user)
     app.router.add_route("DELETE", "/admin/users/{user_id}/hold", hold_user)

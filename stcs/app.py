@@ -35,6 +35,7 @@ from stcs.config import Settings
 from stcs.errors import (
     HTTPError,
 )
+from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
 
@@ -184,9 +185,13 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     )
     state.blocklist = Blocklist(db_dir / launcher_mod.STATE_DIR / "blocked.json")
+    state.quotas = quotas = Quotas(settings, db_dir, state.metrics)
+    state.metrics.bind_disk(quotas.sizes)
+    await quotas.start()
     state.supervisor.start()
     yield
     await state.supervisor.close()
+    await quotas.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:

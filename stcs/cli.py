@@ -282,13 +282,14 @@ def _print_status(instances: list[dict[str, object]]) -> None:
     if not instances:
         print("no instances running")
         return
-    header = ("USER", "PID", "PORT", "RSS MB", "IDLE", "REQUESTS", "IN FLIGHT", "STATUS")
+    header = ("USER", "PID", "PORT", "RSS MB", "DISK MB", "IDLE", "REQUESTS", "IN FLIGHT", "STATUS")
     rows = [
         (
             str(i["userId"]),
             str(i["pid"]),
             str(i["port"]),
             f"{int(i['memKb'] or 0) / 1000:.1f}",  # type: ignore[call-overload]
+            _disk_cell(i),
             f"{int(i['idleForMs']) / 1000:.1f}s",  # type: ignore[call-overload]
             str(i["requests"]),
             str(i["inFlight"]),
@@ -299,6 +300,16 @@ def _print_status(instances: list[dict[str, object]]) -> None:
     widths = [max(len(r[n]) for r in (header, *rows)) for n in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _disk_cell(instance: dict[str, object]) -> str:
+    """``USED/LIMIT`` in MB (MiB, as userMaxDiskMB): ``-`` not measured yet, no ``/LIMIT``
+    without a disk limit."""
+    usage, limits = instance.get("usage"), instance.get("limits")
+    used = usage.get("diskBytes") if isinstance(usage, dict) else None
+    limit = limits.get("userMaxDiskMB") if isinstance(limits, dict) else None
+    cell = "-" if used is None else f"{used / 2**20:.1f}"
+    return f"{cell}/{limit}" if limit else cell
 
 
 def _get_setting(resolved: Resolved, key: str) -> int:

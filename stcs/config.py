@@ -289,6 +289,74 @@ class Settings:
         help="Most client connections open at once; beyond, a new connection gets 503 and is "
         "closed. stcs raises its open-files limit to fit (two fds per proxied connection).",
     )
+    # Per-user limits (stcs.quotas): 0 is off; each can be overridden per user through
+    # PUT /admin/users/{userId}/limits (kept in <dbPath>/.stcs/limits.json).
+    user_max_disk_mb: int = setting(
+        0,
+        key="userMaxDiskMB",
+        env="USER_MAX_DISK_MB",
+        unit="MB",
+        minimum=0,
+        help="A user's data directory size beyond which writes (collection create, add, upsert, "
+        "update, fork) get 422 `QuotaError`; reads and deletes still work. 0: no limit.",
+    )
+    user_max_collections: int = setting(
+        0,
+        key="userMaxCollections",
+        env="USER_MAX_COLLECTIONS",
+        minimum=0,
+        help="Collections per database of a user; creating (or forking) one more gets 422 "
+        "`QuotaError`. 0: no limit.",
+    )
+    user_max_records_per_collection: int = setting(
+        0,
+        key="userMaxRecordsPerCollection",
+        env="USER_MAX_RECORDS_PER_COLLECTION",
+        minimum=0,
+        help="Records in one collection; add/upsert to a collection holding this many gets 422 "
+        "`QuotaError` (one batch may cross it). 0: no limit.",
+    )
+    user_requests_per_second: int = setting(
+        0,
+        key="userRequestsPerSecond",
+        env="USER_REQUESTS_PER_SECOND",
+        minimum=0,
+        help="Sustained requests per second per user (a token bucket); beyond it 429 "
+        "`RateLimitError` with `Retry-After`. 0: no limit.",
+    )
+    user_request_burst: int = setting(
+        0,
+        key="userRequestBurst",
+        env="USER_REQUEST_BURST",
+        minimum=0,
+        help="Size of a user's token bucket: requests sent at once after a quiet spell (in any "
+        "1 s: burst + userRequestsPerSecond at most). 0: the same as userRequestsPerSecond.",
+    )
+    user_max_concurrent_requests: int = setting(
+        0,
+        key="userMaxConcurrentRequests",
+        env="USER_MAX_CONCURRENT_REQUESTS",
+        minimum=0,
+        help="Requests of one user in flight at once; more wait up to userConcurrencyTimeout, "
+        "then 429 `RateLimitError`. 0: no limit.",
+    )
+    user_concurrency_timeout: int = setting(
+        1000,
+        key="userConcurrencyTimeout",
+        env="USER_CONCURRENCY_TIMEOUT",
+        unit="ms",
+        minimum=0,
+        help="Longest wait for one of the user's userMaxConcurrentRequests slots before 429.",
+    )
+    user_disk_check_interval: int = setting(
+        60000,
+        key="userDiskCheckInterval",
+        env="USER_DISK_CHECK_INTERVAL",
+        unit="ms",
+        minimum=1000,
+        help="How often every user's directory size is measured (off the event loop) for "
+        "userMaxDiskMB and the metrics; a user's writes and deletes also trigger it.",
+    )
     log_file: str = setting(
         "",
         key="logFile",

@@ -180,3 +180,38 @@ class TooManyConnectionsError(HTTPError):
 
     status = 503
     error = "RateLimitError"
+
+
+class QuotaExceededError(HTTPError):
+    """A write refused by a per-user quota (``userMaxDiskMB``, ``userMaxCollections``,
+    ``userMaxRecordsPerCollection``; `stcs.quotas`).
+
+    422 with ``{"error": "QuotaError"}``: the Python client (chromadb 1.x) maps the name to
+    ``chromadb.errors.QuotaError``; the JS client (``chromadb`` 3.x, ``chroma-fetch.ts``) maps a
+    422 whose message starts with "Quota exceeded" to ``ChromaQuotaExceededError``, so every
+    message starts so.  ``limit`` names the limit for metrics ("disk", "collections", "records").
+    """
+
+    status = 422
+    error = "QuotaError"
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(f"Quota exceeded: {message}")
+        self.limit = limit
+
+
+class UserRateLimitError(HTTPError):
+    """A request refused by a per-user rate (``userRequestsPerSecond``) or concurrency
+    (``userMaxConcurrentRequests``) limit, with ``Retry-After`` in seconds.
+
+    429 with ``{"error": "RateLimitError"}``: the Python client maps the name to
+    ``chromadb.errors.RateLimitError``, the JS client maps status 429 to ``ChromaRateLimitError``.
+    ``limit`` is "rate" or "concurrency" (metrics).
+    """
+
+    status = 429
+    error = "RateLimitError"
+
+    def __init__(self, limit: str, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+        self.limit = limit

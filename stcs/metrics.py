@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,6 +21,32 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _START_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 20)
 _QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_MB = 1024 * 1024
+_DISK_BUCKETS = tuple(n * _MB for n in (1, 10, 100, 1024, 10 * 1024, 100 * 1024))
+
+# `limit` label values of stcs_quota_rejections (the limits of stcs.quotas).
+QUOTA_LIMITS = ("disk", "collections", "records", "rate", "concurrency")
+
+
+class _DiskCollector(Collector):
+    """The users' data sizes as a gauge histogram, read at scrape time (a distribution across
+    users now, not accumulated over time)."""
+
+    def __init__(self, sizes: Callable[[], Iterable[int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterable[Metric]:
+        sizes = list(self._sizes())
+        buckets = [
+            (str(float(bound)), sum(1 for s in sizes if s <= bound)) for bound in _DISK_BUCKETS
+        ]
+        buckets.append(("+Inf", len(sizes)))
+        yield GaugeHistogramMetricFamily(
+            "stcs_user_disk_bytes",
+            "Users by the size of their data (as userMaxDiskMB counts it), last measurement.",
+            buckets=buckets,
+            gsum_value=sum(sizes),
+        )
 
 
 class _LiveCollector(Collector):
@@ -93,6 +119,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.quota_rejections = Counter(
+            "stcs_quota_rejections",
+            "Requests refused by a per-user limit, by limit (disk, collections, records: 422 "
+            "QuotaError; rate, concurrency: 429 RateLimitError).",
+            ["limit"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int], Any] = {}
         self.info = Gauge("stcs_up", "1 while stcs serves.", registry=r)
         self.info.set(1)
@@ -103,10 +136,16 @@ class Metrics:
             self.stops.labels(reason)
         for result in ("ok", "rejected", "error", "cache_hit"):
             self.auth_lookups.labels(result)
+        for limit in QUOTA_LIMITS:
+            self.quota_rejections.labels(limit)
 
     def bind(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:
         """Register the scrape-time values; ``snapshot`` gives (running, queued, child pids)."""
         self.registry.register(_LiveCollector(snapshot))
+
+    def bind_disk(self, sizes: Callable[[], Iterable[int]]) -> None:
+        """Register the users' data sizes (bytes, one per user) for ``stcs_user_disk_bytes``."""
+        self.registry.register(_DiskCollector(sizes))
 
     def observe_request(self, method: str, status: int, seconds: float) -> None:
         key = (method, status // 100)

@@ -52,6 +52,7 @@ from stcs.errors import (
     UpstreamError,
     UserBlockedError,
 )
+from stcs.quotas import Admission
 from stcs.state import State
 from stcs.upstream import UnixTarget, UnreachableError, UpstreamFailedError, UpstreamResponse
 
@@ -662,6 +663,25 @@ class ClientConnection(asyncio.Protocol):
         structlog.contextvars.bind_contextvars(user_id=user_id)
         if state.blocklist is not None and user_id in state.blocklist:
             raise UserBlockedError("this user is blocked")
+        quotas = state.quotas
+        assert quotas is not None
+        # Per-user rate, concurrency and disk limits (stcs.quotas): before any body is read.
+        admission = await quotas.admit(
+            user_id, msg.method.decode("latin-1"), msg.url.decode("latin-1")
+        )
+        status = 0
+        try:
+            status, close = await self._forward(msg, info, user_id, admission)
+        finally:
+            admission.done(status)
+        return status, close
+
+    async def _forward(
+        self, msg: _Message, info: dict[str, Any], user_id: str, admission: Admission
+    ) -> tuple[int, bool]:
+        state = self.state
+        supervisor = state.supervisor
+        assert supervisor is not None
         headers = filter_headers(msg.headers, REQUEST_DROP_FRAMING)
         body: bytes | AsyncIterator[bytes] | None = None
         chunked = False
@@ -681,6 +701,7 @@ class ClientConnection(asyncio.Protocol):
             async with supervisor.acquire(user_id) as lease:
                 info["cold_start"] = info["cold_start"] or lease.cold_start
                 info["upstream_port"] = lease.port
+                await admission.check_write(lease.port)  # chroma's own counts, for quotas
                 if msg.has_body and not small:
                     body, chunked = await self._body_for_upstream(msg)
                 head = self._upstream_head(

@@ -12,6 +12,7 @@ from aiohttp import web
 from stcs.auth import Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
+from stcs.quotas import Quotas
 from stcs.supervisor import Supervisor
 from stcs.upstream import UpstreamPool
 
@@ -27,6 +28,7 @@ class State:
     pool: UpstreamPool = field(default_factory=UpstreamPool)  # the request path
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
+    quotas: Quotas | None = None  # per-user limits (the request path's admit/done hooks)
     shutting_down: bool = False
     in_flight: int = 0  # requests being handled now (all endpoints)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
