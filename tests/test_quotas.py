@@ -228,8 +228,8 @@ def test_override_raises_one_users_limit_only_and_survives_a_restart(
     assert put_limits(server, alice, [1]).status_code == 400
 
 
-# The JS client is not installed by scripts/test (it needs the npm registry): point this at a
-# node_modules directory holding it (`npm install chromadb` somewhere) to run the test.
+# scripts/test installs the JS client into .cache/js when node and npm are present and points
+# this at it; elsewhere set it to a node_modules directory holding `chromadb` to run the test.
 JS_MODULES = os.environ.get("STCS_JS_CLIENT_MODULES", "")
 
 
