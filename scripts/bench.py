@@ -246,6 +246,48 @@ def nginx_in_front(tmp: Path, upstream: int) -> Iterator[str | None]:
         yield base
 
 
+NODE_PACKAGES = ["http-proxy@1", "pino@9", "pidusage@3", "uuid@9"]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"port {port} not listening in {timeout} s")
+
+
+@contextmanager
+def node_reference(tmp: Path, upstream: int, chroma_pid: int) -> Iterator[str | None]:
+    """The Node.js server's request path (scripts/reference/node-request-path.js, "orig": as
+    the original does it) in front of ``127.0.0.1:upstream``; None without node and npm."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        yield None
+        return
+    work = tmp / "node"
+    work.mkdir(exist_ok=True)
+    script = work / "node-request-path.js"
+    shutil.copy(ROOT / "scripts" / "reference" / "node-request-path.js", script)
+    if not (work / "node_modules").exists():
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund", *NODE_PACKAGES],
+            cwd=work,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    port = free_port()
+    argv = ["node", str(script), str(port), str(upstream), str(chroma_pid), "orig"]
+    proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
     """Each workload: ``rounds`` rounds of direct, nginx, (aiohttp constant,) stcs in turn, so
     a slow stretch of the host hits them alike; medians, and the median of per-round ratios."""
@@ -275,6 +317,13 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
         child = child_port(base, token)
         direct = f"http://127.0.0.1:{child}"
         nginx = refs.enter_context(nginx_in_front(tmp, child))
+        chroma_pid = next(
+            int(i["pid"])
+            for i in requests.get(
+                f"{base}/admin/instances", headers={"x-api-key": ADMIN}, timeout=10
+            ).json()["instances"]
+        )
+        node = refs.enter_context(node_reference(tmp, child, chroma_pid))
         port = free_port()
         constant = refs.enter_context(
             reference_server(
@@ -290,7 +339,7 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             ("heartbeat, 1 connection", heartbeat, None, 1),
             ("query, 1 connection", top10, query, 1),
         ):
-            targets = {"direct": direct, "nginx": nginx, "stcs": base}
+            targets = {"direct": direct, "nginx": nginx, "node": node, "stcs": base}
             if body is None and connections > 1:
                 targets["aiohttp"] = constant
             runs: dict[str, list[Wrk]] = {k: [] for k, v in targets.items() if v}
@@ -311,6 +360,73 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
     return rows
 
 
+def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
+    """Heartbeat through stcs serving HTTPS itself (``enableSSL``), against its child direct."""
+    if shutil.which("openssl") is None:
+        return []
+    cert, key = tmp / "tls.crt", tmp / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+         "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    argv = [PY, "-m", "stcs", "serve", "--port", str(port), "--db", str(tmp / "tls")]
+    argv += ["--adminAPIKey", ADMIN, "--enableSSL", "true"]
+    argv += ["--sslCertFile", str(cert), "--sslCertKeyFile", str(key)]
+    base = f"https://127.0.0.1:{port}"
+    sink = tmp / f"stcs-tls-{port}.log"
+    with open(sink, "wb") as out:
+        proc = subprocess.Popen(argv, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_port(port)
+        token = str(uuid.uuid4())
+        auth = {"X-Chroma-Token": token}
+        for _ in range(100):
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(
+                    f"{base}/api/v2/heartbeat", headers=auth, verify=False, timeout=5
+                ).ok:
+                    break
+            time.sleep(0.1)
+        listing = requests.get(
+            f"{base}/admin/instances", headers={"x-api-key": ADMIN}, verify=False, timeout=10
+        ).json()["instances"]
+        direct = f"http://127.0.0.1:{listing[0]['port']}"
+        stcs_proc = psutil.Process(proc.pid)
+        for name, connections in (
+            ("heartbeat, in-app TLS", 8),
+            ("heartbeat, in-app TLS, 1 connection", 1),
+        ):
+            runs: dict[str, list[Wrk]] = {"direct": [], "stcs": []}
+            cpu_us: list[float] = []
+            targets = {"direct": direct, "stcs": base}
+            for key in runs:
+                wrk(f"{targets[key]}/api/v2/heartbeat", 1, auth, None, connections)
+            for _ in range(rounds):
+                for key in runs:
+                    before = stcs_proc.cpu_times()
+                    result = wrk(
+                        f"{targets[key]}/api/v2/heartbeat", seconds, auth, None, connections
+                    )
+                    runs[key].append(result)
+                    if key == "stcs":
+                        after = stcs_proc.cpu_times()
+                        used = after.user + after.system - before.user - before.system
+                        cpu_us.append(used / (result.rps * seconds) * 1e6)
+            rows.append(_throughput_row(name, runs, cpu_us))
+            print(rows[-1], flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
 def _ratio(runs: dict[str, list[Wrk]], key: str) -> str:
     if key not in runs:
         return "n/a"
@@ -326,7 +442,8 @@ def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: list[float]) 
     spread = ", ".join(f"{r.rps:,.0f}" for r in runs["stcs"])
     return (
         f"| {name} | {med('direct', 'rps'):,.0f} | {med('stcs', 'rps'):,.0f} ({spread}) | "
-        f"**{_ratio(runs, 'stcs')}** | {_ratio(runs, 'nginx')} | {_ratio(runs, 'aiohttp')} | "
+        f"**{_ratio(runs, 'stcs')}** | {_ratio(runs, 'nginx')} | {_ratio(runs, 'node')} | "
+        f"{_ratio(runs, 'aiohttp')} | "
         f"{med('direct', 'p50_ms'):.2f} / {med('direct', 'p99_ms'):.2f} | "
         f"{med('stcs', 'p50_ms'):.2f} / {med('stcs', 'p99_ms'):.2f} | "
         f"{med('stcs', 'p50_ms') - med('direct', 'p50_ms'):+.2f} | "
@@ -614,6 +731,7 @@ def main() -> None:
         if "throughput" in todo:
             print("## throughput", flush=True)
             sections["throughput"] = throughput(tmp, args.duration, args.rounds)
+            sections["throughput"] += tls_throughput(tmp, args.duration, args.rounds)
         if "instructions" in todo:
             print("## instructions per request (callgrind)", flush=True)
             sections["instructions"] = instructions(tmp)
@@ -663,9 +781,9 @@ def render(sections: dict[str, list[str]], took: float) -> str:
             "per-round ratios to direct. *aiohttp* is aiohttp's own server answering a constant "
             "heartbeat: the ceiling of any aiohttp-served proxy here. CPU is stcs's user + "
             "system time per request.\n\n"
-            "| request | direct req/s | stcs req/s | stcs ratio | nginx ratio | aiohttp ratio | "
-            "direct p50 / p99 (ms) | stcs p50 / p99 (ms) | added p50 (ms) | stcs CPU (µs/req) "
-            "| errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "| request | direct req/s | stcs req/s | stcs ratio | nginx ratio | Node.js ratio | "
+            "aiohttp ratio | direct p50 / p99 (ms) | stcs p50 / p99 (ms) | added p50 (ms) | "
+            "stcs CPU (µs/req) | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
             + "\n"
         )
