@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 
 from stcs import launcher as launcher_mod
-from stcs.auth import validate_user_id
+from stcs.auth import normalize_user_id
 from stcs.errors import (
     AdminDisabledError,
     AdminForbiddenError,
@@ -102,8 +102,11 @@ def _state(request: web.Request) -> State:
 
 
 def _user_id(request: web.Request) -> str:
+    """The ``{user_id}`` of an admin path, normalised as the resolver does (in UUID mode a UUID
+    in upper case means its lowercase form).  Raises BadAdminRequestError."""
+    uuid_mode = request.app[STATE].settings.user_ids_are_secret
     try:
-        return validate_user_id(request.match_info["user_id"])
+        return normalize_user_id(request.match_info["user_id"], uuid_mode=uuid_mode)
     except InvalidUserIdError:
         raise BadAdminRequestError("not a valid user id") from None
 

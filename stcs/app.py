@@ -155,11 +155,14 @@ async def health(request: web.Request) -> web.Response:
 
 async def auth_only(request: web.Request) -> web.Response:
     """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
-    ``X-Stcs-User-Id``; 401/503/502 as the error table.  Starts no instance."""
+    ``X-Stcs-User-Id``; 401/503/502 as the error table, 403 for a blocked user.  Starts no
+    instance."""
     state = request.app[STATE]
     assert state.resolver is not None
     user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
     request[INFO]["user_id"] = user_id
+    if state.blocklist is not None and user_id in state.blocklist:
+        raise UserBlockedError("this user is blocked")
     return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
 
 
@@ -255,6 +258,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         max_retries=settings.db_max_retries,
         logs_dir=settings.child_logs_dir,
         log_max_bytes=settings.child_log_max_bytes,
+        user_ids_are_secret=settings.user_ids_are_secret,
     )
     state.supervisor = Supervisor(
         chroma,

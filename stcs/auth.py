@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import ssl
 import time
@@ -83,6 +84,18 @@ def validate_user_id(user_id: object) -> str:
     if not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
         raise InvalidUserIdError("the auth server returned a user id unusable as a directory name")
     return user_id
+
+
+def normalize_user_id(user_id: str, *, uuid_mode: bool) -> str:
+    """A user id as the resolver would produce it, for the admin API and the command line.
+
+    In UUID mode (``uuid_mode``: no ``authServerEndpoint``) a UUID in any case means its
+    lowercase form, the id `UuidResolver` gives; otherwise ids are taken as they are (an auth
+    server's ids are case-sensitive).  Raises InvalidUserIdError (`validate_user_id`).
+    """
+    if uuid_mode and UUID_RE.fullmatch(user_id):
+        return user_id.lower()
+    return validate_user_id(user_id)
 
 
 class Resolver(Protocol):
@@ -269,5 +282,8 @@ class Blocklist:
         """Block or unblock ``user_id`` and save (atomically: write, then rename)."""
         (self._users.add if blocked else self._users.discard)(user_id)
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.users))
+        # 0600 whatever the umask: in UUID mode the list names tokens.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(self.users))
         tmp.replace(self._path)

@@ -11,6 +11,7 @@ Every setting has a ``--<yamlKey>`` flag; the Node.js server's short forms are k
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="A table of the instances of the stcs running on this machine's appPort "
         "(needs adminAPIKey).",
     )
+    ref = sub.add_parser(
+        "user-ref",
+        help="print the reference logged for a user id in UUID mode",
+        description="In UUID mode (no authServerEndpoint) the user id is the token, so the log "
+        "shows u- + the first 16 hex digits of its SHA-256 instead; this prints it for ID "
+        "(a UUID in any case means its lowercase form).",
+    )
+    ref.add_argument("user", metavar="ID")
     for name, verb in (
         ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
         ("restore", "replace USER's database with ARCHIVE"),
@@ -152,8 +161,16 @@ def _serve(resolved: Resolved) -> int:
     from stcs.server import serve
 
     settings = resolved.settings
+    # Everything stcs creates — dbPath, .stcs, logs, user directories, blocked.json, logFile,
+    # children's files — is private to its uid (DESIGN.md "Trust"): in UUID mode a directory
+    # or file name is a token.  Inherited by the children (chroma's own files).
+    os.umask(0o077)
     try:
-        log_mod.configure(settings.log_level, settings.log_file)
+        log_mod.configure(
+            settings.log_level,
+            settings.log_file,
+            user_ids_are_secret=settings.user_ids_are_secret,
+        )
     except OSError as exc:
         print(f"stcs: error: logFile {settings.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -239,6 +256,8 @@ def _event_loop(choice: str) -> tuple[str, Callable[[Coroutine[Any, Any, None]],
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stcs`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "user-ref":
+        return _user_ref(args.user)
     try:
         resolved = _resolve(args)
     except ConfigError as exc:
@@ -298,6 +317,20 @@ def _print_status(instances: list[dict[str, object]]) -> None:
     widths = [max(len(r[n]) for r in (header, *rows)) for n in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _user_ref(user_id: str) -> int:
+    from stcs.auth import normalize_user_id
+    from stcs.errors import InvalidUserIdError
+    from stcs.log import user_ref
+
+    try:
+        user_id = normalize_user_id(user_id, uuid_mode=True)
+    except InvalidUserIdError:
+        print(f"stcs: {user_id!r} is not a valid user id", file=sys.stderr)
+        return EXIT_USAGE
+    print(user_ref(user_id))
+    return EXIT_OK
 
 
 def _get_setting(resolved: Resolved, key: str) -> int:

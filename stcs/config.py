@@ -354,6 +354,12 @@ class Settings:
         return self.db_dir / ".stcs" / "logs"
 
     @property
+    def user_ids_are_secret(self) -> bool:
+        """UUID mode (no ``authServerEndpoint``): the user id is the token, so logs carry
+        `stcs.log.user_ref` of it and child log files are named by it."""
+        return not self.auth_server_endpoint
+
+    @property
     def db_dir(self) -> Path:
         """``dbPath`` made absolute (relative to the working directory)."""
         return Path(self.db_path).expanduser().resolve()

@@ -45,7 +45,8 @@ def user_dirs(db: Path) -> list[str]:
 
 
 def chroma_pids_under(db: Path) -> list[int]:
-    """Pids of live processes whose command line has ``--path`` under ``db``."""
+    """Pids of live processes whose ``--path`` (resolved against their working directory:
+    stcs gives children ``--path .``) lies under ``db``."""
     root = str(db.resolve())
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
@@ -54,8 +55,11 @@ def chroma_pids_under(db: Path) -> list[int]:
             continue
         if "--path" in cmd:
             i = cmd.index("--path")
-            if i + 1 < len(cmd) and cmd[i + 1].startswith(root):
-                pids.append(proc.info["pid"])
+            if i + 1 < len(cmd):
+                with contextlib.suppress(psutil.Error, OSError):
+                    path = os.path.join(proc.cwd(), cmd[i + 1])
+                    if os.path.realpath(path).startswith(root):
+                        pids.append(proc.info["pid"])
     return pids
 
 
