@@ -181,3 +181,26 @@ def test_orphan_cleanup_touches_only_user_directories_directly_in_db_path(
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_admin_calls_take_a_uuid_in_any_case_and_auth_refuses_blocked_users(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--adminAPIKey", ADMIN)
+    token = new_token()
+    upper = token.upper()
+    client_for(server, token).heartbeat()
+    assert len(server.children()) == 1
+    resp = requests.delete(f"{server.url}/admin/instances/{upper}", headers=HDR, timeout=30)
+    assert resp.json() == {"userId": token, "stopped": True}
+    assert not server.children()
+    resp = requests.post(f"{server.url}/admin/users/{upper}/hold?ttl=30", headers=HDR, timeout=30)
+    assert resp.json()["userId"] == token
+    listed = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=30).json()
+    assert listed["held"] == [token]
+    requests.delete(f"{server.url}/admin/users/{upper}/hold", headers=HDR, timeout=30)
+    auth = requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": token}, timeout=30)
+    assert auth.status_code == 204
+    requests.post(f"{server.url}/admin/users/{upper}/block", headers=HDR, timeout=30)
+    auth = requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": upper}, timeout=30)
+    assert auth.status_code == 403 and auth.json()["error"] == "AuthorizationError"
