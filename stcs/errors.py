@@ -82,6 +82,11 @@ class StartFailedError(HTTPError):
     error = "InternalError"
 
 
+class StartBackoffError(StartFailedError):
+    """The user's recent starts failed (or their chroma crashed soon after starting): no new
+    start is tried until the back-off ends; answered at once with ``Retry-After``."""
+
+
 class ShuttingDownError(HTTPError):
     """stcs is shutting down and takes no new work."""
 

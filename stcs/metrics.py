@@ -87,6 +87,16 @@ class Metrics:
             "Starts that had to wait because of dbMinFreeMemoryMB.",
             registry=r,
         )
+        self.start_backoffs = Counter(
+            "stcs_start_backoffs",
+            "Back-offs begun: a user's start failed or their chroma crashed soon after it.",
+            registry=r,
+        )
+        self.backoff_refusals = Counter(
+            "stcs_backoff_refusals",
+            "Requests answered 503 at once because their user's starts back off.",
+            registry=r,
+        )
         self.auth_lookups = Counter(
             "stcs_auth_lookups",
             "Token resolutions by result (ok, rejected, error, cache_hit).",
