@@ -26,6 +26,7 @@ from stcs import launcher as launcher_mod
 from stcs.auth import (
     AuthServerResolver,
     Blocklist,
+    ExistingUsersResolver,
     UuidResolver,
     extract_token,
     tls_context,
@@ -222,6 +223,8 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     else:
         state.resolver = UuidResolver()
+    if not settings.auto_create_users:
+        state.resolver = ExistingUsersResolver(state.resolver, settings.db_dir)
     yield
     await state.upstream.close()
     state.pool.close()

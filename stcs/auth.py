@@ -114,6 +114,45 @@ class UuidResolver:
         return token.lower()
 
 
+class ExistingUsersResolver:
+    """``autoCreateUsers: false``: resolve with ``inner``, then refuse (AuthError, 401) a user
+    whose directory ``<db_dir>/<userId>`` does not exist — before anything is created, so
+    random UUIDs cannot fill the disk.  Users are added with ``stcs users add`` or
+    ``PUT /admin/users/{userId}`` (`create_user`).
+
+    Known users are remembered (one stat per user, not per request).
+    """
+
+    def __init__(self, inner: Resolver, db_dir: Path) -> None:
+        self._inner = inner
+        self._db_dir = db_dir
+        self._known: set[str] = set()
+
+    async def resolve(self, token: str) -> str:
+        """The user id of ``token`` if that user exists.  Raises what ``inner`` raises, and
+        AuthError for a user with no directory."""
+        user_id = await self._inner.resolve(token)
+        if user_id in self._known:
+            return user_id
+        validate_user_id(user_id)  # a directory name before it is looked up
+        if not (self._db_dir / user_id).is_dir():
+            log.debug("unknown user refused", user_id=user_id)
+            raise AuthError("unknown user")
+        self._known.add(user_id)
+        return user_id
+
+
+def create_user(db_dir: Path, user_id: str) -> bool:
+    """Create ``<db_dir>/<user_id>`` (mode 0700, ``db_dir`` too if missing); False when it
+    already exists.  ``user_id`` must be normalised (`normalize_user_id`).  Raises OSError."""
+    db_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        (db_dir / validate_user_id(user_id)).mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
 def tls_context(ca_file: str) -> ssl.SSLContext:
     """The TLS context for the auth server: certificates verified, against ``ca_file`` (PEM)
     if given, else the system's CAs.  Raises OSError or ssl.SSLError for an unusable file."""

@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(a UUID in any case means its lowercase form).",
     )
     ref.add_argument("user", metavar="ID")
+    users = sub.add_parser(
+        "users",
+        parents=[settings],
+        help="manage users (for autoCreateUsers: false)",
+        description="users add ID: create ID's directory <dbPath>/<ID> (mode 0700) so that "
+        "ID is served when autoCreateUsers is false.",
+    )
+    users.add_argument("action", choices=["add"])
+    users.add_argument("user", metavar="ID")
     for name, verb in (
         ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
         ("restore", "replace USER's database with ARCHIVE"),
@@ -269,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
+    if args.command == "users":
+        return _users_add(resolved, args.user)
     if args.command in ("status", "backup", "restore"):
         return _maintenance(resolved, args)
     return _serve(resolved)
@@ -317,6 +328,24 @@ def _print_status(instances: list[dict[str, object]]) -> None:
     widths = [max(len(r[n]) for r in (header, *rows)) for n in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _users_add(resolved: Resolved, user_id: str) -> int:
+    from stcs.auth import create_user, normalize_user_id
+    from stcs.errors import InvalidUserIdError
+
+    settings = resolved.settings
+    try:
+        user_id = normalize_user_id(user_id, uuid_mode=settings.user_ids_are_secret)
+        created = create_user(settings.db_dir, user_id)
+    except InvalidUserIdError:
+        print(f"stcs: {user_id!r} is not a valid user id", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"stcs users add: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{'created' if created else 'exists'}: {settings.db_dir / user_id}")
+    return EXIT_OK
 
 
 def _user_ref(user_id: str) -> int:

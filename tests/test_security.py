@@ -204,3 +204,35 @@ def test_admin_calls_take_a_uuid_in_any_case_and_auth_refuses_blocked_users(
     requests.post(f"{server.url}/admin/users/{upper}/block", headers=HDR, timeout=30)
     auth = requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": upper}, timeout=30)
     assert auth.status_code == 403 and auth.json()["error"] == "AuthorizationError"
+
+
+def test_without_auto_create_only_existing_users_are_served_and_nothing_is_created(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    added = new_token()
+    out = subprocess.run(
+        [sys.executable, "-m", "stcs", "users", "add", added.upper(), "--db", str(db)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.startswith("created")
+    assert stat.S_IMODE((db / added).stat().st_mode) == 0o700
+    server = stcs("--autoCreateUsers", "false", "--adminAPIKey", ADMIN, db=db)
+    for _ in range(50):  # random UUIDs: 401, no directory, no child
+        resp = requests.get(
+            f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": new_token()}, timeout=30
+        )
+        assert resp.status_code == 401 and resp.json()["error"] == "AuthError"
+    assert sorted(p.name for p in db.iterdir() if p.name != ".stcs") == [added]
+    assert not (db / ".stcs" / "logs").exists() or not any((db / ".stcs" / "logs").iterdir())
+    assert not server.children()
+    client_for(server, added).heartbeat()  # the added user is served
+    late = new_token()
+    assert requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": late}).status_code == 401
+    resp = requests.put(f"{server.url}/admin/users/{late}", headers=HDR, timeout=30)
+    assert resp.json() == {"userId": late, "created": True}
+    client_for(server, late).heartbeat()
+    resp = requests.put(f"{server.url}/admin/users/{late}", headers=HDR, timeout=30)
+    assert resp.json() == {"userId": late, "created": False}
