@@ -209,7 +209,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.auth_server_endpoint:
         auth_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=100, keepalive_timeout=30, ssl=tls_context(settings.auth_server_ca_file)
+                limit=settings.auth_max_concurrent_lookups,
+                keepalive_timeout=30,
+                ssl=tls_context(settings.auth_server_ca_file),
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -220,6 +222,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             cache_ttl_ms=settings.auth_cache_ttl,
             timeout_ms=settings.auth_timeout,
             on_lookup=lambda result: state.metrics.auth_lookups.labels(result).inc(),
+            max_concurrent=settings.auth_max_concurrent_lookups,
         )
     else:
         state.resolver = UuidResolver()

@@ -30,7 +30,12 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
-from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
+from stcs.errors import (
+    AuthError,
+    AuthUnavailableError,
+    InvalidUserIdError,
+    LookupsSaturatedError,
+)
 
 log = structlog.get_logger("stcs.auth")
 
@@ -166,9 +171,11 @@ def _digest(token: str) -> bytes:
 class AuthServerResolver:
     """Resolve tokens through an HTTP auth server, with a cache and single-flight lookups.
 
-    ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup.
-    ``on_lookup`` (optional) is called with "ok" | "rejected" | "error" | "cache_hit" for
-    metrics and tests.
+    ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup, the
+    wait for a lookup slot included.  At most ``max_concurrent`` lookups are in flight
+    (``authMaxConcurrentLookups``): a slow auth server costs a bounded number of sockets, and
+    beyond it lookups wait; cache hits never do.  ``on_lookup`` (optional) is called with "ok" |
+    "rejected" | "error" | "saturated" | "cache_hit" for metrics and tests.
     """
 
     MAX_CACHE_ENTRIES = 100_000
@@ -181,6 +188,7 @@ class AuthServerResolver:
         cache_ttl_ms: int = 60000,
         timeout_ms: int = 5000,
         on_lookup: Callable[[str], None] | None = None,
+        max_concurrent: int = 32,
     ) -> None:
         self._session = session
         self._on_lookup = on_lookup
@@ -188,7 +196,8 @@ class AuthServerResolver:
         self._api_key = api_key
         self._cache_ttl = cache_ttl_ms / 1000
         self._reject_ttl = min(cache_ttl_ms, REJECTION_CACHE_MS) / 1000
-        self._timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
+        self._timeout_s = timeout_ms / 1000
+        self._slots = asyncio.Semaphore(max_concurrent)
         # digest -> (user id or None for rejected, expiry on the monotonic clock)
         self._cache: dict[bytes, tuple[str | None, float]] = {}
         self._inflight: dict[bytes, asyncio.Future[str]] = {}
@@ -228,6 +237,9 @@ class AuthServerResolver:
         except AuthError:
             self._count("rejected")
             raise
+        except LookupsSaturatedError:
+            self._count("saturated")
+            raise
         except (AuthUnavailableError, InvalidUserIdError):
             self._count("error")
             raise
@@ -251,17 +263,28 @@ class AuthServerResolver:
             headers["x-api-key"] = self._api_key
         started = time.monotonic()
         try:
+            await asyncio.wait_for(self._slots.acquire(), self._timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("auth lookups saturated", timeout_ms=int(self._timeout_s * 1000))
+            raise LookupsSaturatedError("too many auth server lookups in flight") from None
+        try:
+            remaining = max(0.001, self._timeout_s - (time.monotonic() - started))
             async with self._session.get(
-                self._endpoint, headers=headers, timeout=self._timeout, allow_redirects=False
+                self._endpoint,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=remaining),
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
                 body = await resp.read() if status == 200 else b""
         except asyncio.TimeoutError:
-            log.warning("auth server timed out", timeout_ms=int(self._timeout.total * 1000))  # type: ignore[operator]
+            log.warning("auth server timed out", timeout_ms=int(self._timeout_s * 1000))
             raise AuthUnavailableError("auth server timed out") from None
         except aiohttp.ClientError as exc:
             log.warning("auth server unreachable", error=type(exc).__name__)
             raise AuthUnavailableError("auth server unreachable") from None
+        finally:
+            self._slots.release()
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         if status in (401, 403):
             log.info("token rejected", auth_status=status, duration_ms=duration_ms)

@@ -61,6 +61,10 @@ class AuthUnavailableError(HTTPError):
     error = "InternalError"
 
 
+class LookupsSaturatedError(AuthUnavailableError):
+    """``authMaxConcurrentLookups`` lookups were in flight for all of ``authTimeout``."""
+
+
 class InvalidUserIdError(HTTPError):
     """The auth server returned a user id that is not usable as a directory name."""
 

@@ -99,7 +99,7 @@ class Metrics:
         )
         self.auth_lookups = Counter(
             "stcs_auth_lookups",
-            "Token resolutions by result (ok, rejected, error, cache_hit).",
+            "Token resolutions by result (ok, rejected, error, saturated, cache_hit).",
             ["result"],
             registry=r,
         )
@@ -111,7 +111,7 @@ class Metrics:
             self.starts.labels(result)
         for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable"):
             self.stops.labels(reason)
-        for result in ("ok", "rejected", "error", "cache_hit"):
+        for result in ("ok", "rejected", "error", "saturated", "cache_hit"):
             self.auth_lookups.labels(result)
 
     def bind(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:

@@ -217,6 +217,8 @@ class AuthServer:
     calls: Counter[str] = field(default_factory=Counter)
     api_keys: list[str | None] = field(default_factory=list)
     delay: float = 0.0
+    in_flight: int = 0  # lookups being answered now
+    max_in_flight: int = 0  # most seen at once
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -232,8 +234,13 @@ class AuthServer:
         token = auth[7:] if auth.startswith("Bearer ") else ""
         self.calls[token] += 1
         self.api_keys.append(request.headers.get("x-api-key"))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         status, body = self.answers.get(token, (401, {"message": "invalid"}))
         if isinstance(body, (bytes, str)):
             return web.Response(status=status, body=body)

@@ -236,3 +236,57 @@ def test_without_auto_create_only_existing_users_are_served_and_nothing_is_creat
     client_for(server, late).heartbeat()
     resp = requests.put(f"{server.url}/admin/users/{late}", headers=HDR, timeout=30)
     assert resp.json() == {"userId": late, "created": False}
+
+
+async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_tokens(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    import asyncio
+    import time
+
+    import aiohttp
+
+    cached = "tok-cached"
+    auth_server.answers[cached] = (200, {"userId": "carol"})
+    slow = [f"tok-slow-{i}" for i in range(12)]
+    for token in slow:
+        auth_server.answers[token] = (200, {"userId": "dave"})
+    server = stcs(
+        "--auth",
+        auth_server.url,
+        "--authMaxConcurrentLookups",
+        "3",
+        "--authTimeout",
+        "1000",
+        "--adminAPIKey",
+        ADMIN,
+    )
+    assert requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": cached}).status_code == 204
+    auth_server.delay = 1.5  # slower than authTimeout
+
+    async with aiohttp.ClientSession() as session:
+
+        async def auth(token: str) -> tuple[int, float]:
+            started = time.monotonic()
+            async with session.get(f"{server.url}/auth", headers={"X-Chroma-Token": token}) as r:
+                await r.read()
+                return r.status, time.monotonic() - started
+
+        async def get(path: str, headers: dict[str, str]) -> tuple[int, float]:
+            started = time.monotonic()
+            async with session.get(f"{server.url}{path}", headers=headers) as r:
+                await r.read()
+                return r.status, time.monotonic() - started
+
+        flood = [asyncio.ensure_future(auth(t)) for t in slow]
+        await asyncio.sleep(0.3)  # the flood is waiting on the auth server now
+        cached_answer = await auth(cached)
+        health = await get("/health", {})
+        admin = await get("/admin/instances", HDR)
+        results = await asyncio.gather(*flood)
+    assert cached_answer[0] == 204 and cached_answer[1] < 0.3
+    assert health[0] == 200 and health[1] < 0.3
+    assert admin[0] == 200 and admin[1] < 0.3
+    assert [status for status, _ in results] == [503] * len(slow)
+    assert all(seconds < 1.6 for _, seconds in results)  # authTimeout, not 12 x 1.5 s
+    assert auth_server.max_in_flight == 3
