@@ -3,13 +3,16 @@ learn, and what an admin call means.  Real ``stcs serve`` processes and real chr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import requests
 
 from stcs.launcher import CHILD_ENV_ALLOWED
@@ -241,11 +244,6 @@ def test_without_auto_create_only_existing_users_are_served_and_nothing_is_creat
 async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_tokens(
     stcs: Callable[..., StcsServer], auth_server: AuthServer
 ) -> None:
-    import asyncio
-    import time
-
-    import aiohttp
-
     cached = "tok-cached"
     auth_server.answers[cached] = (200, {"userId": "carol"})
     slow = [f"tok-slow-{i}" for i in range(12)]
@@ -261,8 +259,6 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
         "--adminAPIKey",
         ADMIN,
     )
-    assert requests.get(f"{server.url}/auth", headers={"X-Chroma-Token": cached}).status_code == 204
-    auth_server.delay = 1.5  # slower than authTimeout
 
     async with aiohttp.ClientSession() as session:
 
@@ -278,6 +274,8 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
                 await r.read()
                 return r.status, time.monotonic() - started
 
+        assert (await auth(cached))[0] == 204  # now cached
+        auth_server.delay = 1.5  # slower than authTimeout
         flood = [asyncio.ensure_future(auth(t)) for t in slow]
         await asyncio.sleep(0.3)  # the flood is waiting on the auth server now
         cached_answer = await auth(cached)
