@@ -281,10 +281,13 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
         cached_answer = await auth(cached)
         health = await get("/health", {})
         admin = await get("/admin/instances", HDR)
+        # Before the first lookup times out (1 s): later the auth server's handlers outlive
+        # the connections stcs gave up on, so its own count no longer says what stcs holds.
+        peak = auth_server.max_in_flight
         results = await asyncio.gather(*flood)
     assert cached_answer[0] == 204 and cached_answer[1] < 0.3
     assert health[0] == 200 and health[1] < 0.3
     assert admin[0] == 200 and admin[1] < 0.3
     assert [status for status, _ in results] == [503] * len(slow)
     assert all(seconds < 1.6 for _, seconds in results)  # authTimeout, not 12 x 1.5 s
-    assert auth_server.max_in_flight == 3
+    assert peak == 3
