@@ -274,6 +274,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         min_free_memory_mb=settings.db_min_free_memory_mb,
         metrics=state.metrics,
         on_instance_gone=state.pool.forget,
+        liveness_timeout_ms=settings.db_liveness_timeout,
     )
     supervisor = state.supervisor
     state.metrics.bind(

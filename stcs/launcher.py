@@ -249,6 +249,10 @@ class Launcher(Protocol):
 
     def rotate_log(self, child: Child) -> None: ...
 
+    async def probe(self, child: Child, timeout_s: float) -> bool: ...
+
+    def kill(self, child: Child) -> None: ...
+
 
 class ChromaLauncher:
     """Start and stop chroma servers for users under ``db_dir``.
@@ -451,6 +455,24 @@ class ChromaLauncher:
             os.truncate(path, 0)
         except OSError as exc:
             log.warning("cannot rotate instance log", path=str(path), error=str(exc))
+
+    async def probe(self, child: Child, timeout_s: float) -> bool:
+        """Whether ``child`` answers chroma's heartbeat (``GET /api/v2/heartbeat`` → 200)
+        within ``timeout_s`` seconds.  Never raises."""
+        url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.get(url, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    def kill(self, child: Child) -> None:
+        """SIGKILL the child's process group at once (a wedged child: SIGTERM may never be
+        acted on, e.g. a stopped process).  Reaping is left to whoever awaits `Child.wait`."""
+        if child.returncode is None:
+            _signal_group(child.pid, signal.SIGKILL)
 
     async def stop(self, child: Child) -> int:
         """Stop a child: SIGTERM to its process group, wait ``stop_timeout_ms``, then SIGKILL.

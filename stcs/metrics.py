@@ -109,7 +109,7 @@ class Metrics:
         # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
         for result in ("ok", "failed"):
             self.starts.labels(result)
-        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable"):
+        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable", "wedged"):
             self.stops.labels(reason)
         for result in ("ok", "rejected", "error", "saturated", "cache_hit"):
             self.auth_lookups.labels(result)

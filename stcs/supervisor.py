@@ -14,6 +14,9 @@
   ``BACKOFF_STABLE_S`` of becoming ready, makes that user's next start wait 1 s, doubling per
   failure up to 60 s; meanwhile their requests get 503 + ``Retry-After`` at once, nothing is
   spawned.  An instance that stays up ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+* Liveness: an instance with requests in flight whose heartbeat has not answered for
+  ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail (502) instead
+  of hanging for ever.  Idle instances are not probed (they cost nothing while wedged).
 
 How a child is started and stopped is the `launcher.Launcher` passed in.
 """
@@ -84,6 +87,7 @@ class Instance:
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
     ready_at: float = 0.0  # the supervisor's clock when the instance became ready
+    alive_at: float = 0.0  # monotonic s: last good heartbeat, or last seen with nothing in flight
     has_slot: bool = False
     started: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -154,6 +158,7 @@ class Supervisor:
         metrics: Metrics | None = None,
         on_instance_gone: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        liveness_timeout_ms: int = 0,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -172,22 +177,27 @@ class Supervisor:
         self._on_instance_gone = on_instance_gone  # called with the port of a forgotten child
         self._clock = clock  # back-off timing (seconds); injected by policy tests
         self._backoff: dict[str, Backoff] = {}
+        self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
+        self._liveness: asyncio.Task[None] | None = None
         self.closing = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the idle reaper (call from the running event loop)."""
+        """Start the idle reaper and the liveness probe (call from the running event loop)."""
         self._reaper = asyncio.create_task(self._reap_idle(), name="stcs-reaper")
+        if self.liveness_timeout > 0:
+            self._liveness = asyncio.create_task(self._check_liveness(), name="stcs-liveness")
 
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self.closing = True
         self._wake_queue()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._liveness):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         starting = [
             i.start_task
             for i in self.registry.values()
@@ -283,6 +293,7 @@ class Supervisor:
         inst.child = child
         inst.state = State.READY
         inst.ready_at = self._clock()
+        inst.alive_at = time.monotonic()
         inst.last_active = time.monotonic()
         inst.last_active_wall = time.time()
         inst.started.set_result(None)
@@ -528,6 +539,53 @@ class Supervisor:
                     and now - inst.last_active >= self.ttl
                 ):
                     self._stop_soon(inst, "idle")
+
+    async def _check_liveness(self) -> None:
+        """Probe the heartbeat of every ready instance with requests in flight, each tick
+        (at most 1 s, a quarter of ``dbLivenessTimeout``); kill one silent for the timeout."""
+        structlog.contextvars.clear_contextvars()
+        interval = min(1.0, max(0.05, self.liveness_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            watched: list[tuple[Instance, Child]] = []
+            for inst in list(self.registry.values()):
+                if inst.state is not State.READY or inst.child is None:
+                    continue
+                if inst.in_flight == 0:
+                    inst.alive_at = now  # the clock starts when a request comes in
+                else:
+                    watched.append((inst, inst.child))
+            if not watched:
+                continue
+            answers = await asyncio.gather(
+                *(self.launcher.probe(child, interval) for _, child in watched)
+            )
+            now = time.monotonic()
+            for (inst, child), alive in zip(watched, answers, strict=True):
+                if alive:
+                    inst.alive_at = now
+                elif (
+                    now - inst.alive_at >= self.liveness_timeout
+                    and inst.state is State.READY
+                    and inst.child is child
+                ):
+                    self._kill_wedged(inst, child, now)
+
+    def _kill_wedged(self, inst: Instance, child: Child, now: float) -> None:
+        log.error(
+            "instance wedged",
+            user_id=inst.user_id,
+            pid=child.pid,
+            port=child.port,
+            requests_in_flight=inst.in_flight,
+            silent_ms=int((now - inst.alive_at) * 1000),
+            liveness_timeout_ms=int(self.liveness_timeout * 1000),
+        )
+        self.launcher.kill(child)
+        if self._clock() - inst.ready_at < BACKOFF_STABLE_S:
+            self._failed(inst.user_id, "wedged soon after start")
+        self._stop_soon(inst, "wedged")
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

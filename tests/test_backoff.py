@@ -3,11 +3,14 @@ starting, backs off (1 s doubling to 60 s) instead of costing spawns on every re
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import requests
 
 from stcs.errors import StartBackoffError, StartFailedError
@@ -31,6 +34,12 @@ class FailingLauncher:
         raise AssertionError("nothing to stop")
 
     def rotate_log(self, child: Child) -> None:  # pragma: no cover
+        pass
+
+    async def probe(self, child: Child, timeout_s: float) -> bool:  # pragma: no cover
+        return False
+
+    def kill(self, child: Child) -> None:  # pragma: no cover
         pass
 
 
@@ -135,3 +144,33 @@ def test_a_child_dying_right_after_readiness_is_not_respawned_on_every_request(
     assert requests_sent > 30
     assert len(server.events("start backing off")) >= 2
     assert BACKOFF_STABLE_S > 4
+
+
+def test_a_wedged_child_is_killed_and_its_request_gets_502(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """SIGSTOP a real chroma child while a request is in flight: after dbLivenessTimeout its
+    silence gets it killed, the request ends 502 instead of hanging, and the user recovers."""
+    server = stcs("--dbLivenessTimeout", "1000", "--adminAPIKey", ADMIN)
+    token = new_token()
+    headers = {"X-Chroma-Token": token}
+    assert requests.get(f"{server.url}/api/v2/heartbeat", headers=headers).status_code == 200
+    listed = requests.get(f"{server.url}/admin/instances", headers={"x-api-key": ADMIN}).json()
+    pid = listed["instances"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    resp = requests.get(f"{server.url}/api/v2/heartbeat", headers=headers, timeout=20)
+    took = time.monotonic() - started
+    assert resp.status_code == 502
+    assert 0.9 < took < 4, took
+    [wedged] = server.wait_event("instance wedged")
+    assert wedged["pid"] == pid and wedged["requests_in_flight"] == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # back-off (1 s) first, then a new chroma
+        resp = requests.get(f"{server.url}/api/v2/heartbeat", headers=headers, timeout=20)
+        if resp.status_code == 200:
+            break
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+        time.sleep(0.2)
+    assert resp.status_code == 200
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
