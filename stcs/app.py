@@ -265,6 +265,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         logs_dir=settings.child_logs_dir,
         log_max_bytes=settings.child_log_max_bytes,
         user_ids_are_secret=settings.user_ids_are_secret,
+        port_range=settings.child_ports,
     )
     state.supervisor = Supervisor(
         chroma,

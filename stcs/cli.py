@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "render",
         parents=[settings],
         help="print a deployment file rendered from the settings",
-        description="Render an nginx/Apache site, the nginx cluster router or the systemd unit.",
+        description="Render an nginx/Apache site, the nginx cluster router, the systemd unit "
+        "or the nftables rule letting only stcs's user reach the children (childPortRange).",
     )
     render.add_argument("kind", choices=sorted(KINDS))
     render.add_argument("--listen", default="80", help="front server address (default 80)")
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="a stcs node (nginx-cluster; repeat for each)",
     )
-    render.add_argument("--user", default="stcs", help="service user (systemd)")
+    render.add_argument(
+        "--user", default="stcs", help="service user: name or uid (systemd, nftables)"
+    )
     render.add_argument("--stcs-bin", default="/opt/stcs/venv/bin/stcs", help="(systemd)")
     render.add_argument("--config-path", default="/etc/stcs/config.yml", help="(systemd)")
     render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")

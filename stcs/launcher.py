@@ -31,6 +31,7 @@ import fcntl
 import functools
 import importlib.util
 import os
+import random
 import signal
 import socket
 import sys
@@ -121,6 +122,22 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_in(first: int, last: int, taken: set[int], tries: int = 200) -> int | None:
+    """A port of ``first..last`` (inclusive) free on 127.0.0.1 right now and not in ``taken``
+    (random probes, at most ``tries``), or None."""
+    span = range(first, last + 1)
+    for port in random.sample(span, min(tries, len(span))):
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return None
 
 
 def lock_file(path: Path) -> int:
@@ -274,6 +291,7 @@ class ChromaLauncher:
         logs_dir: Path | None = None,
         log_max_bytes: int = 10 * 1024 * 1024,
         user_ids_are_secret: bool = False,
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -286,11 +304,19 @@ class ChromaLauncher:
         self._logs_dir = logs_dir or db_dir / STATE_DIR / "logs"
         self._log_max_bytes = log_max_bytes
         self._user_ids_are_secret = user_ids_are_secret
+        self._port_range = port_range  # childPortRange (inclusive); None: any free port
         # Ports handed to children that have not been released yet (see `Child.release`).
         self._ports: set[int] = set()
 
     def _reserve_port(self) -> int:
-        """A port free on 127.0.0.1 and not held by any unreleased child of ours."""
+        """A port free on 127.0.0.1 (in ``childPortRange`` if set) and not held by any
+        unreleased child of ours.  Raises StartFailedError when none is found."""
+        if self._port_range is not None:
+            port = free_port_in(*self._port_range, self._ports)
+            if port is None:
+                raise StartFailedError("no free port for the user's chroma server")
+            self._ports.add(port)
+            return port
         for _ in range(100):
             port = free_port()
             if port not in self._ports:
