@@ -65,9 +65,9 @@ def test_rendered_nftables_rule_lets_only_the_stcs_uid_reach_the_children(tmp_pa
     if probe.returncode != 0:
         pytest.skip(f"no network namespaces here: {probe.stderr.decode().strip()}")
     rules = tmp_path / "stcs.nft"
+    args = ["--childPortRange", "20000-20010", "--user", str(os.geteuid()), "-o", str(rules)]
     rendered = subprocess.run(
-        [sys.executable, "-m", "stcs", "render", "nftables"]
-        + ["--childPortRange", "20000-20010", "--user", str(os.geteuid()), "-o", str(rules)],
+        [sys.executable, "-m", "stcs", "render", "nftables", *args],
         capture_output=True,
         text=True,
     )
