@@ -86,6 +86,11 @@ class StartFailedError(HTTPError):
     error = "InternalError"
 
 
+class DirectoryLockedError(StartFailedError):
+    """The user's data directory is locked by another process (a backup, another stcs): the
+    start failed without spawning anything, so it does not count toward the back-off."""
+
+
 class StartBackoffError(StartFailedError):
     """The user's recent starts failed (or their chroma crashed soon after starting): no new
     start is tried until the back-off ends; answered at once with ``Retry-After``."""

@@ -45,7 +45,7 @@ import aiohttp
 import psutil
 import structlog
 
-from stcs.errors import LockHeldError, StartFailedError
+from stcs.errors import DirectoryLockedError, LockHeldError, StartFailedError
 from stcs.log import user_ref
 
 log = structlog.get_logger("stcs.launcher")
@@ -371,7 +371,7 @@ class ChromaLauncher:
             lock_fd = lock_file(self._locks_dir / f"{user_id}.lock")
         except BlockingIOError:
             log.error("data directory locked", user_id=user_id)
-            raise StartFailedError(
+            raise DirectoryLockedError(
                 "this user's database is in use by another process; retry later"
             ) from None
         try:

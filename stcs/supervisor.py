@@ -10,10 +10,12 @@
   ``queueTimeout`` ms after the request arrived, then fails with 503 + ``Retry-After``.
 * Crashes: a child that exits on its own leaves the registry at once (exit code or signal
   logged); the next request starts it again.
-* Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start, or a crash within
-  ``BACKOFF_STABLE_S`` of becoming ready, makes that user's next start wait 1 s, doubling per
-  failure up to 60 s; meanwhile their requests get 503 + ``Retry-After`` at once, nothing is
-  spawned.  An instance that stays up ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+* Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start (one that spawned), or a
+  crash of the child's own (an exit code or a fault signal; not SIGKILL/SIGTERM from outside,
+  an operator or the OOM killer) within ``BACKOFF_STABLE_S`` of becoming ready, makes that
+  user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests get
+  503 + ``Retry-After`` at once, nothing is spawned.  An instance that stays up
+  ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
 * Liveness: an instance with requests in flight whose heartbeat has not answered for
   ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail (502) instead
   of hanging for ever.  Idle instances are not probed (they cost nothing while wedged).
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import math
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -38,6 +41,7 @@ import structlog
 
 from stcs.errors import (
     CapacityTimeoutError,
+    DirectoryLockedError,
     ShuttingDownError,
     StartBackoffError,
     StartFailedError,
@@ -54,6 +58,9 @@ BACKOFF_FIRST_S = 1.0  # the first back-off after a failure; doubles with each f
 BACKOFF_MAX_S = 60.0
 BACKOFF_STABLE_S = 60.0  # an instance up this long ends its user's back-off series
 BACKOFF_FORGET_S = 600.0  # a back-off over this long ago with no start since is forgotten
+# Deaths that come from outside (an operator's kill, the OOM killer, a shutdown): an occasional
+# one is not a crash loop, and the next request restarts the instance at once.
+EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass
@@ -279,7 +286,7 @@ class Supervisor:
             self._finalize(inst)
             if not isinstance(exc, (asyncio.CancelledError, ShuttingDownError)):
                 self.metrics.starts.labels("failed").inc()
-            if isinstance(exc, StartFailedError):
+            if isinstance(exc, StartFailedError) and not isinstance(exc, DirectoryLockedError):
                 self._failed(inst.user_id, "start failed")
             # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
             failure = (
@@ -410,10 +417,10 @@ class Supervisor:
                 exit=describe_exit(code),
                 requests_in_flight=inst.in_flight,
             )
-            if self._clock() - inst.ready_at < BACKOFF_STABLE_S:
-                self._failed(inst.user_id, "crashed soon after start")
-            else:
+            if self._clock() - inst.ready_at >= BACKOFF_STABLE_S:
                 self._backoff.pop(inst.user_id, None)
+            elif -code not in EXTERNAL_SIGNALS:
+                self._failed(inst.user_id, "crashed soon after start")
             self._finalize(inst)
 
     # -- back-off ---------------------------------------------------------------------------
