@@ -194,7 +194,8 @@ class Soak:
             victim = rng.choice(kids)
             try:
                 cmd = victim.cmdline()
-                user = Path(cmd[cmd.index("--path") + 1]).name
+                # Children get ``--path .`` in their data directory: resolve against the cwd.
+                user = (Path(victim.cwd()) / cmd[cmd.index("--path") + 1]).resolve().name
                 victim.send_signal(signal.SIGKILL)
             except (psutil.Error, ValueError, IndexError):
                 continue

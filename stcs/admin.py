@@ -6,6 +6,7 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
 * ``GET /admin/instances`` — running instances.
 * ``DELETE /admin/instances/{userId}[?drainTimeout=S]`` — stop one user's instance once its
   requests in flight are done (new ones for that user wait meanwhile); 404 if none runs.
+* ``PUT /admin/users/{userId}`` — create a user's directory (``autoCreateUsers: false``).
 * ``POST|DELETE /admin/users/{userId}/block`` — refuse (403) or allow a user again.
 * ``GET|PUT /admin/users/{userId}/limits`` — a user's effective limits, overrides and usage;
   ``PUT`` replaces the user's overrides (`stcs.quotas`, kept in ``<dbPath>/.stcs/limits.json``).
@@ -30,7 +31,7 @@ import structlog
 from aiohttp import web
 
 from stcs import launcher as launcher_mod
-from stcs.auth import validate_user_id
+from stcs.auth import create_user, normalize_user_id
 from stcs.errors import (
     AdminDisabledError,
     AdminForbiddenError,
@@ -105,8 +106,11 @@ def _state(request: web.Request) -> State:
 
 
 def _user_id(request: web.Request) -> str:
+    """The ``{user_id}`` of an admin path, normalised as the resolver does (in UUID mode a UUID
+    in upper case means its lowercase form).  Raises BadAdminRequestError."""
+    uuid_mode = request.app[STATE].settings.user_ids_are_secret
     try:
-        return validate_user_id(request.match_info["user_id"])
+        return normalize_user_id(request.match_info["user_id"], uuid_mode=uuid_mode)
     except InvalidUserIdError:
         raise BadAdminRequestError("not a valid user id") from None
 
@@ -321,12 +325,23 @@ async def hold_user(request: web.Request) -> web.Response:
     return web.json_response({"userId": user_id, "held": True, "stopped": stopped})
 
 
+async def add_user(request: web.Request) -> web.Response:
+    """``PUT /admin/users/{userId}``: create the user's directory (0700), for
+    ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed)."""
+    state = _state(request)
+    user_id = _user_id(request)
+    created = await asyncio.to_thread(create_user, state.settings.db_dir, user_id)
+    log.info("user added" if created else "user exists", user_id=user_id)
+    return web.json_response({"userId": user_id, "created": created})
+
+
 def add_routes(app: web.Application) -> None:
     """Register the admin endpoints (before the catch-all proxy route)."""
     app.router.add_get("/admin-health", admin_health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_delete("/admin/instances/{user_id}", stop_instance)
+    app.router.add_put("/admin/users/{user_id}", add_user)
     app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)
     app.router.add_route("DELETE", "/admin/users/{user_id}/block", block_user)
     app.router.add_get("/admin/users/{user_id}/limits", user_limits, allow_head=False)

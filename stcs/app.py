@@ -26,15 +26,14 @@ from stcs import launcher as launcher_mod
 from stcs.auth import (
     AuthServerResolver,
     Blocklist,
+    ExistingUsersResolver,
     UuidResolver,
     extract_token,
     tls_context,
     validate_user_id,
 )
 from stcs.config import Settings
-from stcs.errors import (
-    HTTPError,
-)
+from stcs.errors import HTTPError, UserBlockedError
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
@@ -95,11 +94,14 @@ async def health(request: web.Request) -> web.Response:
 
 async def auth_only(request: web.Request) -> web.Response:
     """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
-    ``X-Stcs-User-Id``; 401/503/502 as the error table.  Starts no instance."""
+    ``X-Stcs-User-Id``; 401/503/502 as the error table, 403 for a blocked user.  Starts no
+    instance."""
     state = request.app[STATE]
     assert state.resolver is not None
     user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
     request[INFO]["user_id"] = user_id
+    if state.blocklist is not None and user_id in state.blocklist:
+        raise UserBlockedError("this user is blocked")
     return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
 
 
@@ -116,7 +118,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.auth_server_endpoint:
         auth_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=100, keepalive_timeout=30, ssl=tls_context(settings.auth_server_ca_file)
+                limit=settings.auth_max_concurrent_lookups,
+                keepalive_timeout=30,
+                ssl=tls_context(settings.auth_server_ca_file),
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -127,9 +131,12 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             cache_ttl_ms=settings.auth_cache_ttl,
             timeout_ms=settings.auth_timeout,
             on_lookup=lambda result: state.metrics.auth_lookups.labels(result).inc(),
+            max_concurrent=settings.auth_max_concurrent_lookups,
         )
     else:
         state.resolver = UuidResolver()
+    if not settings.auto_create_users:
+        state.resolver = ExistingUsersResolver(state.resolver, settings.db_dir)
     yield
     await state.upstream.close()
     state.pool.close()
@@ -166,6 +173,8 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         max_retries=settings.db_max_retries,
         logs_dir=settings.child_logs_dir,
         log_max_bytes=settings.child_log_max_bytes,
+        user_ids_are_secret=settings.user_ids_are_secret,
+        port_range=settings.child_ports,
     )
     state.supervisor = Supervisor(
         chroma,
@@ -175,6 +184,7 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         min_free_memory_mb=settings.db_min_free_memory_mb,
         metrics=state.metrics,
         on_instance_gone=state.pool.forget,
+        liveness_timeout_ms=settings.db_liveness_timeout,
     )
     supervisor = state.supervisor
     state.metrics.bind(

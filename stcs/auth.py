@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import ssl
 import time
@@ -29,7 +30,12 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
-from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
+from stcs.errors import (
+    AuthError,
+    AuthUnavailableError,
+    InvalidUserIdError,
+    LookupsSaturatedError,
+)
 
 log = structlog.get_logger("stcs.auth")
 
@@ -85,6 +91,18 @@ def validate_user_id(user_id: object) -> str:
     return user_id
 
 
+def normalize_user_id(user_id: str, *, uuid_mode: bool) -> str:
+    """A user id as the resolver would produce it, for the admin API and the command line.
+
+    In UUID mode (``uuid_mode``: no ``authServerEndpoint``) a UUID in any case means its
+    lowercase form, the id `UuidResolver` gives; otherwise ids are taken as they are (an auth
+    server's ids are case-sensitive).  Raises InvalidUserIdError (`validate_user_id`).
+    """
+    if uuid_mode and UUID_RE.fullmatch(user_id):
+        return user_id.lower()
+    return validate_user_id(user_id)
+
+
 class Resolver(Protocol):
     """Resolves a token to a user id.  Raises AuthError or AuthUnavailableError."""
 
@@ -101,6 +119,45 @@ class UuidResolver:
         return token.lower()
 
 
+class ExistingUsersResolver:
+    """``autoCreateUsers: false``: resolve with ``inner``, then refuse (AuthError, 401) a user
+    whose directory ``<db_dir>/<userId>`` does not exist — before anything is created, so
+    random UUIDs cannot fill the disk.  Users are added with ``stcs users add`` or
+    ``PUT /admin/users/{userId}`` (`create_user`).
+
+    Known users are remembered (one stat per user, not per request).
+    """
+
+    def __init__(self, inner: Resolver, db_dir: Path) -> None:
+        self._inner = inner
+        self._db_dir = db_dir
+        self._known: set[str] = set()
+
+    async def resolve(self, token: str) -> str:
+        """The user id of ``token`` if that user exists.  Raises what ``inner`` raises, and
+        AuthError for a user with no directory."""
+        user_id = await self._inner.resolve(token)
+        if user_id in self._known:
+            return user_id
+        validate_user_id(user_id)  # a directory name before it is looked up
+        if not (self._db_dir / user_id).is_dir():
+            log.debug("unknown user refused", user_id=user_id)
+            raise AuthError("unknown user")
+        self._known.add(user_id)
+        return user_id
+
+
+def create_user(db_dir: Path, user_id: str) -> bool:
+    """Create ``<db_dir>/<user_id>`` (mode 0700, ``db_dir`` too if missing); False when it
+    already exists.  ``user_id`` must be normalised (`normalize_user_id`).  Raises OSError."""
+    db_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        (db_dir / validate_user_id(user_id)).mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
 def tls_context(ca_file: str) -> ssl.SSLContext:
     """The TLS context for the auth server: certificates verified, against ``ca_file`` (PEM)
     if given, else the system's CAs.  Raises OSError or ssl.SSLError for an unusable file."""
@@ -114,9 +171,11 @@ def _digest(token: str) -> bytes:
 class AuthServerResolver:
     """Resolve tokens through an HTTP auth server, with a cache and single-flight lookups.
 
-    ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup.
-    ``on_lookup`` (optional) is called with "ok" | "rejected" | "error" | "cache_hit" for
-    metrics and tests.
+    ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup, the
+    wait for a lookup slot included.  At most ``max_concurrent`` lookups are in flight
+    (``authMaxConcurrentLookups``): a slow auth server costs a bounded number of sockets, and
+    beyond it lookups wait; cache hits never do.  ``on_lookup`` (optional) is called with "ok" |
+    "rejected" | "error" | "saturated" | "cache_hit" for metrics and tests.
     """
 
     MAX_CACHE_ENTRIES = 100_000
@@ -129,6 +188,7 @@ class AuthServerResolver:
         cache_ttl_ms: int = 60000,
         timeout_ms: int = 5000,
         on_lookup: Callable[[str], None] | None = None,
+        max_concurrent: int = 32,
     ) -> None:
         self._session = session
         self._on_lookup = on_lookup
@@ -136,7 +196,8 @@ class AuthServerResolver:
         self._api_key = api_key
         self._cache_ttl = cache_ttl_ms / 1000
         self._reject_ttl = min(cache_ttl_ms, REJECTION_CACHE_MS) / 1000
-        self._timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
+        self._timeout_s = timeout_ms / 1000
+        self._slots = asyncio.Semaphore(max_concurrent)
         # digest -> (user id or None for rejected, expiry on the monotonic clock)
         self._cache: dict[bytes, tuple[str | None, float]] = {}
         self._inflight: dict[bytes, asyncio.Future[str]] = {}
@@ -176,6 +237,9 @@ class AuthServerResolver:
         except AuthError:
             self._count("rejected")
             raise
+        except LookupsSaturatedError:
+            self._count("saturated")
+            raise
         except (AuthUnavailableError, InvalidUserIdError):
             self._count("error")
             raise
@@ -199,17 +263,28 @@ class AuthServerResolver:
             headers["x-api-key"] = self._api_key
         started = time.monotonic()
         try:
+            await asyncio.wait_for(self._slots.acquire(), self._timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("auth lookups saturated", timeout_ms=int(self._timeout_s * 1000))
+            raise LookupsSaturatedError("too many auth server lookups in flight") from None
+        try:
+            remaining = max(0.001, self._timeout_s - (time.monotonic() - started))
             async with self._session.get(
-                self._endpoint, headers=headers, timeout=self._timeout, allow_redirects=False
+                self._endpoint,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=remaining),
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
                 body = await resp.read() if status == 200 else b""
         except asyncio.TimeoutError:
-            log.warning("auth server timed out", timeout_ms=int(self._timeout.total * 1000))  # type: ignore[operator]
+            log.warning("auth server timed out", timeout_ms=int(self._timeout_s * 1000))
             raise AuthUnavailableError("auth server timed out") from None
         except aiohttp.ClientError as exc:
             log.warning("auth server unreachable", error=type(exc).__name__)
             raise AuthUnavailableError("auth server unreachable") from None
+        finally:
+            self._slots.release()
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         if status in (401, 403):
             log.info("token rejected", auth_status=status, duration_ms=duration_ms)
@@ -269,5 +344,8 @@ class Blocklist:
         """Block or unblock ``user_id`` and save (atomically: write, then rename)."""
         (self._users.add if blocked else self._users.discard)(user_id)
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.users))
+        # 0600 whatever the umask: in UUID mode the list names tokens.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(self.users))
         tmp.replace(self._path)

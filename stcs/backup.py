@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from stcs.auth import validate_user_id
+from stcs.auth import normalize_user_id
 from stcs.config import Settings
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.launcher import STATE_DIR, DbPathLock, lock_file
@@ -89,11 +89,17 @@ class AdminClient:
             raise OperationError(f"no stcs answers at {self.base}: {exc}") from None
 
 
-def _user_dir(settings: Settings, user_id: str) -> Path:
+def _normalized(settings: Settings, user_id: str) -> str:
+    """``user_id`` as the server's resolver gives it (a UUID means its lowercase form in UUID
+    mode).  Raises OperationError for an id unusable as a directory name."""
     try:
-        return settings.db_dir / validate_user_id(user_id)
+        return normalize_user_id(user_id, uuid_mode=settings.user_ids_are_secret)
     except InvalidUserIdError:
         raise OperationError(f"{user_id!r} is not a valid user id") from None
+
+
+def _user_dir(settings: Settings, user_id: str) -> Path:
+    return settings.db_dir / _normalized(settings, user_id)
 
 
 @contextlib.contextmanager
@@ -158,6 +164,7 @@ def backup(
     Raises OperationError: unknown user, ``out`` exists without ``force``, hold refused.
     ``progress`` None shows a bar on a terminal.
     """
+    user_id = _normalized(settings, user_id)
     src = _user_dir(settings, user_id)
     if not src.is_dir():
         raise OperationError(f"no data for {user_id} in {settings.db_dir}")
@@ -220,6 +227,7 @@ def restore(
     Refuses (OperationError, nothing changed) when the user already has data and ``force`` is
     not given, or when ``src`` is not an stcs backup.
     """
+    user_id = _normalized(settings, user_id)
     dest = _user_dir(settings, user_id)
     if dest.exists() and any(dest.iterdir()) and not force:
         raise OperationError(f"{user_id} already has data in {dest} (use --force to replace it)")

@@ -11,6 +11,7 @@ Every setting has a ``--<yamlKey>`` flag; the Node.js server's short forms are k
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "render",
         parents=[settings],
         help="print a deployment file rendered from the settings",
-        description="Render an nginx/Apache site, the nginx cluster router or the systemd unit.",
+        description="Render an nginx/Apache site, the nginx cluster router, the systemd unit "
+        "or the nftables rule letting only stcs's user reach the children (childPortRange).",
     )
     render.add_argument("kind", choices=sorted(KINDS))
     render.add_argument("--listen", default="80", help="front server address (default 80)")
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="a stcs node (nginx-cluster; repeat for each)",
     )
-    render.add_argument("--user", default="stcs", help="service user (systemd)")
+    render.add_argument(
+        "--user", default="stcs", help="service user: name or uid (systemd, nftables)"
+    )
     render.add_argument("--stcs-bin", default="/opt/stcs/venv/bin/stcs", help="(systemd)")
     render.add_argument("--config-path", default="/etc/stcs/config.yml", help="(systemd)")
     render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")
@@ -96,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="A table of the instances of the stcs running on this machine's appPort "
         "(needs adminAPIKey).",
     )
+    ref = sub.add_parser(
+        "user-ref",
+        help="print the reference logged for a user id in UUID mode",
+        description="In UUID mode (no authServerEndpoint) the user id is the token, so the log "
+        "shows u- + the first 16 hex digits of its SHA-256 instead; this prints it for ID "
+        "(a UUID in any case means its lowercase form).",
+    )
+    ref.add_argument("user", metavar="ID")
+    users = sub.add_parser(
+        "users",
+        parents=[settings],
+        help="manage users (for autoCreateUsers: false)",
+        description="users add ID: create ID's directory <dbPath>/<ID> (mode 0700) so that "
+        "ID is served when autoCreateUsers is false.",
+    )
+    users.add_argument("action", choices=["add"])
+    users.add_argument("user", metavar="ID")
     for name, verb in (
         ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
         ("restore", "replace USER's database with ARCHIVE"),
@@ -153,8 +174,16 @@ def _serve(resolved: Resolved) -> int:
     from stcs.server import serve
 
     settings = resolved.settings
+    # Everything stcs creates — dbPath, .stcs, logs, user directories, blocked.json, logFile,
+    # children's files — is private to its uid (DESIGN.md "Trust"): in UUID mode a directory
+    # or file name is a token.  Inherited by the children (chroma's own files).
+    os.umask(0o077)
     try:
-        log_mod.configure(settings.log_level, settings.log_file)
+        log_mod.configure(
+            settings.log_level,
+            settings.log_file,
+            user_ids_are_secret=settings.user_ids_are_secret,
+        )
     except OSError as exc:
         print(f"stcs: error: logFile {settings.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -240,6 +269,8 @@ def _event_loop(choice: str) -> tuple[str, Callable[[Coroutine[Any, Any, None]],
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stcs`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "user-ref":
+        return _user_ref(args.user)
     try:
         resolved = _resolve(args)
     except ConfigError as exc:
@@ -251,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
+    if args.command == "users":
+        return _users_add(resolved, args.user)
     if args.command in ("status", "backup", "restore"):
         return _maintenance(resolved, args)
     return _serve(resolved)
@@ -310,6 +343,38 @@ def _disk_cell(instance: dict[str, object]) -> str:
     limit = limits.get("userMaxDiskMB") if isinstance(limits, dict) else None
     cell = "-" if used is None else f"{used / 2**20:.1f}"
     return f"{cell}/{limit}" if limit else cell
+
+
+def _users_add(resolved: Resolved, user_id: str) -> int:
+    from stcs.auth import create_user, normalize_user_id
+    from stcs.errors import InvalidUserIdError
+
+    settings = resolved.settings
+    try:
+        user_id = normalize_user_id(user_id, uuid_mode=settings.user_ids_are_secret)
+        created = create_user(settings.db_dir, user_id)
+    except InvalidUserIdError:
+        print(f"stcs: {user_id!r} is not a valid user id", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"stcs users add: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{'created' if created else 'exists'}: {settings.db_dir / user_id}")
+    return EXIT_OK
+
+
+def _user_ref(user_id: str) -> int:
+    from stcs.auth import normalize_user_id
+    from stcs.errors import InvalidUserIdError
+    from stcs.log import user_ref
+
+    try:
+        user_id = normalize_user_id(user_id, uuid_mode=True)
+    except InvalidUserIdError:
+        print(f"stcs: {user_id!r} is not a valid user id", file=sys.stderr)
+        return EXIT_USAGE
+    print(user_ref(user_id))
+    return EXIT_OK
 
 
 def _get_setting(resolved: Resolved, key: str) -> int:

@@ -112,6 +112,22 @@ class Settings:
         env="AUTH_SERVER_CA_FILE",
         help="PEM CA bundle to verify an https authServerEndpoint with. Empty: the system's CAs.",
     )
+    auth_max_concurrent_lookups: int = setting(
+        32,
+        key="authMaxConcurrentLookups",
+        env="AUTH_MAX_CONCURRENT_LOOKUPS",
+        minimum=1,
+        help="Most auth-server lookups in flight at once; beyond, a lookup waits (within "
+        "authTimeout, then 503). Cached tokens, /health and admin calls never wait.",
+    )
+    auto_create_users: bool = setting(
+        True,
+        key="autoCreateUsers",
+        env="AUTO_CREATE_USERS",
+        help="A user's directory is created at their first request (as the Node.js server). "
+        "false: only users whose directory exists (`stcs users add`, `PUT /admin/users/{id}`) "
+        "are served; others get 401 before any file is touched.",
+    )
     admin_api_key: str = setting(
         "",
         key="adminAPIKey",
@@ -173,6 +189,22 @@ class Settings:
         unit="ms",
         minimum=0,
         help="Grace between SIGTERM and SIGKILL when stopping a chroma server.",
+    )
+    db_liveness_timeout: int = setting(
+        30000,
+        key="dbLivenessTimeout",
+        env="DB_LIVENESS_TIMEOUT",
+        unit="ms",
+        minimum=0,
+        help="An instance with requests in flight whose heartbeat has not answered for this "
+        "long is killed (SIGKILL; its requests get 502). 0: never.",
+    )
+    child_port_range: str = setting(
+        "",
+        key="childPortRange",
+        env="CHILD_PORT_RANGE",
+        help="Ports (`FIRST-LAST`) chroma children listen on, for a firewall rule that lets "
+        "only stcs reach them (`stcs render nftables`). Empty: any free port.",
     )
     db_min_free_memory_mb: int = setting(
         500,
@@ -474,6 +506,28 @@ class Settings:
             return Path(self.child_log_dir).expanduser().resolve()
         return self.db_dir / ".stcs" / "logs"
 
+    @functools.cached_property
+    def child_ports(self) -> tuple[int, int] | None:
+        """``childPortRange`` as (first, last), inclusive; None when empty.  Raises ValueError
+        unless it is ``FIRST-LAST`` with 1024 <= FIRST <= LAST <= 65535."""
+        text = self.child_port_range.strip()
+        if not text:
+            return None
+        first, sep, last = text.partition("-")
+        try:
+            low, high = int(first), int(last)
+        except ValueError:
+            raise ValueError(f"expected FIRST-LAST, e.g. 20000-29999, got {text!r}") from None
+        if not sep or not 1024 <= low <= high <= 65535:
+            raise ValueError(f"expected FIRST-LAST with 1024 <= FIRST <= LAST <= 65535: {text!r}")
+        return low, high
+
+    @property
+    def user_ids_are_secret(self) -> bool:
+        """UUID mode (no ``authServerEndpoint``): the user id is the token, so logs carry
+        `stcs.log.user_ref` of it and child log files are named by it."""
+        return not self.auth_server_endpoint
+
     @property
     def db_dir(self) -> Path:
         """``dbPath`` made absolute (relative to the working directory)."""
@@ -730,6 +784,10 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
         settings.trusted_networks  # noqa: B018  (parses the list)
     except ValueError as exc:
         raise ConfigError(f"trustedProxies ({sources['trustedProxies']}): {exc}") from None
+    try:
+        settings.child_ports  # noqa: B018  (parses the range)
+    except ValueError as exc:
+        raise ConfigError(f"childPortRange ({sources['childPortRange']}): {exc}") from None
     if settings.chroma_command:
         try:
             argv = settings.chroma_argv

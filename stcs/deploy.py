@@ -1,5 +1,6 @@
 """Deployment files rendered from the resolved settings: nginx and Apache sites (HTTP, TLS),
-the nginx cluster router and the systemd unit.  Used by ``stcs render`` and ``scripts/setup.sh``.
+the nginx cluster router, the systemd unit and the nftables rule that keeps the children's ports
+(``childPortRange``) to stcs's user.  Used by ``stcs render`` and ``scripts/setup.sh``.
 
 Templates live in ``stcs/templates/`` (``nginx/`` and ``apache/`` at the top of the repository
 point there) and use ``{{name}}`` placeholders: nginx and Apache both use ``$`` themselves.
@@ -25,6 +26,7 @@ KINDS = {
     "apache": "apache/stcs.conf",
     "apache-tls": "apache/stcs-tls.conf",
     "systemd": "systemd/stcs.service",
+    "nftables": "nftables/stcs.nft",
 }
 
 # Drain (stcs.cli.SHUTDOWN_GRACE_S) plus stopping children, plus margin (s).
@@ -83,6 +85,9 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         raise ConfigError(f"{kind}: sslCertFile and sslCertKeyFile must be set")
     if kind == "nginx-cluster" and not opts.nodes:
         raise ConfigError("nginx-cluster: name the nodes (--node HOST:PORT, one per node)")
+    ports = settings.child_ports
+    if kind == "nftables" and ports is None:
+        raise ConfigError("nftables: set childPortRange (e.g. 20000-29999) first")
     apache = kind.startswith("apache")
     tls_port = _port_of(opts.tls_listen)
     values = {
@@ -106,11 +111,20 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         "source_dir": opts.source_dir,
         "stop_timeout_s": str(_STOP_MARGIN_S + settings.db_stop_timeout // 1000),
         "read_write_paths": " ".join(read_write_paths(settings, opts)),
+        "table": re.sub(r"[^A-Za-z0-9_]", "_", settings.app_name) or "stcs",
+        "port_first": str(ports[0]) if ports else "",
+        "port_last": str(ports[1]) if ports else "",
+        "uid": _nft_uid(opts.user),
     }
     if kind in ("nginx", "nginx-tls", "apache", "apache-tls"):
         block = "apache/proxy-block.conf" if apache else "nginx/proxy-block.conf"
         values["proxy_block"] = _Template((TEMPLATES / block).read_text()).substitute(values)
     return _Template((TEMPLATES / KINDS[kind]).read_text()).substitute(values)
+
+
+def _nft_uid(user: str) -> str:
+    """``meta skuid`` operand: a numeric uid as it is, a user name quoted (nft resolves it)."""
+    return user if user.isdigit() else f'"{user}"'
 
 
 def read_write_paths(settings: Settings, options: RenderOptions) -> list[str]:

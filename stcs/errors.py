@@ -61,6 +61,10 @@ class AuthUnavailableError(HTTPError):
     error = "InternalError"
 
 
+class LookupsSaturatedError(AuthUnavailableError):
+    """``authMaxConcurrentLookups`` lookups were in flight for all of ``authTimeout``."""
+
+
 class InvalidUserIdError(HTTPError):
     """The auth server returned a user id that is not usable as a directory name."""
 
@@ -80,6 +84,16 @@ class StartFailedError(HTTPError):
 
     status = 503
     error = "InternalError"
+
+
+class DirectoryLockedError(StartFailedError):
+    """The user's data directory is locked by another process (a backup, another stcs): the
+    start failed without spawning anything, so it does not count toward the back-off."""
+
+
+class StartBackoffError(StartFailedError):
+    """The user's recent starts failed (or their chroma crashed soon after starting): no new
+    start is tried until the back-off ends; answered at once with ``Retry-After``."""
 
 
 class ShuttingDownError(HTTPError):

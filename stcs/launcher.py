@@ -15,7 +15,12 @@ event-loop thread, never from an executor.
 State under ``<dbPath>/.stcs/`` (user ids cannot start with a dot, so it never collides):
 ``stcs.lock`` (held by the serving stcs process), ``locks/<userId>.lock`` (held for the life of
 that user's child, and inherited by it, so even an orphaned child keeps its directory locked) and
-``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe).
+``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe;
+``logs/<user ref>.log`` in UUID mode, where the user id is a token: see `stcs.log.user_ref`).
+
+Files and directories stcs creates are private to its uid: directories 0700, files 0600
+(`private_dir`; ``stcs serve`` also runs with umask 077).  A child runs in its data directory and
+is given ``--path .``: its command line (world-readable in ``/proc``) names no user id.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import fcntl
 import functools
 import importlib.util
 import os
+import random
 import signal
 import socket
 import sys
@@ -39,7 +45,8 @@ import aiohttp
 import psutil
 import structlog
 
-from stcs.errors import LockHeldError, StartFailedError
+from stcs.errors import DirectoryLockedError, LockHeldError, StartFailedError
+from stcs.log import user_ref
 
 log = structlog.get_logger("stcs.launcher")
 
@@ -75,19 +82,38 @@ def _chroma_site_dir() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))).parent)
 
 
-def child_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a chroma child: ``base`` without ``CHROMA_*``, telemetry off,
-    ``RUST_LOG=warn`` unless set.
+# Variables a chroma child inherits from stcs (everything else is dropped: stcs's own settings
+# such as ADMIN_API_KEY and AUTH_SERVER_APIKEY, other services' secrets, CHROMA_* overrides).
+# RUST_LOG stays: README documents it as the way to change the children's log level.
+CHILD_ENV_ALLOWED = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "RUST_LOG"})
+CHILD_ENV_PREFIXES = ("LC_",)
 
-    ``CHROMA_*`` variables configure chroma servers; one meant for something else (or an
-    attacker's) must not reconfigure every user's server.
+
+def child_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a chroma child: an allowlist of ``base`` (`CHILD_ENV_ALLOWED`,
+    ``LC_*``), telemetry off (``ANONYMIZED_TELEMETRY=False``), ``RUST_LOG=warn`` unless set.
+
+    An allowlist, not a denylist (DESIGN.md "Trust"): a child is untrusted code reading
+    ``/proc/self/environ``; no key, token or stcs setting may reach it.  The lean launcher
+    needs nothing more (it puts chroma's site directory on ``sys.path`` itself).
     """
-    env = {k: v for k, v in base.items() if not k.upper().startswith("CHROMA_")}
+    env = {
+        k: v for k, v in base.items() if k in CHILD_ENV_ALLOWED or k.startswith(CHILD_ENV_PREFIXES)
+    }
     env["ANONYMIZED_TELEMETRY"] = "False"
     # chroma logs ~500 bytes per request at its default level: to an unbounded file and at a
     # CPU cost. Warnings only, unless the operator asks for more with RUST_LOG.
     env.setdefault("RUST_LOG", "warn")
     return env
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) with mode 0700; an existing one is left as it is.
+
+    Returns ``path``.  Raises OSError.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def free_port() -> int:
@@ -96,6 +122,22 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_in(first: int, last: int, taken: set[int], tries: int = 200) -> int | None:
+    """A port of ``first..last`` (inclusive) free on 127.0.0.1 right now and not in ``taken``
+    (random probes, at most ``tries``), or None."""
+    span = range(first, last + 1)
+    for port in random.sample(span, min(tries, len(span))):
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return None
 
 
 def lock_file(path: Path) -> int:
@@ -124,7 +166,11 @@ class DbPathLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent.parent)
+        private_dir(self.path.parent)
+        # stcs's own state directory is never meant to be shared: tighten one made by an older
+        # stcs with the default umask (0755).
+        os.chmod(self.path.parent, 0o700)
         try:
             self._fd = lock_file(self.path)
         except BlockingIOError:
@@ -243,6 +289,10 @@ class Launcher(Protocol):
 
     def rotate_log(self, child: Child) -> None: ...
 
+    async def probe(self, child: Child, timeout_s: float) -> bool: ...
+
+    def kill(self, child: Child) -> None: ...
+
 
 class ChromaLauncher:
     """Start and stop chroma servers for users under ``db_dir``.
@@ -263,6 +313,8 @@ class ChromaLauncher:
         environ: Mapping[str, str] | None = None,
         logs_dir: Path | None = None,
         log_max_bytes: int = 10 * 1024 * 1024,
+        user_ids_are_secret: bool = False,
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -274,11 +326,20 @@ class ChromaLauncher:
         self._locks_dir = db_dir / STATE_DIR / "locks"
         self._logs_dir = logs_dir or db_dir / STATE_DIR / "logs"
         self._log_max_bytes = log_max_bytes
+        self._user_ids_are_secret = user_ids_are_secret
+        self._port_range = port_range  # childPortRange (inclusive); None: any free port
         # Ports handed to children that have not been released yet (see `Child.release`).
         self._ports: set[int] = set()
 
     def _reserve_port(self) -> int:
-        """A port free on 127.0.0.1 and not held by any unreleased child of ours."""
+        """A port free on 127.0.0.1 (in ``childPortRange`` if set) and not held by any
+        unreleased child of ours.  Raises StartFailedError when none is found."""
+        if self._port_range is not None:
+            port = free_port_in(*self._port_range, self._ports)
+            if port is None:
+                raise StartFailedError("no free port for the user's chroma server")
+            self._ports.add(port)
+            return port
         for _ in range(100):
             port = free_port()
             if port not in self._ports:
@@ -286,9 +347,17 @@ class ChromaLauncher:
                 return port
         raise StartFailedError("no free port for the user's chroma server")
 
-    def argv(self, data_dir: Path, port: int) -> list[str]:
-        """The child's full argv for ``data_dir`` and ``port``."""
-        run = ["run", "--host", "127.0.0.1", "--path", str(data_dir), "--port", str(port)]
+    def log_path(self, user_id: str) -> Path:
+        """Where ``user_id``'s chroma output goes: ``<logs>/<userId>.log``, or
+        ``<logs>/<user ref>.log`` when user ids are secret (UUID mode)."""
+        name = user_ref(user_id) if self._user_ids_are_secret else user_id
+        return self._logs_dir / f"{name}.log"
+
+    def argv(self, port: int) -> list[str]:
+        """The child's full argv for ``port``.  It runs in its data directory (``cwd``) and is
+        told ``--path .``: ``/proc/<pid>/cmdline`` is world-readable, and in UUID mode the
+        directory name is the user's token."""
+        run = ["run", "--host", "127.0.0.1", "--path", ".", "--port", str(port)]
         head = [sys.executable, "-S", "-c", BOOTSTRAP, str(os.getpid()), _chroma_site_dir()]
         if self._command:
             return [*head, "--exec", *self._command, *run]
@@ -299,22 +368,38 @@ class ChromaLauncher:
 
         The user id must already be validated (`auth.validate_user_id`).  A child that exits
         before it is ready is retried on a new port, ``max_retries`` times.  Raises
-        StartFailedError when the directory is locked by another process, the child keeps
-        exiting, or it is not ready within ``start_timeout_ms``.
+        StartFailedError (503) when the directory is locked by another process, the child keeps
+        exiting, it is not ready within ``start_timeout_ms``, or the system refuses a step
+        (an OSError: no fd left, no port, a data directory that cannot be made, ...).
         """
+        try:
+            return await self._launch(user_id)
+        except OSError as exc:
+            # Not str(exc): it names the file, and in UUID mode a path holds the token.
+            log.error(
+                "cannot start instance",
+                user_id=user_id,
+                error=exc.strerror or type(exc).__name__,
+                errno=exc.errno,
+            )
+            raise StartFailedError(
+                "the user's chroma server could not be started (system error); retry later"
+            ) from None
+
+    async def _launch(self, user_id: str) -> Child:
         data_dir = self.db_dir / user_id
-        self._locks_dir.mkdir(parents=True, exist_ok=True)
-        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._locks_dir)
+        private_dir(self._logs_dir)
         try:
             lock_fd = lock_file(self._locks_dir / f"{user_id}.lock")
         except BlockingIOError:
-            log.error("data directory locked", user_id=user_id, data_dir=str(data_dir))
-            raise StartFailedError(
+            log.error("data directory locked", user_id=user_id)
+            raise DirectoryLockedError(
                 "this user's database is in use by another process; retry later"
             ) from None
         try:
             data_dir.mkdir(mode=0o700, exist_ok=True)
-            log_path = self._logs_dir / f"{user_id}.log"
+            log_path = self.log_path(user_id)
             for attempt in range(self._max_retries + 1):
                 child = await self._spawn(user_id, data_dir, log_path, lock_fd)
                 try:
@@ -346,11 +431,11 @@ class ChromaLauncher:
         port = self._reserve_port()
         # Truncated at each start; append mode so that when rotate_log cuts the file back,
         # the child's next write lands at the new end instead of leaving a hole of zeros.
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
             process = await asyncio.create_subprocess_exec(
-                *self.argv(data_dir, port),
+                *self.argv(port),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
@@ -420,6 +505,24 @@ class ChromaLauncher:
         except OSError as exc:
             log.warning("cannot rotate instance log", path=str(path), error=str(exc))
 
+    async def probe(self, child: Child, timeout_s: float) -> bool:
+        """Whether ``child`` answers chroma's heartbeat (``GET /api/v2/heartbeat`` → 200)
+        within ``timeout_s`` seconds.  Never raises."""
+        url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.get(url, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    def kill(self, child: Child) -> None:
+        """SIGKILL the child's process group at once (a wedged child: SIGTERM may never be
+        acted on, e.g. a stopped process).  Reaping is left to whoever awaits `Child.wait`."""
+        if child.returncode is None:
+            _signal_group(child.pid, signal.SIGKILL)
+
     async def stop(self, child: Child) -> int:
         """Stop a child: SIGTERM to its process group, wait ``stop_timeout_ms``, then SIGKILL.
 
@@ -461,10 +564,26 @@ def _path_arg(cmdline: Sequence[str]) -> str | None:
     return None
 
 
-def find_orphans(db_dir: Path) -> Iterator[psutil.Process]:
-    """Chroma servers (``... run ... --path P``) whose ``P`` lies under ``db_dir``.
+def _orphan_dir(proc: psutil.Process, cmdline: Sequence[str]) -> Path | None:
+    """The data directory a ``chroma run --path P`` process serves: ``P`` resolved against the
+    process's working directory (children get ``--path .``).  None if unknowable."""
+    path = _path_arg(cmdline)
+    if path is None:
+        return None
+    try:
+        base = Path(proc.cwd()) if not os.path.isabs(path) else Path("/")
+        return (base / path).resolve()
+    except (OSError, RuntimeError, psutil.Error):
+        return None
 
-    Matched on the command line (psutil), never on a bare pid, and never this process.
+
+def find_orphans(db_dir: Path) -> Iterator[psutil.Process]:
+    """Chroma servers (``... run ... --path P``) whose ``P`` is a user directory of ``db_dir``:
+    *directly* inside it (``<dbPath>/<userId>``) — not ``dbPath`` itself, nothing deeper, no
+    sibling such as ``<dbPath>2``, no dot-directory (``.stcs``).
+
+    Matched on the command line and working directory (psutil), never on a bare pid, and never
+    this process.
     """
     root = db_dir.resolve()
     me = os.getpid()
@@ -472,14 +591,8 @@ def find_orphans(db_dir: Path) -> Iterator[psutil.Process]:
         cmdline = proc.info.get("cmdline") or []
         if proc.info["pid"] == me or "run" not in cmdline:
             continue
-        path = _path_arg(cmdline)
-        if path is None:
-            continue
-        try:
-            target = Path(path).resolve()
-        except (OSError, RuntimeError):
-            continue
-        if target.parent == root or root in target.parents:
+        target = _orphan_dir(proc, cmdline)
+        if target is not None and target.parent == root and not target.name.startswith("."):
             yield proc
 
 
@@ -490,10 +603,13 @@ def stop_orphans(db_dir: Path, timeout_s: float) -> list[int]:
     """
     procs = list(find_orphans(db_dir))
     for proc in procs:
+        target = _orphan_dir(proc, proc.info.get("cmdline") or [])
+        # Named by the user id (hidden like every user_id in UUID mode), not by the command
+        # line: an older stcs put the data directory, a token in UUID mode, on it.
         log.warning(
             "stopping leftover chroma server",
             pid=proc.pid,
-            cmdline=" ".join(proc.info.get("cmdline") or [])[-300:],
+            user_id=target.name if target is not None else None,
         )
         with contextlib.suppress(psutil.Error):
             proc.terminate()

@@ -4,11 +4,19 @@ messages share one stream and one format.
 JSON lines when the output is not a terminal (or goes to ``logFile``), readable console output on
 one.  Event names are short lowercase phrases; data goes in keys; request context (request id,
 user id, ...) comes from contextvars.  Tokens and keys are never passed to a logger.
+
+In UUID mode (no ``authServerEndpoint``) a user id *is* the user's token, so it must not be
+logged either: `configure` then installs `hide_user_ids`, which replaces the ``user_id`` of every
+event (whoever logs it) with `user_ref` of it.  ``stcs user-ref ID`` prints the reference of an
+id, for an operator who wants that user's lines.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -55,13 +63,57 @@ class _NamedWriteLogger(structlog.WriteLogger):
         self.name = name
 
 
-def configure(level: str = "info", log_file: str = "", *, json: bool | None = None) -> None:
+USER_REF_PREFIX = "u-"
+USER_REF_HEX = 16  # 64 bits of SHA-256: no collisions in practice, nothing to read back
+
+
+@functools.lru_cache(maxsize=4096)  # on every request line: hash each user once
+def user_ref(user_id: str) -> str:
+    """The reference logged for ``user_id`` in UUID mode: ``"u-"`` + the first 16 hex digits
+    of SHA-256 of its UTF-8 bytes (``u-1f0a...``).
+
+    Not reversible: a version-4 UUID has 122 random bits, far beyond any search; equal ids give
+    equal references, so one user's lines can still be followed.
+    """
+    digest = hashlib.sha256(user_id.encode()).hexdigest()
+    return f"{USER_REF_PREFIX}{digest[:USER_REF_HEX]}"
+
+
+# Admin paths name users (/admin/users/{userId}/block, /admin/instances/{userId}).
+_ADMIN_PATH_PREFIX = "/admin"
+_UUID_IN_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def hide_user_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor (UUID mode): replace a string ``user_id`` with its `user_ref`, and
+    each UUID in an admin request's ``path`` with the reference of its lowercase form (the
+    user the admin call acts on, `stcs.auth.normalize_user_id`)."""
+    user_id = event.get("user_id")
+    if isinstance(user_id, str):
+        event["user_id"] = user_ref(user_id)
+    path = event.get("path")
+    if isinstance(path, str) and path.startswith(_ADMIN_PATH_PREFIX):
+        event["path"] = _UUID_IN_TEXT.sub(lambda m: user_ref(m.group().lower()), path)
+    return event
+
+
+def configure(
+    level: str = "info",
+    log_file: str = "",
+    *,
+    json: bool | None = None,
+    user_ids_are_secret: bool = False,
+) -> None:
     """Route all logging to ``log_file`` (appended) or standard output.
 
     stcs's own events go through structlog's native pipeline (no stdlib record per line: the
     request line is on the hot path); other libraries' stdlib records are rendered the same
     way by a `ProcessorFormatter`.  ``level`` is a `LEVELS` name.  ``json`` None picks JSON
-    unless the stream is a terminal.  Raises OSError when ``log_file`` cannot be opened.
+    unless the stream is a terminal.  ``user_ids_are_secret`` (UUID mode: the id is the
+    token) logs `user_ref` of every ``user_id`` instead.  The file is created with the process's
+    umask (``stcs serve``: 0600).  Raises OSError when ``log_file`` cannot be opened.
     """
     global _stream, _log_file
     target: TextIO = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout  # noqa: SIM115
@@ -69,6 +121,7 @@ def configure(level: str = "info", log_file: str = "", *, json: bool | None = No
     as_json = (not target.isatty()) if json is None else json
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([hide_user_ids] if user_ids_are_secret else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         _timestamp,

@@ -113,9 +113,19 @@ class Metrics:
             "Starts that had to wait because of dbMinFreeMemoryMB.",
             registry=r,
         )
+        self.start_backoffs = Counter(
+            "stcs_start_backoffs",
+            "Back-offs begun: a user's start failed or their chroma crashed soon after it.",
+            registry=r,
+        )
+        self.backoff_refusals = Counter(
+            "stcs_backoff_refusals",
+            "Requests answered 503 at once because their user's starts back off.",
+            registry=r,
+        )
         self.auth_lookups = Counter(
             "stcs_auth_lookups",
-            "Token resolutions by result (ok, rejected, error, cache_hit).",
+            "Token resolutions by result (ok, rejected, error, saturated, cache_hit).",
             ["result"],
             registry=r,
         )
@@ -132,9 +142,9 @@ class Metrics:
         # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
         for result in ("ok", "failed"):
             self.starts.labels(result)
-        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable"):
+        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable", "wedged"):
             self.stops.labels(reason)
-        for result in ("ok", "rejected", "error", "cache_hit"):
+        for result in ("ok", "rejected", "error", "saturated", "cache_hit"):
             self.auth_lookups.labels(result)
         for limit in QUOTA_LIMITS:
             self.quota_rejections.labels(limit)

@@ -10,6 +10,15 @@
   ``queueTimeout`` ms after the request arrived, then fails with 503 + ``Retry-After``.
 * Crashes: a child that exits on its own leaves the registry at once (exit code or signal
   logged); the next request starts it again.
+* Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start (one that spawned), or a
+  crash of the child's own (an exit code or a fault signal; not SIGKILL/SIGTERM from outside,
+  an operator or the OOM killer) within ``BACKOFF_STABLE_S`` of becoming ready, makes that
+  user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests get
+  503 + ``Retry-After`` at once, nothing is spawned.  An instance that stays up
+  ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+* Liveness: an instance with requests in flight whose heartbeat has not answered for
+  ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail (502) instead
+  of hanging for ever.  Idle instances are not probed (they cost nothing while wedged).
 
 How a child is started and stopped is the `launcher.Launcher` passed in.
 """
@@ -20,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import math
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -29,7 +39,13 @@ from typing import Any
 import psutil
 import structlog
 
-from stcs.errors import CapacityTimeoutError, ShuttingDownError
+from stcs.errors import (
+    CapacityTimeoutError,
+    DirectoryLockedError,
+    ShuttingDownError,
+    StartBackoffError,
+    StartFailedError,
+)
 from stcs.launcher import Child, Launcher, describe_exit
 from stcs.metrics import Metrics
 
@@ -38,6 +54,22 @@ log = structlog.get_logger("stcs.supervisor")
 EVICT_MIN_IDLE_S = 30.0  # an instance must be idle this long (or dbTTL if less) to be evicted
 QUEUE_POLL_S = 0.1  # queued starts re-check eviction candidates and free memory this often
 MB = 1024 * 1024
+BACKOFF_FIRST_S = 1.0  # the first back-off after a failure; doubles with each further one
+BACKOFF_MAX_S = 60.0
+BACKOFF_STABLE_S = 60.0  # an instance up this long ends its user's back-off series
+BACKOFF_FORGET_S = 600.0  # a back-off over this long ago with no start since is forgotten
+# Deaths that come from outside (an operator's kill, the OOM killer, a shutdown): an occasional
+# one is not a crash loop, and the next request restarts the instance at once.
+EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@dataclass
+class Backoff:
+    """A user's failed-start series: ``failures`` in a row, no start before ``until``
+    (monotonic seconds of the supervisor's clock)."""
+
+    failures: int = 0
+    until: float = 0.0
 
 
 class State(enum.Enum):
@@ -61,6 +93,8 @@ class Instance:
     requests: int = 0
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
+    ready_at: float = 0.0  # the supervisor's clock when the instance became ready
+    alive_at: float = 0.0  # monotonic s: last good heartbeat, or last seen with nothing in flight
     has_slot: bool = False
     started: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -142,6 +176,8 @@ class Supervisor:
         memory: Callable[[], int] = available_memory,
         metrics: Metrics | None = None,
         on_instance_gone: Callable[[Child], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        liveness_timeout_ms: int = 0,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -158,22 +194,29 @@ class Supervisor:
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
         self.metrics = metrics or Metrics()
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
+        self._clock = clock  # back-off timing (seconds); injected by policy tests
+        self._backoff: dict[str, Backoff] = {}
+        self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
+        self._liveness: asyncio.Task[None] | None = None
         self.closing = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the idle reaper (call from the running event loop)."""
+        """Start the idle reaper and the liveness probe (call from the running event loop)."""
         self._reaper = asyncio.create_task(self._reap_idle(), name="stcs-reaper")
+        if self.liveness_timeout > 0:
+            self._liveness = asyncio.create_task(self._check_liveness(), name="stcs-liveness")
 
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self.closing = True
         self._wake_queue()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._liveness):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         starting = [
             i.start_task
             for i in self.registry.values()
@@ -194,7 +237,8 @@ class Supervisor:
         """``async with supervisor.acquire(user_id) as lease``: hold ``user_id``'s ready
         instance for one request, starting it if needed.
 
-        Raises StartFailedError, CapacityTimeoutError or ShuttingDownError on entry.
+        Raises StartFailedError (StartBackoffError while the user's starts back off),
+        CapacityTimeoutError or ShuttingDownError on entry.
         """
         return _Hold(self, user_id)
 
@@ -217,6 +261,7 @@ class Supervisor:
                 continue
             inst = self.registry.get(user_id)
             if inst is None:
+                self._check_backoff(user_id)
                 inst = Instance(user_id)
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
@@ -253,6 +298,8 @@ class Supervisor:
             self._finalize(inst)
             if not isinstance(exc, (asyncio.CancelledError, ShuttingDownError)):
                 self.metrics.starts.labels("failed").inc()
+            if isinstance(exc, StartFailedError) and not isinstance(exc, DirectoryLockedError):
+                self._failed(inst.user_id, "start failed")
             # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
             failure = (
                 exc if isinstance(exc, Exception) else ShuttingDownError("server is shutting down")
@@ -264,6 +311,8 @@ class Supervisor:
             return
         inst.child = child
         inst.state = State.READY
+        inst.ready_at = self._clock()
+        inst.alive_at = time.monotonic()
         inst.last_active = time.monotonic()
         inst.last_active_wall = time.time()
         inst.started.set_result(None)
@@ -380,7 +429,63 @@ class Supervisor:
                 exit=describe_exit(code),
                 requests_in_flight=inst.in_flight,
             )
+            if self._clock() - inst.ready_at >= BACKOFF_STABLE_S:
+                self._backoff.pop(inst.user_id, None)
+            elif -code not in EXTERNAL_SIGNALS:
+                self._failed(inst.user_id, "crashed soon after start")
             self._finalize(inst)
+
+    # -- back-off ---------------------------------------------------------------------------
+
+    def _check_backoff(self, user_id: str) -> None:
+        """Raise StartBackoffError (503, ``Retry-After``: whole seconds left) while
+        ``user_id``'s starts back off."""
+        backoff = self._backoff.get(user_id)
+        if backoff is None:
+            return
+        left = backoff.until - self._clock()
+        if left > 0:
+            self.metrics.backoff_refusals.inc()
+            raise StartBackoffError(
+                "this user's chroma server failed to start recently; retry later",
+                headers={"Retry-After": str(max(1, math.ceil(left)))},
+            )
+
+    def _failed(self, user_id: str, reason: str) -> None:
+        """Record a failed start (or early crash) of ``user_id``: back off 1 s, 2 s, 4 s, ...
+        up to `BACKOFF_MAX_S`."""
+        backoff = self._backoff.setdefault(user_id, Backoff())
+        backoff.failures += 1
+        delay = min(BACKOFF_FIRST_S * 2 ** (backoff.failures - 1), BACKOFF_MAX_S)
+        backoff.until = self._clock() + delay
+        self.metrics.start_backoffs.inc()
+        log.warning(
+            "start backing off",
+            user_id=user_id,
+            reason=reason,
+            failures=backoff.failures,
+            backoff_ms=int(delay * 1000),
+        )
+
+    def _settle_backoffs(self) -> None:
+        """End the series of users whose instance has been up `BACKOFF_STABLE_S`, and forget
+        back-offs long over (the table stays as small as the set of failing users)."""
+        now = self._clock()
+        for user_id, backoff in list(self._backoff.items()):
+            inst = self.registry.get(user_id)
+            stable = (
+                inst is not None
+                and inst.state is State.READY
+                and now - inst.ready_at >= BACKOFF_STABLE_S
+            )
+            if stable or now - backoff.until >= BACKOFF_FORGET_S:
+                del self._backoff[user_id]
+
+    @property
+    def backing_off(self) -> dict[str, float]:
+        """User id -> seconds until their next start may be tried (users backing off now)."""
+        now = self._clock()
+        return {u: b.until - now for u, b in self._backoff.items() if b.until > now}
 
     def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
         """Begin stopping ``inst`` (idempotent).  The state turns STOPPING *now*, in the same
@@ -442,6 +547,8 @@ class Supervisor:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if self._backoff:
+                self._settle_backoffs()
             for inst in list(self.registry.values()):
                 if inst.child is not None and inst.state is State.READY:
                     self.launcher.rotate_log(inst.child)
@@ -451,6 +558,53 @@ class Supervisor:
                     and now - inst.last_active >= self.ttl
                 ):
                     self._stop_soon(inst, "idle")
+
+    async def _check_liveness(self) -> None:
+        """Probe the heartbeat of every ready instance with requests in flight, each tick
+        (at most 1 s, a quarter of ``dbLivenessTimeout``); kill one silent for the timeout."""
+        structlog.contextvars.clear_contextvars()
+        interval = min(1.0, max(0.05, self.liveness_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            watched: list[tuple[Instance, Child]] = []
+            for inst in list(self.registry.values()):
+                if inst.state is not State.READY or inst.child is None:
+                    continue
+                if inst.in_flight == 0:
+                    inst.alive_at = now  # the clock starts when a request comes in
+                else:
+                    watched.append((inst, inst.child))
+            if not watched:
+                continue
+            answers = await asyncio.gather(
+                *(self.launcher.probe(child, interval) for _, child in watched)
+            )
+            now = time.monotonic()
+            for (inst, child), alive in zip(watched, answers, strict=True):
+                if alive:
+                    inst.alive_at = now
+                elif (
+                    now - inst.alive_at >= self.liveness_timeout
+                    and inst.state is State.READY
+                    and inst.child is child
+                ):
+                    self._kill_wedged(inst, child, now)
+
+    def _kill_wedged(self, inst: Instance, child: Child, now: float) -> None:
+        log.error(
+            "instance wedged",
+            user_id=inst.user_id,
+            pid=child.pid,
+            port=child.port,
+            requests_in_flight=inst.in_flight,
+            silent_ms=int((now - inst.alive_at) * 1000),
+            liveness_timeout_ms=int(self.liveness_timeout * 1000),
+        )
+        self.launcher.kill(child)
+        if self._clock() - inst.ready_at < BACKOFF_STABLE_S:
+            self._failed(inst.user_id, "wedged soon after start")
+        self._stop_soon(inst, "wedged")
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -486,7 +640,9 @@ class Supervisor:
         return True
 
     def release(self, user_id: str) -> None:
-        """End a hold: waiting requests go on (and start the instance again)."""
+        """End a hold: waiting requests go on (and start the instance again).  Also ends the
+        user's start back-off: the maintenance (a restore) may have fixed what failed."""
+        self._backoff.pop(user_id, None)
         hold = self._holds.pop(user_id, None)
         if hold is not None:
             hold.set()

@@ -45,7 +45,8 @@ def user_dirs(db: Path) -> list[str]:
 
 
 def chroma_pids_under(db: Path) -> list[int]:
-    """Pids of live processes whose command line has ``--path`` under ``db``."""
+    """Pids of live processes whose ``--path`` (resolved against their working directory:
+    stcs gives children ``--path .``) lies under ``db``."""
     root = str(db.resolve())
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
@@ -54,8 +55,11 @@ def chroma_pids_under(db: Path) -> list[int]:
             continue
         if "--path" in cmd:
             i = cmd.index("--path")
-            if i + 1 < len(cmd) and cmd[i + 1].startswith(root):
-                pids.append(proc.info["pid"])
+            if i + 1 < len(cmd):
+                with contextlib.suppress(psutil.Error, OSError):
+                    path = os.path.join(proc.cwd(), cmd[i + 1])
+                    if os.path.realpath(path).startswith(root):
+                        pids.append(proc.info["pid"])
     return pids
 
 
@@ -213,6 +217,8 @@ class AuthServer:
     calls: Counter[str] = field(default_factory=Counter)
     api_keys: list[str | None] = field(default_factory=list)
     delay: float = 0.0
+    in_flight: int = 0  # lookups being answered now
+    max_in_flight: int = 0  # most seen at once
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -228,8 +234,13 @@ class AuthServer:
         token = auth[7:] if auth.startswith("Bearer ") else ""
         self.calls[token] += 1
         self.api_keys.append(request.headers.get("x-api-key"))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         status, body = self.answers.get(token, (401, {"message": "invalid"}))
         if isinstance(body, (bytes, str)):
             return web.Response(status=status, body=body)

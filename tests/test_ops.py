@@ -352,10 +352,10 @@ def test_child_output_is_bounded_and_shown_in_admin(
         client.heartbeat()
         client.list_collections()
     time.sleep(1.5)  # a reaper tick
-    log_file = logs / f"{token}.log"
+    log_file = logs / f"{log_mod.user_ref(token)}.log"  # UUID mode: named by reference
     entry = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10).json()
     assert entry["instances"][0]["logFile"] == str(log_file)
-    assert (logs / f"{token}.log.1").exists()
+    assert log_file.with_name(log_file.name + ".1").exists()
     assert log_file.stat().st_size <= 4096 + 8192  # cut back at the last tick, then a little
     assert b"\x00" not in log_file.read_bytes()  # no hole from the child's old offset
 
