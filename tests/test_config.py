@@ -256,7 +256,12 @@ def _subcommands() -> list[str]:
 
 
 def test_the_subcommands_are_those_the_readme_names() -> None:
-    assert _subcommands() == ["backup", "check-config", "render", "restore", "serve", "status"]
+    assert _subcommands() == [
+        "backup", "check-config", "render", "restore", "serve", "status", "user-ref", "users"
+    ]  # fmt: skip
+    readme = (ROOT / "README.md").read_text()
+    for command in _subcommands():
+        assert f"stcs {command}" in readme, command
 
 
 @pytest.mark.parametrize(
@@ -270,7 +275,7 @@ def test_every_help_prints_usage_and_exits_0(
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: stcs")
-    if command:  # the settings' help, among them eventLoop's with a literal %
+    if command and command != ["user-ref"]:  # the settings' help, eventLoop's has a literal %
         assert "--eventLoop" in out and "~5 % more" in " ".join(out.split())
 
 
