@@ -283,15 +283,23 @@ async def block_user(request: web.Request) -> web.Response:
     assert state.supervisor is not None and state.blocklist is not None
     user_id = _user_id(request)
     blocked = request.method == "POST"
+    drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
     state.blocklist.set(user_id, blocked)
     log.info("user blocked" if blocked else "user unblocked", user_id=user_id)
+    answer: dict[str, Any] = {"userId": user_id, "blocked": blocked}
     if blocked and user_id in state.supervisor.registry:
+        # New requests are refused from now on; the instance stops once those in flight end.
         try:
-            await state.supervisor.hold(user_id, DEFAULT_DRAIN_TIMEOUT_S)
+            answer["stopped"] = await state.supervisor.hold(user_id, drain)
+        except TimeoutError as exc:
+            # The block holds all the same; the requests in flight go on and the instance
+            # stays until dbTTL (it gets no new request).
+            log.warning("blocked user's requests still in flight", user_id=user_id)
+            answer.update(stopped=False, message=str(exc))
         finally:
             if user_id not in state.hold_expiry:
                 state.supervisor.release(user_id)
-    return web.json_response({"userId": user_id, "blocked": blocked})
+    return web.json_response(answer)
 
 
 async def hold_user(request: web.Request) -> web.Response:

@@ -370,3 +370,24 @@ def test_timestamp_is_structlog_iso_format() -> None:
     parsed = datetime.fromisoformat(ours.replace("Z", "+00:00"))
     assert parsed.tzinfo is not None
     assert abs((datetime.now(UTC) - parsed).total_seconds()) < 1
+
+
+async def test_block_while_a_request_outlasts_the_drain_is_not_500(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs("--adminAPIKey", ADMIN)
+    token = new_token()
+    client_for(server, token).heartbeat()
+    async with aiohttp.ClientSession() as session:
+        long = asyncio.ensure_future(slow_create(session, server, token, "long-one", 3.0))
+        await asyncio.sleep(0.5)
+        url = f"{server.url}/admin/users/{token}/block?drainTimeout=0.5"
+        async with session.post(url, headers=HDR) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+        assert body["blocked"] is True and body["stopped"] is False
+        assert (await long).status == 200  # the request in flight finished
+        async with session.get(
+            f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": token}
+        ) as resp:
+            assert resp.status == 403  # and the block holds

@@ -1,0 +1,242 @@
+"""The upstream client (stcs/upstream.py) at the byte level, against raw loopback servers that
+answer with exactly the bytes each test gives: chunked, close-delimited, HEAD, 204/304, 1xx,
+keep-alive off, garbage, an early close, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from stcs.upstream import (
+    READ_HIGH_WATER,
+    UnreachableError,
+    UpstreamFailedError,
+    UpstreamPool,
+)
+
+GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@dataclass(eq=False)
+class RawServer:
+    """A loopback server answering each request head with ``answer(head)`` (bytes), or with
+    nothing (``None``: keeps the connection open)."""
+
+    answer: Callable[[bytes], bytes | None]
+    close_after: bool = False
+    heads: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    server: asyncio.AbstractServer | None = None
+    reachable: bool = True
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                reply = self.answer(head)
+                if reply is not None:
+                    writer.write(reply)
+                    await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def fixed(reply: bytes, **kw: object) -> RawServer:
+    return RawServer(lambda _head: reply, **kw)  # type: ignore[arg-type]
+
+
+async def test_content_length_body_and_keep_alive_reuse() -> None:
+    async with fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: \xc3\xa9\r\n\r\nhello") as srv:
+        pool = UpstreamPool()
+        for _ in range(3):
+            resp = await pool.request(srv, GET, None)
+            assert resp.status == 200 and resp.content_length == 5
+            assert (b"X-A", b"\xc3\xa9") in resp.headers  # bytes as sent
+            assert await resp.read() == b"hello"
+            resp.release()
+        assert srv.connections == 1  # one kept-alive connection served all three
+        pool.close()
+
+
+async def test_chunked_body_is_decoded() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    async with fixed(reply) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        assert resp.chunked and resp.content_length is None
+        assert b"".join([c async for c in resp.chunks()]) == b"abcde"
+        resp.release()
+        resp = await pool.request(srv, GET, None)  # and the connection is reusable
+        assert await resp.read() == b"abcde"
+        resp.release()
+        assert srv.connections == 1
+
+
+async def test_close_delimited_body_ends_at_eof_and_is_not_reused() -> None:
+    async with fixed(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after=True) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        assert await resp.read() == b"until the end"
+        assert not resp.keep_alive
+        resp.release()
+        resp = await pool.request(srv, GET, None)
+        assert await resp.read() == b"until the end"
+        resp.release()
+        assert srv.connections == 2
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_no_body_statuses(status: int) -> None:
+    reply = b"HTTP/1.1 %d X\r\nContent-Length: 10\r\n\r\n" % status
+    async with fixed(reply) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        assert resp.status == status and not resp.has_body
+        assert await resp.read() == b""
+        resp.release()
+
+
+async def test_head_answer_has_no_body_and_its_connection_is_not_reused() -> None:
+    async with fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n") as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, b"HEAD /x HTTP/1.1\r\n\r\n", None, head_only=True)
+        assert resp.status == 200 and resp.content_length == 1000
+        assert await resp.read() == b""
+        resp.release()
+        resp = await pool.request(srv, b"HEAD /x HTTP/1.1\r\n\r\n", None, head_only=True)
+        resp.release()
+        assert srv.connections == 2
+
+
+async def test_interim_1xx_is_skipped_for_the_final_answer() -> None:
+    reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    async with fixed(reply) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        assert resp.status == 201 and await resp.read() == b"ok"
+        assert (b"Content-Length", b"2") in resp.headers
+        resp.release()
+
+
+async def test_keep_alive_off_closes_the_connection() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    async with fixed(reply) as srv:
+        pool = UpstreamPool()
+        for _ in range(2):
+            resp = await pool.request(srv, GET, None)
+            assert await resp.read() == b"ok" and not resp.keep_alive
+            resp.release()
+        assert srv.connections == 2
+
+
+async def test_garbage_answer_is_upstream_failed() -> None:
+    async with fixed(b"SSH-2.0-OpenSSH\r\n\r\n") as srv:
+        with pytest.raises(UpstreamFailedError):
+            await UpstreamPool().request(srv, GET, None)
+
+
+async def test_early_close_mid_body_is_upstream_failed() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"
+    async with fixed(reply, close_after=True) as srv:
+        resp = await UpstreamPool().request(srv, GET, None)
+        with pytest.raises(UpstreamFailedError):
+            await resp.read()
+        resp.release()
+
+
+async def test_close_before_any_answer_is_upstream_failed() -> None:
+    async with RawServer(lambda _h: None, close_after=True) as srv:
+        with pytest.raises(UpstreamFailedError):
+            await UpstreamPool().request(srv, GET, None)
+
+
+async def test_bytes_on_an_idle_connection_retire_it() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"
+    async with fixed(reply) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        assert await resp.read() == b"ok"
+        resp.release()
+        await asyncio.sleep(0.05)
+        resp = await pool.request(srv, GET, None)  # not the poisoned connection
+        resp.release()
+        assert srv.connections == 2
+
+
+async def test_a_target_that_is_gone_is_never_connected() -> None:
+    async with fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as srv:
+        srv.reachable = False
+        with pytest.raises(UnreachableError):
+            await UpstreamPool().request(srv, GET, None)
+        assert srv.connections == 0
+
+
+async def test_refused_connection_is_unreachable() -> None:
+    async with fixed(b"") as srv:
+        port = srv.port
+    srv.port = port  # closed now
+    with pytest.raises(UnreachableError):
+        await UpstreamPool().request(srv, GET, None)
+
+
+async def test_streamed_body_is_sent_chunked() -> None:
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    srv = RawServer(lambda _h: None, port=server.sockets[0].getsockname()[1])
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b""  # empty pieces are skipped, never a premature last-chunk
+        yield b"de"
+
+    head = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    resp = await UpstreamPool().request(srv, head, body(), chunked=True)
+    assert resp.status == 200
+    resp.release()
+    server.close()
+    assert received == [head + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"]
+
+
+async def test_a_slow_consumer_pauses_reading_from_upstream() -> None:
+    size = 8 * READ_HIGH_WATER
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+    async with fixed(reply) as srv:
+        resp = await UpstreamPool().request(srv, GET, None)
+        await asyncio.sleep(0.3)  # nobody consumes: at most about the high-water mark buffered
+        assert resp._paused
+        assert resp._buffered < 2 * READ_HIGH_WATER + 1024 * 1024
+        got = 0
+        async for chunk in resp.chunks():
+            got += len(chunk)
+        assert got == size
+        resp.release()
