@@ -33,6 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_working_directory(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test runs in an empty working directory: a ``config.yml`` in the checkout (the
+    README suggests one there) or in the caller's directory never reaches a test."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

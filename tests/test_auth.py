@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def resolver(session: aiohttp.ClientSession, url: str, **kw: int) -> AuthServerResolver:
+def resolver(session: aiohttp.ClientSession, url: str, **kw: Any) -> AuthServerResolver:
     return AuthServerResolver(session, url, api_key="k", **kw)
 
 

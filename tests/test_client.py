@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def client_for(server: StcsServer, token: str | None, transport: str = "x-chroma
     )
 
 
-def vectors(n: int, seed: int) -> list[list[float]]:
+def vectors(n: int, seed: int) -> list[Sequence[float]]:
     rng = random.Random(seed)
     return [[rng.random() for _ in range(DIM)] for _ in range(n)]
 

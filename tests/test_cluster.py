@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import chromadb
@@ -75,7 +75,8 @@ def test_each_user_lands_on_one_node_and_only_its_users_fail_when_it_stops(
     for user, tokens in users.items():
         for n, token in enumerate(tokens):
             col = client(router, token).get_or_create_collection("mine")
-            col.add(ids=[f"{user}-{n}"], embeddings=[[float(n), 1.0, 2.0]])
+            row: Sequence[float] = [float(n), 1.0, 2.0]
+            col.add(ids=[f"{user}-{n}"], embeddings=[row])
 
     placement = {
         user: [i for i, node in enumerate(nodes) if user in users_on(node)] for user in users

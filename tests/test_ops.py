@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
@@ -369,7 +369,7 @@ def test_timestamp_is_structlog_iso_format() -> None:
     assert ours.endswith("Z") and theirs.endswith("Z")
     parsed = datetime.fromisoformat(ours.replace("Z", "+00:00"))
     assert parsed.tzinfo is not None
-    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 1
+    assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 1
 
 
 async def test_block_while_a_request_outlasts_the_drain_is_not_500(

@@ -17,7 +17,7 @@ from stcs.errors import AuthError, InvalidUserIdError
 DB = Path("/srv/stcs-db")
 
 header_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=200
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=200
 ) | st.sampled_from(["Bearer", "Bearer ", "bearer x", "Basic x", "Bearer a b", ""])
 path_like = st.text(alphabet=string.printable + "é/\\.\x00", max_size=140)
 

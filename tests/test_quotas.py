@@ -39,7 +39,7 @@ def limits_of(server: StcsServer, user: str) -> dict[str, Any]:
     return doc
 
 
-def put_limits(server: StcsServer, user: str, doc: object) -> requests.Response:
+def put_limits(server: StcsServer, user: str, doc: Any) -> requests.Response:
     return requests.put(
         f"{server.url}/admin/users/{user}/limits", json=doc, headers=HDR, timeout=10
     )
@@ -136,7 +136,7 @@ def test_rate_limit_is_a_token_bucket_per_user(stcs: Callable[..., StcsServer]) 
         client = client_for(server, token)
         for _ in range(burst + 1):
             client.heartbeat()
-    assert scrape_without_key(server) is None
+    scrape_without_key(server)
 
 
 def scrape_without_key(server: StcsServer) -> None:
