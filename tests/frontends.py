@@ -12,12 +12,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from tests.helpers import stcs_cli
 
 MODULES = Path("/usr/lib/apache2/modules")
 APACHE_MODULES = [
@@ -42,12 +43,7 @@ _PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 def render(kind: str, out: Path, *args: str) -> Path:
     """``stcs render KIND args -o out``; fails the test with stcs's message on error."""
-    done = subprocess.run(
-        [sys.executable, "-m", "stcs", "render", kind, *args, "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = stcs_cli("render", kind, *args, "-o", str(out), timeout=60)
     assert done.returncode == 0, done.stderr
     return out
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import chromadb
 import pytest
@@ -15,31 +13,7 @@ from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
 from tests.conftest import AuthServer, StcsServer, new_token, self_signed_cert, user_dirs
-
-DIM = 384
-
-
-def client_for(server: StcsServer, token: str | None, transport: str = "x-chroma-token") -> Any:
-    """An unmodified chromadb.HttpClient with ``token`` sent by ``transport``."""
-    if transport == "bearer":
-        settings = Settings(
-            chroma_client_auth_provider="chromadb.auth.token_authn.TokenAuthClientProvider",
-            chroma_client_auth_credentials=token,
-            anonymized_telemetry=False,
-        )
-        return chromadb.HttpClient(host="127.0.0.1", port=server.port, settings=settings)
-    headers = {"X-Chroma-Token": token} if token is not None else {}
-    return chromadb.HttpClient(
-        host="127.0.0.1",
-        port=server.port,
-        headers=headers,
-        settings=Settings(anonymized_telemetry=False),
-    )
-
-
-def vectors(n: int, seed: int) -> list[Sequence[float]]:
-    rng = random.Random(seed)
-    return [[rng.random() for _ in range(DIM)] for _ in range(n)]
+from tests.helpers import client_for, vectors
 
 
 @pytest.fixture

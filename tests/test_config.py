@@ -14,6 +14,7 @@ import yaml
 from stcs.cli import build_parser, main
 from stcs.config import BY_KEY, IGNORED_KEYS, SETTINGS, load_settings
 from stcs.errors import ConfigError
+from tests.helpers import stcs_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,14 +204,7 @@ def test_readme_table_covers_exactly_the_settings() -> None:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stcs", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    return stcs_cli(*args, cwd=cwd, env={"PATH": "/usr/bin:/bin"}, timeout=60)
 
 
 def test_check_config_prints_sources_and_masks_secrets(tmp_path: Path) -> None:

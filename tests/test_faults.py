@@ -29,8 +29,7 @@ from tests.conftest import (
     self_signed_cert,
     user_dirs,
 )
-from tests.test_client import client_for, vectors
-from tests.test_supervision import COLLECTIONS, slow_create, wait_gone
+from tests.helpers import COLLECTIONS, client_for, slow_create, vectors, wait_gone
 
 CHROMA = str(Path(sys.executable).parent / "chroma")
 

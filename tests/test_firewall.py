@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import StcsServer, new_token
-from tests.test_client import client_for
+from tests.helpers import client_for, stcs_cli
 
 ADMIN = "fw-admin-key-3"
 
@@ -66,11 +66,7 @@ def test_rendered_nftables_rule_lets_only_the_stcs_uid_reach_the_children(tmp_pa
         pytest.skip(f"no network namespaces here: {probe.stderr.decode().strip()}")
     rules = tmp_path / "stcs.nft"
     args = ["--childPortRange", "20000-20010", "--user", str(os.geteuid()), "-o", str(rules)]
-    rendered = subprocess.run(
-        [sys.executable, "-m", "stcs", "render", "nftables", *args],
-        capture_output=True,
-        text=True,
-    )
+    rendered = stcs_cli("render", "nftables", *args)
     assert rendered.returncode == 0, rendered.stderr
     os.chmod(tmp_path, 0o755)  # the listener script runs as root; nothing else needs the file
     # Without the rule any local uid reaches a child's port; with it only stcs's uid does.
@@ -81,7 +77,5 @@ def test_rendered_nftables_rule_lets_only_the_stcs_uid_reach_the_children(tmp_pa
 
 
 def test_render_nftables_needs_a_child_port_range() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "stcs", "render", "nftables"], capture_output=True, text=True
-    )
+    out = stcs_cli("render", "nftables")
     assert out.returncode == 2 and "childPortRange" in out.stderr

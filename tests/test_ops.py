@@ -19,44 +19,10 @@ import aiohttp
 import pytest
 import requests
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
 from stcs import log as log_mod
 from tests.conftest import StcsServer, new_token, user_dirs
-from tests.test_client import client_for
-from tests.test_supervision import slow_create, wait_gone
-
-ADMIN = "ops-admin-key-7"
-HDR = {"x-api-key": ADMIN}
-
-
-def cli(
-    *args: str, server: StcsServer | None = None, db: Path | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """``python -m stcs ARGS`` with the server's settings (port, dbPath, admin key)."""
-    extra: list[str] = ["--adminAPIKey", ADMIN]
-    if server is not None:
-        extra += ["--port", str(server.port), "--db", str(server.db)]
-    elif db is not None:
-        extra += ["--db", str(db)]
-    return subprocess.run(
-        [sys.executable, "-m", "stcs", *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def scrape(server: StcsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    resp = requests.get(
-        f"{server.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
-    )
-    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(resp.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
+from tests.helpers import ADMIN, HDR, cli, client_for, scrape, slow_create, wait_gone
 
 
 def test_log_lines_are_json_with_the_documented_fields(stcs: Callable[..., StcsServer]) -> None:

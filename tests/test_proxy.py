@@ -21,9 +21,8 @@ from yarl import URL
 from stcs.app import STATE, create_app
 from stcs.config import load_settings
 from tests.conftest import StcsServer, new_token, user_dirs
-from tests.test_client import client_for, vectors
+from tests.helpers import ECHO, client_for, vectors
 
-ECHO = Path(__file__).parent / "upstreams" / "echo.py"
 MB = 1024 * 1024
 
 

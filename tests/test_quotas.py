@@ -21,9 +21,7 @@ from stcs.config import load_settings
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas, classify
 from tests.conftest import ROOT, StcsServer, new_token
-from tests.test_client import client_for, vectors
-from tests.test_ops import cli, scrape
-from tests.test_supervision import slow_create
+from tests.helpers import cli, client_for, scrape, slow_create, vectors
 
 ADMIN = "ops-admin-key-7"  # the key tests.test_ops.cli and scrape send
 HDR = {"x-api-key": ADMIN}

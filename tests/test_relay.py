@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import StcsServer, new_token
+from tests.helpers import ECHO
 
-ECHO = Path(__file__).parent / "upstreams" / "echo.py"
 MB = 1024 * 1024
 ADMIN = {"x-api-key": "admin-key-42"}
 

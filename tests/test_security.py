@@ -18,7 +18,7 @@ import requests
 from stcs.launcher import CHILD_ENV_ALLOWED
 from stcs.log import user_ref
 from tests.conftest import AuthServer, StcsServer, new_token
-from tests.test_client import client_for, vectors
+from tests.helpers import client_for, stcs_cli, vectors
 
 ADMIN = "sec-admin-key-Zq81"
 AUTH_KEY = "sec-auth-key-Pw33"
@@ -91,12 +91,7 @@ def test_uuid_mode_logs_files_and_command_lines_never_show_the_token(
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     assert (logs / f"{ref}.log").is_file()
-    printed = subprocess.run(
-        [sys.executable, "-m", "stcs", "user-ref", token.upper()],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    printed = stcs_cli("user-ref", token.upper(), check=True)
     assert printed.stdout.strip() == ref
 
 
@@ -214,12 +209,7 @@ def test_without_auto_create_only_existing_users_are_served_and_nothing_is_creat
 ) -> None:
     db = tmp_path / "db"
     added = new_token()
-    out = subprocess.run(
-        [sys.executable, "-m", "stcs", "users", "add", added.upper(), "--db", str(db)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = stcs_cli("users", "add", added.upper(), "--db", str(db), check=True)
     assert out.stdout.startswith("created")
     assert stat.S_IMODE((db / added).stat().st_mode) == 0o700
     server = stcs("--autoCreateUsers", "false", "--adminAPIKey", ADMIN, db=db)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,9 +17,7 @@ import psutil
 import requests
 
 from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
-from tests.test_client import client_for, vectors
-
-COLLECTIONS = "/api/v2/tenants/default_tenant/databases/default_database/collections"
+from tests.helpers import client_for, slow_create, stcs_cli, vectors, wait_gone
 
 
 @contextmanager
@@ -41,34 +38,6 @@ def max_children(server: StcsServer) -> Iterator[list[int]]:
     finally:
         done.set()
         thread.join()
-
-
-async def slow_create(
-    session: aiohttp.ClientSession, server: StcsServer, token: str, name: str, seconds: float
-) -> aiohttp.ClientResponse:
-    """Create a collection with a body trickled over ``seconds``: a request held in flight."""
-    head = f'{{"name": "{name}"'.encode()
-    # Over the proxy's small-body threshold (64 KiB): streamed to chroma as it arrives, so the
-    # request is in flight *at chroma* while it trickles.
-    pad_chunks, pad = 10, 8000
-    body_len = len(head) + pad_chunks * pad + 1
-
-    async def body() -> AsyncIterator[bytes]:
-        yield head
-        for _ in range(pad_chunks):
-            await asyncio.sleep(seconds / pad_chunks)
-            yield b" " * pad
-        yield b"}"
-
-    return await session.post(
-        f"{server.url}{COLLECTIONS}",
-        data=body(),
-        headers={
-            "X-Chroma-Token": token,
-            "Content-Type": "application/json",
-            "Content-Length": str(body_len),
-        },
-    )
 
 
 async def test_20_concurrent_first_requests_start_exactly_one_child(
@@ -93,21 +62,6 @@ async def test_20_concurrent_first_requests_start_exactly_one_child(
     assert len(server.events("instance started")) == 1
     cold = [e for e in server.events("request") if e["cold_start"]]
     assert len(cold) == 20  # all of them waited for the one start
-
-
-def wait_gone(pid: int, timeout: float) -> float:
-    """Seconds until ``pid`` is gone (reaped or zombie); fails after ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(f"pid {pid} still alive after {timeout} s")
-    return time.monotonic() - start
 
 
 def test_idle_child_is_stopped_after_ttl_and_restarts_with_data(
@@ -214,12 +168,8 @@ def test_second_stcs_on_same_db_path_exits_2_naming_the_lock(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
     first = stcs()
-    done = subprocess.run(
-        [sys.executable, "-m", "stcs", "serve", "--port", str(free_port()), "--db", str(first.db)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+    done = stcs_cli(
+        "serve", "--port", str(free_port()), "--db", str(first.db), cwd=tmp_path, timeout=60
     )
     assert done.returncode == 2
     assert "stcs.lock" in done.stderr and str(first.pid) in done.stderr
