@@ -63,7 +63,8 @@ def check_admin_key(request: web.Request) -> None:
     if given is None:
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         given = value.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    # A header value is not always valid UTF-8 (aiohttp keeps such bytes as surrogates).
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
         raise AdminForbiddenError("invalid admin key")
 
 

@@ -287,6 +287,15 @@ class Settings:
         help="Longest pause between two reads of a request body; then 408, the request's "
         "instance lease is released and the connection closes. nginx `client_body_timeout` 60 s.",
     )
+    send_timeout: int = setting(
+        30000,
+        key="sendTimeout",
+        env="SEND_TIMEOUT",
+        unit="ms",
+        minimum=1,
+        help="Longest time a client may leave stcs's answer unread (its buffer full) before the "
+        "connection is aborted and the request's lease released. nginx `send_timeout` 60 s.",
+    )
     keep_alive_timeout: int = setting(
         75000,
         key="keepAliveTimeout",

@@ -264,6 +264,7 @@ class Relay:
         self.control = UnixTarget(control_socket)
         self.connections: set[ClientConnection] = set()
         self.head_timeout = settings.headers_timeout / 1000
+        self.send_timeout = settings.send_timeout / 1000
         self.body_timeout = settings.body_timeout / 1000
         self.keepalive_timeout = settings.keep_alive_timeout / 1000
         self.trusted = settings.trusted_networks
@@ -305,6 +306,10 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads nothing
+        self.waiting_to_serve = False  # a response done, the next waits for the client to read
+        self.pending_refusal: HTTPError | None = None  # answered once the current request ends
+        self.unpaid = 0  # bytes of the current message since its last body byte (trailers...)
         self.writable = asyncio.Event()
         self.writable.set()
 
@@ -331,6 +336,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.relay.connections.discard(self)
         self._cancel_timer()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         self.writable.set()
         msg = self.active
         if msg is not None and msg.more is not None:
@@ -346,6 +354,8 @@ class ClientConnection(asyncio.Protocol):
             self._set_timer(self.relay.head_timeout, self._head_timed_out)
         if self.msg is None or self.in_head:
             self.head_bytes += len(data)
+        else:
+            self.unpaid += len(data)  # reset by on_body: trailers and chunk extensions only
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -353,6 +363,9 @@ class ClientConnection(asyncio.Protocol):
             self._stop_reading()
         except httptools.HttpParserError as exc:
             self._framing_error(str(exc))
+            return
+        if self.unpaid > self.relay.settings.max_header_size + SMALL_BODY and not self.stopped:
+            self._framing_error("trailer section or chunk extensions too large")
             return
         if self.in_head and self.head_bytes > self.relay.settings.max_header_size:
             self._refuse_head(
@@ -362,10 +375,31 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def pause_writing(self) -> None:
+        """The client's socket buffer is full: read no more requests, and give it
+        ``sendTimeout`` to read before the connection is aborted."""
         self.writable.clear()
+        self._update_reading()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.relay.send_timeout, self._send_timed_out)
 
     def resume_writing(self) -> None:
         self.writable.set()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+        if self.waiting_to_serve and self.active is None and not self.closed:
+            self.waiting_to_serve = False
+            self._next()
+        self._update_reading()
+
+    def _send_timed_out(self) -> None:
+        self.send_timer = None
+        log.info(
+            "client stopped reading",
+            client=self.peer,
+            send_timeout_ms=self.relay.settings.send_timeout,
+        )
+        self._abort()
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -382,8 +416,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         msg = self.msg
-        if msg is None or self.stopped:
-            return
+        if msg is None or self.stopped or not self.in_head:
+            return  # trailer fields are dropped (RFC 9110 §6.5.1), never merged into the head
         msg.headers.append((name, value))
         lower = name.lower()
         if lower in _SPECIAL:
@@ -419,6 +453,7 @@ class ClientConnection(asyncio.Protocol):
         msg = self.msg
         if msg is None or self.stopped or msg.reject is not None:
             return
+        self.unpaid = 0
         msg.received += len(body)
         if msg.received > self.relay.settings.max_body_size:
             if msg.body_error is None:
@@ -557,12 +592,26 @@ class ClientConnection(asyncio.Protocol):
         """After a response: next pipelined request, keep-alive wait, or close."""
         self.active = None
         self.task = None
+        self.unpaid = 0
         if self.closed:
+            return
+        if self.pending_refusal is not None:  # a later request was refused while this one ran
+            self._write(error_response(self.pending_refusal, close=True))
+            self.close()
             return
         if close or not msg.keep_alive or not msg.complete or self.relay.closing:
             # An unread (or half-read) body leaves the stream unparseable: close.
             self.close()
             return
+        if not self.writable.is_set():
+            # The client has not read this answer yet: serve nothing more until it does.
+            self.waiting_to_serve = True
+            self._update_reading()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Serve the next pipelined request, or wait for one (head or keep-alive timer)."""
         if self.pipeline:
             self._serve(self.pipeline.popleft())
         elif self.msg is not None and self.in_head:
@@ -909,6 +958,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         else:
             self.pipeline.clear()
+            self.pending_refusal = exc
 
     def _framing_error(self, reason: str) -> None:
         msg = self.active
@@ -949,6 +999,7 @@ class ClientConnection(asyncio.Protocol):
         pause = (
             bool(self.pipeline)
             or self.stopped
+            or not self.writable.is_set()
             or (msg is not None and msg.buffered > BODY_HIGH_WATER)
         )
         if self.msg is not None and self.msg is not msg and self.msg.buffered > BODY_HIGH_WATER:
@@ -975,8 +1026,7 @@ class ClientConnection(asyncio.Protocol):
             return
         msg = self.msg or self.active
         if not (self.stopped or (msg is not None and not msg.complete)):
-            self.closed = True
-            transport.close()
+            self._end_linger()
             return
         self.lingering = True
         self.stopped = True
@@ -987,10 +1037,14 @@ class ClientConnection(asyncio.Protocol):
         self.timer = self.loop.call_later(LINGER_S, self._end_linger)
 
     def _end_linger(self) -> None:
+        """Close; if what was written is still unread, abort after ``sendTimeout``."""
         self.timer = None
-        if self.transport is not None and not self.closed:
+        transport = self.transport
+        if transport is not None and not self.closed:
             self.closed = True
-            self.transport.close()
+            transport.close()
+            if transport.get_write_buffer_size():
+                self.loop.call_later(self.relay.send_timeout, transport.abort)
 
     def eof_received(self) -> bool | None:
         if self.lingering:

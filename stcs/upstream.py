@@ -83,8 +83,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamFailedError(f"unparsable answer from upstream: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # Garbage, or a 101 switch: stcs relays HTTP/1.1 only, never a tunnel.
+            self._fail(UpstreamFailedError(f"unparsable answer from upstream: {exc!r}"))
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -269,15 +270,22 @@ class UpstreamPool:
         self._idle: dict[Target, list[_Connection]] = {}
 
     async def _get(self, target: Target) -> _Connection:
+        if not target.reachable:  # its child exited: not even a pooled connection is used
+            self.forget(target)
+            raise UnreachableError("the instance is gone")
         idle = self._idle.get(target)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_TIMEOUT_S:
+            transport = conn.transport
+            if (
+                not conn.closed
+                and transport is not None
+                and not transport.is_closing()
+                and now - conn.idle_since < IDLE_TIMEOUT_S
+            ):
                 return conn
             conn.close()
-        if not target.reachable:
-            raise UnreachableError("the instance is gone")
         loop = asyncio.get_running_loop()
         address = target.address
         try:

@@ -15,6 +15,7 @@ import select
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,15 @@ def connect(server: StcsServer) -> socket.socket:
     return sock
 
 
+# Bytes received past the response read_response returned (a pipelined next answer).
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    """One response (Content-Length or close-delimited framing); (status, headers, body)."""
+    """One response (Content-Length or close-delimited framing); (status, headers, body).
+    Bytes after it are kept for the next call on the same socket."""
     sock.settimeout(timeout)
-    data = b""
+    data = _LEFTOVER.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
@@ -78,7 +84,8 @@ def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[s
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     if status == 100 or status == 204:
-        return status, headers, rest
+        _LEFTOVER[sock] = rest
+        return status, headers, b""
     if "content-length" in headers:
         length = int(headers["content-length"])
         while len(rest) < length:
@@ -86,6 +93,7 @@ def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[s
             if not chunk:
                 raise ConnectionError("closed mid-body")
             rest += chunk
+        _LEFTOVER[sock] = rest[length:]
         return status, headers, rest[:length]
     while chunk := sock.recv(65536):
         rest += chunk
@@ -665,3 +673,132 @@ async def test_a_request_bound_to_a_dead_child_never_reaches_its_old_port(tmp_pa
         squatter.close()
         child.unlease()  # the request ends
         assert child.port not in launcher._ports
+
+
+# -- found by review: write back-pressure, send timeout, trailers, late refusals -----------
+
+
+def test_pipelined_flood_to_a_client_that_never_reads_stays_bounded(relay: StcsServer) -> None:
+    """~90-byte requests for 60 KB answers, pipelined without reading: stcs stops reading
+    once its write buffer is full, instead of queueing every answer in memory."""
+    token = new_token()
+    requests.get(f"{relay.url}/echo/warm", headers={"X-Chroma-Token": token}, timeout=10)
+    rss_before = psutil.Process(relay.pid).memory_info().rss
+    one = head("GET", "/big?size=60000", token)
+    with connect(relay) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(one * 50)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        grown = psutil.Process(relay.pid).memory_info().rss - rss_before
+    print(f"sent {sent / len(one):.0f} requests; stcs grew {grown / MB:.1f} MB")
+    assert grown < 32 * MB
+
+
+def test_a_client_that_stops_reading_loses_its_lease_at_the_send_timeout(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    server = stcs(
+        "--chromaCommand", f"{sys.executable} {ECHO}", "--adminAPIKey", "admin-key-42",
+        "--sendTimeout", "1000",
+    )  # fmt: skip
+    token = new_token()
+    with connect(server) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(head("GET", f"/big?size={50 * MB}", token))
+        time.sleep(3)  # never reads
+        listing = requests.get(f"{server.url}/admin/instances", headers=ADMIN, timeout=10)
+        [inst] = listing.json()["instances"]
+        assert inst["inFlight"] == 0
+    deadline = time.monotonic() + 10
+    while not (lines := [e for e in server.events("request") if e["path"] == "/big"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lines[0]["status"] == 499
+
+
+def test_idle_connections_with_unread_answers_free_their_slots(relay: StcsServer) -> None:
+    """maxConnections 60: connections whose answers are never read are aborted at the
+    keep-alive/send timeouts, so new clients get in again."""
+    token = new_token()
+    socks = []
+    try:
+        for _ in range(60):
+            sock = connect(relay)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.sendall(head("GET", "/big?size=60000", token) * 20)
+            socks.append(sock)
+        time.sleep(0.5)
+        assert requests.get(f"{relay.url}/health", timeout=10).status_code == 503
+        deadline = time.monotonic() + 40  # keepAliveTimeout 2 s + the send timeout (30 s)
+        while requests.get(f"{relay.url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "slots never freed"
+            time.sleep(0.5)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_trailers_are_not_forwarded_and_are_bounded(relay: StcsServer) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        sock.sendall(
+            head("POST", "/echo/t", token, "Transfer-Encoding: chunked")
+            + b"5\r\nhello\r\n0\r\nX-Injected: from-trailer\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+        )
+        status, _, payload = read_response(sock)
+    assert status == 200
+    seen = json.loads(payload)
+    assert seen["body_len"] == 5
+    names = {k.lower() for k, _ in seen["headers"]}
+    assert "x-injected" not in names and "x-forwarded-for" not in names
+    with connect(relay) as sock:  # an endless trailer section: refused, not buffered
+        sock.sendall(head("POST", "/echo/t", token, "Transfer-Encoding: chunked") + b"0\r\n")
+        sock.setblocking(False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.send(b"a: b\r\n" * 1000)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        sock.setblocking(True)
+        assert read_response(sock)[0] == 400
+
+
+def test_a_bad_pipelined_request_is_refused_right_after_the_current_one(
+    relay: StcsServer,
+) -> None:
+    token = new_token()
+    with connect(relay) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            head("POST", "/echo/first", token, "Content-Length: 2")
+            + b"ok"
+            + b"GET\x01 / HTTP/1.1\r\n\r\n"
+        )
+        status, _, payload = read_response(sock)  # (a cold start: the instance starts first)
+        assert status == 200 and json.loads(payload)["body_len"] == 2
+        assert read_response(sock)[0] == 400
+        assert time.monotonic() - started < 0.9  # right after, not at the head timeout (1 s)
+
+
+def test_a_non_utf8_admin_key_is_403_not_500(relay: StcsServer) -> None:
+    for path in ("/metrics", "/admin/instances", "/admin-health"):
+        with connect(relay) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: s\r\n".encode() + b"x-api-key: \xff\r\n\r\n"
+            )
+            assert read_response(sock)[0] == 403, path
+    assert "Traceback" not in relay.log_path.read_text()

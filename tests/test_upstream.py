@@ -240,3 +240,9 @@ async def test_a_slow_consumer_pauses_reading_from_upstream() -> None:
             got += len(chunk)
         assert got == size
         resp.release()
+
+
+async def test_a_101_switch_is_refused_not_tunnelled() -> None:
+    async with fixed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n\x00\x01") as srv:
+        with pytest.raises(UpstreamFailedError):
+            await UpstreamPool().request(srv, GET, None)
