@@ -91,10 +91,10 @@ def instance_entry(inst: Instance, now: float) -> dict[str, Any]:
         "startedAt": _iso(child.started_at) if child else None,
         "lastActive": _iso(inst.last_active_wall),
         "idleForMs": round(inst.idle_for(now) * 1000),
-        "ready": inst.state.value == "ready",
+        "ready": inst.phase.value == "ready",
         "requests": inst.requests,
         "inFlight": inst.in_flight,
-        "status": inst.state.value,
+        "status": inst.phase.value,
         "logFile": str(child.log_path) if child else None,
     }
 
@@ -102,7 +102,7 @@ def instance_entry(inst: Instance, now: float) -> dict[str, Any]:
 def _state(request: web.Request) -> State:
     check_admin_key(request)
     state = request.app[STATE]
-    assert state.supervisor is not None and state.upstream is not None
+    assert state.supervisor is not None and state.probe_session is not None
     return state
 
 
@@ -137,7 +137,7 @@ async def admin_health(request: web.Request) -> web.Response:
     answered its heartbeat.
     """
     state = _state(request)
-    supervisor, session = state.supervisor, state.upstream
+    supervisor, session = state.supervisor, state.probe_session
     assert supervisor is not None and session is not None
     now = time.monotonic()
 
@@ -273,7 +273,7 @@ async def stop_instance(request: web.Request) -> web.Response:
         raise BadAdminRequestError(str(exc)) from None
     finally:
         if user_id not in state.hold_expiry:  # not held by a maintenance hold: release now
-            state.supervisor.release(user_id)
+            state.supervisor.release_hold(user_id)
     log.info("admin stopped instance", user_id=user_id, stopped=stopped)
     return web.json_response({"userId": user_id, "stopped": stopped})
 
@@ -299,7 +299,7 @@ async def block_user(request: web.Request) -> web.Response:
             answer.update(stopped=False, message=str(exc))
         finally:
             if user_id not in state.hold_expiry:
-                state.supervisor.release(user_id)
+                state.supervisor.release_hold(user_id)
     return web.json_response(answer)
 
 
@@ -313,7 +313,7 @@ async def hold_user(request: web.Request) -> web.Response:
     if expiry is not None:
         expiry.cancel()
     if request.method == "DELETE":
-        supervisor.release(user_id)
+        supervisor.release_hold(user_id)
         log.info("hold released", user_id=user_id)
         return web.json_response({"userId": user_id, "held": False})
     ttl = _seconds(request, "ttl", DEFAULT_HOLD_TTL_S)
@@ -321,7 +321,7 @@ async def hold_user(request: web.Request) -> web.Response:
 
     def expire() -> None:
         state.hold_expiry.pop(user_id, None)
-        supervisor.release(user_id)
+        supervisor.release_hold(user_id)
         log.warning("hold expired", user_id=user_id, ttl_s=ttl)
 
     state.hold_expiry[user_id] = asyncio.get_running_loop().call_later(ttl, expire)

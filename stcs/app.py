@@ -34,6 +34,7 @@ from stcs.auth import (
 )
 from stcs.config import Settings
 from stcs.errors import HTTPError, UserBlockedError
+from stcs.layout import Layout
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
@@ -110,7 +111,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = state.settings
     # The request path uses the lean keep-alive pool (stcs.upstream); this aiohttp session
     # serves the occasional calls: readiness probes and /admin-health heartbeats.
-    state.upstream = aiohttp.ClientSession(
+    state.probe_session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
@@ -138,8 +139,8 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.auto_create_users:
         state.resolver = ExistingUsersResolver(state.resolver, settings.db_dir)
     yield
-    await state.upstream.close()
-    state.pool.close()
+    await state.probe_session.close()
+    state.upstream_pool.close()
     if auth_session is not None:
         await auth_session.close()
 
@@ -157,7 +158,7 @@ async def _db_lock_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     settings = state.settings
-    assert state.upstream is not None
+    assert state.probe_session is not None
     db_dir = settings.db_dir
     found = await asyncio.to_thread(
         launcher_mod.stop_orphans, db_dir, settings.db_stop_timeout / 1000
@@ -166,12 +167,12 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("stopped leftover chroma servers", count=len(found), pids=found)
     chroma = launcher_mod.ChromaLauncher(
         db_dir,
-        state.upstream,
+        state.probe_session,
         command=settings.chroma_argv,
         start_timeout_ms=settings.db_start_timeout,
         stop_timeout_ms=settings.db_stop_timeout,
         max_retries=settings.db_max_retries,
-        logs_dir=settings.child_logs_dir,
+        logs_dir=settings.resolved_child_log_dir,
         log_max_bytes=settings.child_log_max_bytes,
         user_ids_are_secret=settings.user_ids_are_secret,
         port_range=settings.child_ports,
@@ -183,18 +184,18 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         queue_timeout_ms=settings.queue_timeout,
         min_free_memory_mb=settings.db_min_free_memory_mb,
         metrics=state.metrics,
-        on_instance_gone=state.pool.forget,
+        on_instance_gone=state.upstream_pool.forget,
         liveness_timeout_ms=settings.db_liveness_timeout,
     )
     supervisor = state.supervisor
     state.metrics.bind(
         lambda: (
-            supervisor.running,
+            supervisor.slots_used,
             supervisor.queue_length,
             [i.child.pid for i in list(supervisor.registry.values()) if i.child],
         )
     )
-    state.blocklist = Blocklist(db_dir / launcher_mod.STATE_DIR / "blocked.json")
+    state.blocklist = Blocklist(Layout(db_dir).blocklist)
     state.quotas = quotas = Quotas(settings, db_dir, state.metrics)
     state.metrics.bind_disk(quotas.sizes)
     await quotas.start()

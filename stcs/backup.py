@@ -35,7 +35,8 @@ from tqdm import tqdm
 from stcs.auth import normalize_user_id
 from stcs.config import Settings
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
-from stcs.launcher import STATE_DIR, DbPathLock, lock_file
+from stcs.launcher import DbPathLock, lock_file
+from stcs.layout import Layout
 
 ARCHIVE_ROOT = "data"
 HOLD_TTL_S = 3600  # a hold this process forgot to release ends by itself
@@ -119,10 +120,10 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
     if mode == "server":
         client.request("POST", f"/admin/users/{user_id}/hold?ttl={HOLD_TTL_S}")
     try:
-        locks = settings.db_dir / STATE_DIR / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
+        layout = Layout(settings.db_dir)
+        layout.locks_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = lock_file(locks / f"{user_id}.lock")
+            fd = lock_file(layout.user_lock(user_id))
         except BlockingIOError:
             raise OperationError(f"{user_id}'s database is open by a chroma process") from None
         try:
@@ -238,8 +239,8 @@ def restore(
         raise OperationError(f"cannot read {src}: {exc}") from None
     started = time.monotonic()
     total = sum(m.size for m in members if m.isfile())
-    staging = settings.db_dir / STATE_DIR / f"restore-{user_id}-{os.getpid()}"
-    trash = settings.db_dir / STATE_DIR / f"replaced-{user_id}-{os.getpid()}"
+    staging = Layout(settings.db_dir).restore_staging(user_id, os.getpid())
+    trash = Layout(settings.db_dir).restore_trash(user_id, os.getpid())
     with held(settings, user_id):
         shutil.rmtree(staging, ignore_errors=True)
         bar = _progress(total, f"restore {user_id}", progress)

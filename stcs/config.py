@@ -509,11 +509,13 @@ class Settings:
         return shlex.split(self.chroma_command)
 
     @property
-    def child_logs_dir(self) -> Path:
+    def resolved_child_log_dir(self) -> Path:
         """Where children's output goes: ``childLogDir``, else ``<dbPath>/.stcs/logs``."""
         if self.child_log_dir:
             return Path(self.child_log_dir).expanduser().resolve()
-        return self.db_dir / ".stcs" / "logs"
+        from stcs.layout import Layout
+
+        return Layout(self.db_dir).logs_dir
 
     @functools.cached_property
     def child_ports(self) -> tuple[int, int] | None:

@@ -46,11 +46,11 @@ import psutil
 import structlog
 
 from stcs.errors import DirectoryLockedError, LockHeldError, StartFailedError
+from stcs.layout import Layout
 from stcs.log import user_ref
 
 log = structlog.get_logger("stcs.launcher")
 
-STATE_DIR = ".stcs"
 HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
 LOG_TAIL_BYTES = 2000
 
@@ -162,7 +162,7 @@ class DbPathLock:
     """
 
     def __init__(self, db_dir: Path) -> None:
-        self.path = db_dir / STATE_DIR / "stcs.lock"
+        self.path = Layout(db_dir).server_lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -323,8 +323,8 @@ class ChromaLauncher:
         self._stop_timeout = stop_timeout_ms / 1000
         self._max_retries = max_retries
         self._env = child_environment(os.environ if environ is None else environ)
-        self._locks_dir = db_dir / STATE_DIR / "locks"
-        self._logs_dir = logs_dir or db_dir / STATE_DIR / "logs"
+        self._layout = Layout(db_dir)
+        self._logs_dir = logs_dir or self._layout.logs_dir
         self._log_max_bytes = log_max_bytes
         self._user_ids_are_secret = user_ids_are_secret
         self._port_range = port_range  # childPortRange (inclusive); None: any free port
@@ -387,11 +387,11 @@ class ChromaLauncher:
             ) from None
 
     async def _launch(self, user_id: str) -> Child:
-        data_dir = self.db_dir / user_id
-        private_dir(self._locks_dir)
+        data_dir = self._layout.user_dir(user_id)
+        private_dir(self._layout.locks_dir)
         private_dir(self._logs_dir)
         try:
-            lock_fd = lock_file(self._locks_dir / f"{user_id}.lock")
+            lock_fd = lock_file(self._layout.user_lock(user_id))
         except BlockingIOError:
             log.error("data directory locked", user_id=user_id)
             raise DirectoryLockedError(

@@ -53,6 +53,7 @@ import structlog
 
 from stcs.config import Settings
 from stcs.errors import QuotaExceededError, UserRateLimitError
+from stcs.layout import Layout
 from stcs.metrics import Metrics
 
 log = structlog.get_logger("stcs.quotas")
@@ -374,7 +375,7 @@ class Quotas:
     ) -> None:
         self.defaults = Limits.from_settings(settings)
         self.db_dir = db_dir
-        self.overrides = Overrides(db_dir / ".stcs" / "limits.json")
+        self.overrides = Overrides(Layout(db_dir).limits)
         self.concurrency_timeout = settings.user_concurrency_timeout / 1000
         self.disk_interval = settings.user_disk_check_interval / 1000
         self.metrics = metrics

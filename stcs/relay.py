@@ -692,7 +692,7 @@ class ClientConnection(asyncio.Protocol):
         body, chunked = await self._body_for_upstream(msg)
         head = self._upstream_head(msg, b"localhost", headers, body, chunked)
         try:
-            resp = await self.state.pool.request(
+            resp = await self.state.upstream_pool.request(
                 self.relay.control, head, body, chunked=chunked, head_only=msg.method == b"HEAD"
             )
         except (UnreachableError, UpstreamFailedError) as exc:
@@ -757,12 +757,12 @@ class ClientConnection(asyncio.Protocol):
                     msg, b"127.0.0.1:%d" % lease.port, headers, body, chunked
                 )
                 try:
-                    resp = await state.pool.request(
+                    resp = await state.upstream_pool.request(
                         lease.child, head, body, chunked=chunked, head_only=msg.method == b"HEAD"
                     )
                 except UnreachableError:
                     # Nothing reached chroma: stop the instance and retry once on a fresh one.
-                    supervisor.report_dead(lease.instance)
+                    supervisor.mark_unreachable(lease.instance)
                     if attempt == 2:
                         raise UpstreamError("the user's chroma server is unreachable") from None
                     continue

@@ -24,8 +24,8 @@ class State:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     blocklist: Blocklist | None = None
-    upstream: aiohttp.ClientSession | None = None  # readiness probes, admin heartbeats
-    pool: UpstreamPool = field(default_factory=UpstreamPool)  # the request path
+    probe_session: aiohttp.ClientSession | None = None  # readiness probes, admin heartbeats
+    upstream_pool: UpstreamPool = field(default_factory=UpstreamPool)  # the data plane
     resolver: Resolver | None = None
     supervisor: Supervisor | None = None
     quotas: Quotas | None = None  # per-user limits (the request path's admit/done hooks)

@@ -3,7 +3,7 @@
 * Single-flight starts: every request for a user whose server is starting awaits that one start.
 * In-flight counting: `Supervisor.acquire` holds an instance for the life of one request; an
   instance with a request in flight is never stopped by policy, however long the request runs.
-* Idle reaper: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
+* Idle cull: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
 * Capacity: at most ``dbMaxInstances`` children, and none started while less than
   ``dbMinFreeMemoryMB`` is available.  When full, the least recently used instance idle for at
   least ``min(30 s, dbTTL)`` is evicted; otherwise the start waits in a FIFO queue until
@@ -72,7 +72,9 @@ class Backoff:
     until: float = 0.0
 
 
-class State(enum.Enum):
+class Phase(enum.Enum):
+    """Where an instance is in its life: starting (one start task), ready (leased), stopping."""
+
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
@@ -87,7 +89,7 @@ class Instance:
     """
 
     user_id: str
-    state: State = State.STARTING
+    phase: Phase = Phase.STARTING
     child: Child | None = None
     in_flight: int = 0
     requests: int = 0
@@ -124,7 +126,7 @@ class Lease:
         return self.child.port
 
 
-class _Hold:
+class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
     every request's path)."""
 
@@ -190,7 +192,7 @@ class Supervisor:
         self._slots_used = 0
         self._queue: deque[asyncio.Event] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reaper: asyncio.Task[None] | None = None
+        self._culler: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
         self.metrics = metrics or Metrics()
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
@@ -203,8 +205,8 @@ class Supervisor:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the idle reaper and the liveness probe (call from the running event loop)."""
-        self._reaper = asyncio.create_task(self._reap_idle(), name="stcs-reaper")
+        """Start the idle cull and the liveness probe (call from the running event loop)."""
+        self._culler = asyncio.create_task(self._cull_idle(), name="stcs-culler")
         if self.liveness_timeout > 0:
             self._liveness = asyncio.create_task(self._check_liveness(), name="stcs-liveness")
 
@@ -212,7 +214,7 @@ class Supervisor:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self.closing = True
         self._wake_queue()
-        for task in (self._reaper, self._liveness):
+        for task in (self._culler, self._liveness):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -220,7 +222,7 @@ class Supervisor:
         starting = [
             i.start_task
             for i in self.registry.values()
-            if i.start_task and i.state is State.STARTING
+            if i.start_task and i.phase is Phase.STARTING
         ]
         for task in starting:
             task.cancel()
@@ -233,14 +235,14 @@ class Supervisor:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def acquire(self, user_id: str) -> _Hold:
+    def acquire(self, user_id: str) -> _LeaseContext:
         """``async with supervisor.acquire(user_id) as lease``: hold ``user_id``'s ready
         instance for one request, starting it if needed.
 
         Raises StartFailedError (StartBackoffError while the user's starts back off),
         CapacityTimeoutError or ShuttingDownError on entry.
         """
-        return _Hold(self, user_id)
+        return _LeaseContext(self, user_id)
 
     async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
         deadline = time.monotonic() + self.queue_timeout  # the queue wait counts from arrival
@@ -265,22 +267,22 @@ class Supervisor:
                 inst = Instance(user_id)
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
-            if inst.state is State.READY:
+            if inst.phase is Phase.READY:
                 # Counted synchronously with the state check: no await between them, so the
-                # reaper can never see this instance idle while the request is being handed in.
+                # cull can never see this instance idle while the request is being handed in.
                 inst.in_flight += 1
                 inst.requests += 1
                 inst.drained.clear()
                 return inst, cold
             cold = True
-            if inst.state is State.STARTING:
+            if inst.phase is Phase.STARTING:
                 await asyncio.shield(inst.started)
             else:
                 await inst.stopped.wait()
 
-    def report_dead(self, inst: Instance) -> None:
+    def mark_unreachable(self, inst: Instance) -> None:
         """The proxy could not connect to ``inst``: stop it so the next acquire starts anew."""
-        if inst.state is State.READY:
+        if inst.phase is Phase.READY:
             log.warning(
                 "instance unreachable",
                 user_id=inst.user_id,
@@ -310,7 +312,7 @@ class Supervisor:
                 raise
             return
         inst.child = child
-        inst.state = State.READY
+        inst.phase = Phase.READY
         inst.ready_at = self._clock()
         inst.alive_at = time.monotonic()
         inst.last_active = time.monotonic()
@@ -395,7 +397,7 @@ class Supervisor:
         idle = [
             i
             for i in self.registry.values()
-            if i.state is State.READY
+            if i.phase is Phase.READY
             and i.in_flight == 0
             and now - i.last_active >= self.evict_min_idle
         ]
@@ -411,7 +413,7 @@ class Supervisor:
         # Tasks inherit the spawning request's log context; this one outlives that request.
         structlog.contextvars.clear_contextvars()
         code = await child.wait()
-        if inst.state is not State.STOPPING:
+        if inst.phase is not Phase.STOPPING:
             self.metrics.stops.labels("crashed").inc()
             log.info(
                 "instance stopped",
@@ -475,7 +477,7 @@ class Supervisor:
             inst = self.registry.get(user_id)
             stable = (
                 inst is not None
-                and inst.state is State.READY
+                and inst.phase is Phase.READY
                 and now - inst.ready_at >= BACKOFF_STABLE_S
             )
             if stable or now - backoff.until >= BACKOFF_FORGET_S:
@@ -491,7 +493,7 @@ class Supervisor:
         """Begin stopping ``inst`` (idempotent).  The state turns STOPPING *now*, in the same
         step as the decision, so no request can be handed the instance after it."""
         if inst.stop_task is None:
-            inst.state = State.STOPPING
+            inst.phase = Phase.STOPPING
             inst.stop_task = self._spawn_task(self._do_stop(inst, reason))
         return inst.stop_task
 
@@ -538,11 +540,11 @@ class Supervisor:
         if inst.has_slot:
             inst.has_slot = False
             self._slots_used -= 1
-        inst.state = State.STOPPING
+        inst.phase = Phase.STOPPING
         inst.stopped.set()
         self._wake_queue()
 
-    async def _reap_idle(self) -> None:
+    async def _cull_idle(self) -> None:
         interval = min(1.0, max(0.05, self.ttl / 10))
         while True:
             await asyncio.sleep(interval)
@@ -550,10 +552,10 @@ class Supervisor:
             if self._backoff:
                 self._settle_backoffs()
             for inst in list(self.registry.values()):
-                if inst.child is not None and inst.state is State.READY:
+                if inst.child is not None and inst.phase is Phase.READY:
                     self.launcher.rotate_log(inst.child)
                 if (
-                    inst.state is State.READY
+                    inst.phase is Phase.READY
                     and inst.in_flight == 0
                     and now - inst.last_active >= self.ttl
                 ):
@@ -569,7 +571,7 @@ class Supervisor:
             now = time.monotonic()
             watched: list[tuple[Instance, Child]] = []
             for inst in list(self.registry.values()):
-                if inst.state is not State.READY or inst.child is None:
+                if inst.phase is not Phase.READY or inst.child is None:
                     continue
                 if inst.in_flight == 0:
                     inst.alive_at = now  # the clock starts when a request comes in
@@ -586,7 +588,7 @@ class Supervisor:
                     inst.alive_at = now
                 elif (
                     now - inst.alive_at >= self.liveness_timeout
-                    and inst.state is State.READY
+                    and inst.phase is Phase.READY
                     and inst.child is child
                 ):
                     self._kill_wedged(inst, child, now)
@@ -617,7 +619,7 @@ class Supervisor:
     async def hold(self, user_id: str, drain_timeout_s: float = 300.0) -> bool:
         """Hold ``user_id``: new requests wait (up to their ``queueTimeout``); the requests in
         flight finish (at most ``drain_timeout_s``), then the instance is stopped (reason
-        ``admin``).  Returns whether an instance was stopped.  Release with `release`.
+        ``admin``).  Returns whether an instance was stopped.  Release with `release_hold`.
 
         Raises TimeoutError (the hold is released) when in-flight requests outlast the drain.
         """
@@ -626,20 +628,20 @@ class Supervisor:
         inst = self.registry.get(user_id)
         if inst is None:
             return False
-        if inst.state is State.STARTING:
+        if inst.phase is Phase.STARTING:
             with contextlib.suppress(Exception):
                 await asyncio.shield(inst.started)
-        if inst.state is State.READY and inst.in_flight:
+        if inst.phase is Phase.READY and inst.in_flight:
             log.info("waiting for requests in flight", user_id=user_id, count=inst.in_flight)
             try:
                 await asyncio.wait_for(inst.drained.wait(), drain_timeout_s)
             except asyncio.TimeoutError:
-                self.release(user_id)
+                self.release_hold(user_id)
                 raise TimeoutError(f"requests still in flight after {drain_timeout_s} s") from None
         await self._stop(inst, "admin")
         return True
 
-    def release(self, user_id: str) -> None:
+    def release_hold(self, user_id: str) -> None:
         """End a hold: waiting requests go on (and start the instance again).  Also ends the
         user's start back-off: the maintenance (a restore) may have fixed what failed."""
         self._backoff.pop(user_id, None)
@@ -654,7 +656,7 @@ class Supervisor:
     # -- introspection ----------------------------------------------------------------------
 
     @property
-    def running(self) -> int:
+    def slots_used(self) -> int:
         """Instances holding a slot (starting with a slot, ready, or stopping)."""
         return self._slots_used
 

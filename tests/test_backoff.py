@@ -70,7 +70,7 @@ async def test_failed_starts_back_off_exponentially_up_to_the_cap() -> None:
         assert await attempt() == str(delay)
     assert launcher.launches == 1 + len(expected)
     assert sup.metrics.backoff_refusals._value.get() == 20 + len(expected)
-    sup.release("u1")  # an admin hold's end (a restore) clears the series
+    sup.release_hold("u1")  # an admin hold's end (a restore) clears the series
     assert await attempt() is None
     await sup.close()
 

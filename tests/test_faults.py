@@ -170,7 +170,7 @@ async def test_client_gone_mid_upload_releases_the_instance(
             f'{{"name": "abandoned"'.encode()
         )
         await asyncio.sleep(0.3)
-    # in-flight is back to 0: the reaper stops the child about dbTTL later.
+    # in-flight is back to 0: the idle cull stops the child about dbTTL later.
     assert wait_gone(child.pid, 5) < 4
     assert [e["reason"] for e in server.wait_event("instance stopped")] == ["idle"]
     no_tracebacks(server)

@@ -317,7 +317,7 @@ def test_child_output_is_bounded_and_shown_in_admin(
     for _ in range(40):
         client.heartbeat()
         client.list_collections()
-    time.sleep(1.5)  # a reaper tick
+    time.sleep(1.5)  # an idle-cull tick
     log_file = logs / f"{log_mod.user_ref(token)}.log"  # UUID mode: named by reference
     entry = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10).json()
     assert entry["instances"][0]["logFile"] == str(log_file)
