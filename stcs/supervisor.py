@@ -53,6 +53,7 @@ log = structlog.get_logger("stcs.supervisor")
 
 EVICT_MIN_IDLE_S = 30.0  # an instance must be idle this long (or dbTTL if less) to be evicted
 QUEUE_POLL_S = 0.1  # queued starts re-check eviction candidates and free memory this often
+LOG_ROTATE_S = 1.0  # how often the children's output files are checked against their bound
 MB = 1024 * 1024
 BACKOFF_FIRST_S = 1.0  # the first back-off after a failure; doubles with each further one
 BACKOFF_MAX_S = 60.0
@@ -153,7 +154,7 @@ class _LeaseContext:
         assert inst is not None and child is not None
         child.unlease()
         inst.in_flight -= 1
-        inst.last_active = time.monotonic()
+        inst.last_active = self._supervisor._clock()
         inst.last_active_wall = time.time()
         if not inst.in_flight:
             inst.drained.set()
@@ -193,10 +194,13 @@ class Supervisor:
         self._queue: deque[asyncio.Event] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._culler: asyncio.Task[None] | None = None
+        self._rotator: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
         self.metrics = metrics or Metrics()
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
-        self._clock = clock  # back-off timing (seconds); injected by policy tests
+        # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
+        # liveness); tests inject their own and drive the cull with `tick`.
+        self._clock = clock
         self._backoff: dict[str, Backoff] = {}
         self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
         self._liveness: asyncio.Task[None] | None = None
@@ -205,8 +209,10 @@ class Supervisor:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the idle cull and the liveness probe (call from the running event loop)."""
+        """Start the idle cull, the log rotation and the liveness probe (call from the running
+        event loop)."""
         self._culler = asyncio.create_task(self._cull_idle(), name="stcs-culler")
+        self._rotator = asyncio.create_task(self._rotate_logs(), name="stcs-log-rotation")
         if self.liveness_timeout > 0:
             self._liveness = asyncio.create_task(self._check_liveness(), name="stcs-liveness")
 
@@ -214,7 +220,7 @@ class Supervisor:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self.closing = True
         self._wake_queue()
-        for task in (self._culler, self._liveness):
+        for task in (self._culler, self._rotator, self._liveness):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -245,14 +251,14 @@ class Supervisor:
         return _LeaseContext(self, user_id)
 
     async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
-        deadline = time.monotonic() + self.queue_timeout  # the queue wait counts from arrival
+        deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
         while True:
             if self.closing:
                 raise ShuttingDownError("server is shutting down")
             hold = self._holds.get(user_id)
             if hold is not None:  # held (admin stop, backup): wait, bounded like the queue
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._clock()
                 try:
                     await asyncio.wait_for(hold.wait(), max(0.0, remaining))
                 except asyncio.TimeoutError:
@@ -264,7 +270,7 @@ class Supervisor:
             inst = self.registry.get(user_id)
             if inst is None:
                 self._check_backoff(user_id)
-                inst = Instance(user_id)
+                inst = Instance(user_id, last_active=self._clock())
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
             if inst.phase is Phase.READY:
@@ -314,8 +320,8 @@ class Supervisor:
         inst.child = child
         inst.phase = Phase.READY
         inst.ready_at = self._clock()
-        inst.alive_at = time.monotonic()
-        inst.last_active = time.monotonic()
+        inst.alive_at = self._clock()
+        inst.last_active = self._clock()
         inst.last_active_wall = time.time()
         inst.started.set_result(None)
         self.metrics.starts.labels("ok").inc()
@@ -367,7 +373,7 @@ class Supervisor:
                         queue_length=len(self._queue),
                         reason="memory" if low_memory and not full else "max instances",
                     )
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.metrics.queue_timeouts.inc()
                     retry_after = max(1, math.ceil(min(self.evict_min_idle, self.queue_timeout)))
@@ -393,7 +399,7 @@ class Supervisor:
 
     def _pick_victim(self) -> Instance | None:
         """The least recently used ready instance idle for at least ``min(30 s, dbTTL)``."""
-        now = time.monotonic()
+        now = self._clock()
         idle = [
             i
             for i in self.registry.values()
@@ -548,18 +554,33 @@ class Supervisor:
         interval = min(1.0, max(0.05, self.ttl / 10))
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            if self._backoff:
-                self._settle_backoffs()
+            self.tick(self._clock())
+
+    def tick(self, now: float) -> list[Instance]:
+        """One pass of the time-driven policy at ``now`` (the supervisor's clock, seconds):
+        settle back-offs that are over, and begin stopping (reason ``idle``) every ready
+        instance with nothing in flight since ``dbTTL``.  Returns the instances it culled.
+        Called by the cull loop; tests call it with their own clock."""
+        if self._backoff:
+            self._settle_backoffs()
+        culled = []
+        for inst in list(self.registry.values()):
+            if (
+                inst.phase is Phase.READY
+                and inst.in_flight == 0
+                and now - inst.last_active >= self.ttl
+            ):
+                self._stop_soon(inst, "idle")
+                culled.append(inst)
+        return culled
+
+    async def _rotate_logs(self) -> None:
+        """Bound every running child's output file, every `LOG_ROTATE_S` seconds."""
+        while True:
+            await asyncio.sleep(LOG_ROTATE_S)
             for inst in list(self.registry.values()):
                 if inst.child is not None and inst.phase is Phase.READY:
                     self.launcher.rotate_log(inst.child)
-                if (
-                    inst.phase is Phase.READY
-                    and inst.in_flight == 0
-                    and now - inst.last_active >= self.ttl
-                ):
-                    self._stop_soon(inst, "idle")
 
     async def _check_liveness(self) -> None:
         """Probe the heartbeat of every ready instance with requests in flight, each tick
@@ -568,7 +589,7 @@ class Supervisor:
         interval = min(1.0, max(0.05, self.liveness_timeout / 4))
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
+            now = self._clock()
             watched: list[tuple[Instance, Child]] = []
             for inst in list(self.registry.values()):
                 if inst.phase is not Phase.READY or inst.child is None:
@@ -582,7 +603,7 @@ class Supervisor:
             answers = await asyncio.gather(
                 *(self.launcher.probe(child, interval) for _, child in watched)
             )
-            now = time.monotonic()
+            now = self._clock()
             for (inst, child), alive in zip(watched, answers, strict=True):
                 if alive:
                     inst.alive_at = now

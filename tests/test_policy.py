@@ -1,0 +1,255 @@
+"""The supervisor's policies, fast: a real launcher of tiny processes (``sleep``) in place of
+chroma, an injected clock for the time-driven rules (`Supervisor.tick`), and the real
+supervisor.  Single-flight starts, the FIFO queue and its deadline, LRU eviction, the memory
+floor, holds against the queue deadline, shutdown, unreachable -> restart, the idle cull.
+
+The same policies are tested end to end with real chroma children in test_supervision.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from stcs.errors import CapacityTimeoutError, ShuttingDownError
+from stcs.launcher import Child
+from stcs.supervisor import Phase, Supervisor
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class SleepLauncher:
+    """Starts ``sleep 3600`` per user (a real process, ~ms): what the supervisor decides is
+    what is observed.  ``gate`` (when set) holds every launch until it is set."""
+
+    def __init__(self) -> None:
+        self.launches: Counter[str] = Counter()
+        self.stops: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.children: list[Child] = []
+
+    async def launch(self, user_id: str) -> Child:
+        self.launches[user_id] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        process = await asyncio.create_subprocess_exec("sleep", "3600")
+        child = Child(
+            user_id=user_id,
+            port=40000 + len(self.children),
+            process=process,
+            log_path=Path("/dev/null"),
+            started_at=time.time(),
+        )
+        self.children.append(child)
+        return child
+
+    async def stop(self, child: Child) -> int:
+        self.stops.append(child.user_id)
+        if child.returncode is None:
+            child.process.terminate()
+        return await child.wait()
+
+    def rotate_log(self, child: Child) -> None:
+        pass
+
+    async def probe(self, child: Child, timeout_s: float) -> bool:
+        return child.returncode is None
+
+    def kill(self, child: Child) -> None:
+        if child.returncode is None:
+            child.process.kill()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def launcher() -> AsyncIterator[SleepLauncher]:
+    launcher = SleepLauncher()
+    yield launcher
+    for child in launcher.children:
+        if child.returncode is None:
+            child.process.kill()
+            await child.wait()
+
+
+def supervisor(launcher: SleepLauncher, **kw: object) -> Supervisor:
+    options: dict[str, object] = {"ttl_ms": 60_000, "max_instances": 10, "queue_timeout_ms": 300}
+    options.update(kw)
+    return Supervisor(launcher, **options)  # type: ignore[arg-type]
+
+
+async def lease_once(sup: Supervisor, user: str) -> None:
+    async with sup.acquire(user):
+        pass
+
+
+async def test_concurrent_requests_share_one_start(launcher: SleepLauncher) -> None:
+    sup = supervisor(launcher)
+    launcher.gate = asyncio.Event()
+    waiting = [asyncio.ensure_future(lease_once(sup, "u")) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    launcher.gate.set()
+    await asyncio.gather(*waiting)
+    assert launcher.launches == {"u": 1}
+    await sup.close()
+
+
+async def test_full_capacity_queues_fifo_then_times_out_with_retry_after(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher, max_instances=1, queue_timeout_ms=300)
+    async with sup.acquire("a"):  # a request in flight: "a" cannot be evicted
+        started = time.monotonic()
+        with pytest.raises(CapacityTimeoutError) as caught:
+            await lease_once(sup, "b")
+        waited = time.monotonic() - started
+    assert 0.25 <= waited < 1.0
+    assert caught.value.headers["Retry-After"] == "1"
+    assert launcher.launches == {"a": 1}
+    await sup.close()
+
+
+async def test_queued_starts_are_served_in_arrival_order(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=1, queue_timeout_ms=60_000, ttl_ms=1000, clock=clock)
+    order: list[str] = []
+
+    async def one(user: str) -> None:
+        async with sup.acquire(user):
+            order.append(user)
+
+    async def time_passes() -> None:  # 0.5 s of the supervisor's clock every 10 ms
+        while True:
+            await asyncio.sleep(0.01)
+            clock.now += 0.5
+
+    async with sup.acquire("a"):
+        queued = []
+        for user in ("b", "c", "d"):
+            queued.append(asyncio.ensure_future(one(user)))
+            await asyncio.sleep(0.02)
+    ticking = asyncio.ensure_future(time_passes())
+    await asyncio.wait_for(asyncio.gather(*queued), 10)
+    ticking.cancel()
+    assert order == ["b", "c", "d"]
+    assert launcher.stops == ["a", "b", "c"]  # each evicted for the next in line
+    await sup.close()
+
+
+async def test_the_least_recently_used_idle_instance_is_evicted(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=2, ttl_ms=10_000, clock=clock)  # evict after 10 s
+    await lease_once(sup, "old")
+    clock.now += 1
+    await lease_once(sup, "recent")
+    clock.now += 5
+    assert sup._pick_victim() is None  # both idle 5-6 s: not yet evictable
+    clock.now += 10
+    await lease_once(sup, "new")
+    assert launcher.stops == ["old"]
+    assert set(sup.registry) == {"recent", "new"}
+    await sup.close()
+
+
+async def test_no_start_below_the_memory_floor(launcher: SleepLauncher) -> None:
+    free = {"bytes": 100 * 2**20}
+    sup = supervisor(launcher, min_free_memory_mb=500, memory=lambda: free["bytes"])
+    with pytest.raises(CapacityTimeoutError):
+        await lease_once(sup, "u")
+    assert launcher.launches == {}
+    assert sup.metrics.memory_floor._value.get() == 1
+    free["bytes"] = 600 * 2**20
+    await lease_once(sup, "u")
+    assert launcher.launches == {"u": 1}
+    await sup.close()
+
+
+async def test_a_hold_makes_requests_wait_within_the_queue_deadline(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher, queue_timeout_ms=300)
+    await lease_once(sup, "u")
+    assert await sup.hold("u", drain_timeout_s=1) is True  # stopped for maintenance
+    assert launcher.stops == ["u"]
+    with pytest.raises(CapacityTimeoutError):  # held longer than the queue deadline
+        await lease_once(sup, "u")
+    waiting = asyncio.ensure_future(lease_once(sup, "u"))
+    await asyncio.sleep(0.1)
+    sup.release_hold("u")  # released within the deadline: the request goes on
+    await waiting
+    assert launcher.launches == {"u": 2}
+    await sup.close()
+
+
+async def test_shutdown_cancels_pending_starts_and_stops_every_child(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher)
+    await lease_once(sup, "running")
+    launcher.gate = asyncio.Event()  # the next start never completes by itself
+    pending = asyncio.ensure_future(lease_once(sup, "starting"))
+    await asyncio.sleep(0.05)
+    await sup.close()
+    with pytest.raises(ShuttingDownError):
+        await pending
+    assert launcher.stops == ["running"]
+    assert all(child.returncode is not None for child in launcher.children)
+    with pytest.raises(ShuttingDownError):
+        await lease_once(sup, "late")
+
+
+async def test_an_unreachable_instance_is_stopped_and_the_next_request_starts_anew(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher)
+    async with sup.acquire("u") as lease:
+        first = lease.child
+        sup.mark_unreachable(lease.instance)
+        assert lease.instance.phase is Phase.STOPPING  # no request is handed it any more
+    async with sup.acquire("u") as lease:
+        assert lease.child is not first
+    assert launcher.launches == {"u": 2}
+    assert launcher.stops == ["u"]
+    await sup.close()
+
+
+async def test_tick_culls_only_instances_idle_for_the_ttl(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, ttl_ms=1000, clock=clock)
+    await lease_once(sup, "idle")
+    async with sup.acquire("busy"):
+        clock.now += 5  # a request in flight 5 x dbTTL is never cut off
+        assert [i.user_id for i in sup.tick(clock.now)] == ["idle"]
+        await asyncio.sleep(0.05)
+        assert launcher.stops == ["idle"]
+    assert sup.tick(clock.now) == []  # "busy" was active just now
+    clock.now += 1
+    assert [i.user_id for i in sup.tick(clock.now)] == ["busy"]
+    await sup.close()
+
+
+async def test_a_port_stays_held_while_a_lease_refers_to_its_child(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher)
+    released: list[int] = []
+    async with sup.acquire("u") as lease:
+        child = lease.child
+        child._release_port = lambda: released.append(child.port)
+        child.process.kill()  # dies while the request is in flight
+        await child.wait()
+        await asyncio.sleep(0.05)  # the supervisor notices and forgets it
+        assert "u" not in sup.registry
+        assert released == []  # but its port is not handed out while the lease lives
+    assert released == [child.port]
+    await sup.close()
