@@ -272,7 +272,7 @@ async def stop_instance(request: web.Request) -> web.Response:
     except TimeoutError as exc:
         raise BadAdminRequestError(str(exc)) from None
     finally:
-        if user_id not in state.hold_expiry:  # not held by a maintenance hold: release now
+        if not state.supervisor.has_maintenance_hold(user_id):  # not under maintenance: release
             state.supervisor.release_hold(user_id)
     log.info("admin stopped instance", user_id=user_id, stopped=stopped)
     return web.json_response({"userId": user_id, "stopped": stopped})
@@ -298,7 +298,7 @@ async def block_user(request: web.Request) -> web.Response:
             log.warning("blocked user's requests still in flight", user_id=user_id)
             answer.update(stopped=False, message=str(exc))
         finally:
-            if user_id not in state.hold_expiry:
+            if not state.supervisor.has_maintenance_hold(user_id):
                 state.supervisor.release_hold(user_id)
     return web.json_response(answer)
 
@@ -309,26 +309,15 @@ async def hold_user(request: web.Request) -> web.Response:
     supervisor = state.supervisor
     assert supervisor is not None
     user_id = _user_id(request)
-    expiry = state.hold_expiry.pop(user_id, None)
-    if expiry is not None:
-        expiry.cancel()
     if request.method == "DELETE":
         supervisor.release_hold(user_id)
         log.info("hold released", user_id=user_id)
         return web.json_response({"userId": user_id, "held": False})
     ttl = _seconds(request, "ttl", DEFAULT_HOLD_TTL_S)
     drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
-
-    def expire() -> None:
-        state.hold_expiry.pop(user_id, None)
-        supervisor.release_hold(user_id)
-        log.warning("hold expired", user_id=user_id, ttl_s=ttl)
-
-    state.hold_expiry[user_id] = asyncio.get_running_loop().call_later(ttl, expire)
     try:
-        stopped = await supervisor.hold(user_id, drain)
-    except TimeoutError as exc:
-        state.hold_expiry.pop(user_id).cancel()
+        stopped = await supervisor.hold(user_id, drain, ttl_s=ttl)
+    except TimeoutError as exc:  # the hold was released
         raise BadAdminRequestError(str(exc)) from None
     log.info("user held", user_id=user_id, stopped=stopped, ttl_s=ttl)
     return web.json_response({"userId": user_id, "held": True, "stopped": stopped})

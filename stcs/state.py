@@ -32,7 +32,6 @@ class State:
     shutting_down: bool = False
     in_flight: int = 0  # requests being handled now (all endpoints)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
-    hold_expiry: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.idle.set()

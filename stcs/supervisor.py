@@ -196,6 +196,7 @@ class Supervisor:
         self._culler: asyncio.Task[None] | None = None
         self._rotator: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
+        self._hold_expiry: dict[str, asyncio.TimerHandle] = {}  # maintenance holds' TTLs
         self.metrics = metrics or Metrics()
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
         # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
@@ -219,6 +220,8 @@ class Supervisor:
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self.closing = True
+        for user_id in list(self._hold_expiry):
+            self._cancel_expiry(user_id)
         self._wake_queue()
         for task in (self._culler, self._rotator, self._liveness):
             if task is not None:
@@ -637,15 +640,23 @@ class Supervisor:
 
     # -- holds (admin stop, backup, restore) -------------------------------------------------
 
-    async def hold(self, user_id: str, drain_timeout_s: float = 300.0) -> bool:
+    async def hold(
+        self, user_id: str, drain_timeout_s: float = 300.0, ttl_s: float | None = None
+    ) -> bool:
         """Hold ``user_id``: new requests wait (up to their ``queueTimeout``); the requests in
         flight finish (at most ``drain_timeout_s``), then the instance is stopped (reason
-        ``admin``).  Returns whether an instance was stopped.  Release with `release_hold`.
+        ``admin``).  Returns whether an instance was stopped.  Release with `release_hold`;
+        with ``ttl_s`` (a maintenance hold) it also ends by itself that many seconds from now.
 
         Raises TimeoutError (the hold is released) when in-flight requests outlast the drain.
         """
         if user_id not in self._holds:
             self._holds[user_id] = asyncio.Event()
+        if ttl_s is not None:
+            self._cancel_expiry(user_id)
+            self._hold_expiry[user_id] = asyncio.get_running_loop().call_later(
+                ttl_s, self._expire_hold, user_id, ttl_s
+            )
         inst = self.registry.get(user_id)
         if inst is None:
             return False
@@ -666,9 +677,24 @@ class Supervisor:
         """End a hold: waiting requests go on (and start the instance again).  Also ends the
         user's start back-off: the maintenance (a restore) may have fixed what failed."""
         self._backoff.pop(user_id, None)
+        self._cancel_expiry(user_id)
         hold = self._holds.pop(user_id, None)
         if hold is not None:
             hold.set()
+
+    def has_maintenance_hold(self, user_id: str) -> bool:
+        """Whether ``user_id`` is under a hold with a TTL (`hold` with ``ttl_s``)."""
+        return user_id in self._hold_expiry
+
+    def _cancel_expiry(self, user_id: str) -> None:
+        expiry = self._hold_expiry.pop(user_id, None)
+        if expiry is not None:
+            expiry.cancel()
+
+    def _expire_hold(self, user_id: str, ttl_s: float) -> None:
+        self._hold_expiry.pop(user_id, None)
+        self.release_hold(user_id)
+        log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
 
     @property
     def held(self) -> list[str]:

@@ -253,3 +253,18 @@ async def test_a_port_stays_held_while_a_lease_refers_to_its_child(
         assert released == []  # but its port is not handed out while the lease lives
     assert released == [child.port]
     await sup.close()
+
+
+async def test_a_maintenance_hold_ends_by_itself_at_its_ttl(launcher: SleepLauncher) -> None:
+    sup = supervisor(launcher, queue_timeout_ms=2000)
+    await lease_once(sup, "u")
+    await sup.hold("u", drain_timeout_s=1, ttl_s=0.3)
+    assert sup.has_maintenance_hold("u") and sup.held == ["u"]
+    started = time.monotonic()
+    await lease_once(sup, "u")  # waits for the hold to expire, then starts "u" again
+    assert 0.25 <= time.monotonic() - started < 1.5
+    assert not sup.has_maintenance_hold("u") and sup.held == []
+    await sup.hold("u", drain_timeout_s=1, ttl_s=60)
+    sup.release_hold("u")  # released early: its timer is gone too
+    assert not sup.has_maintenance_hold("u")
+    await sup.close()
