@@ -268,14 +268,13 @@ class Relay:
         self.body_timeout = settings.body_timeout / 1000
         self.keepalive_timeout = settings.keep_alive_timeout / 1000
         self.trusted = settings.trusted_networks
-        self.closing = False
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
 
     def close_idle(self) -> None:
-        """Close every connection that is not serving a request (at shutdown)."""
-        self.closing = True
+        """Close every connection that is not serving a request (at shutdown, once
+        ``State.shutting_down`` is set: busy ones close after their answer)."""
         for conn in list(self.connections):
             if conn.active is None:
                 conn.close()
@@ -599,7 +598,7 @@ class ClientConnection(asyncio.Protocol):
             self._write(error_response(self.pending_refusal, close=True))
             self.close()
             return
-        if close or not msg.keep_alive or not msg.complete or self.relay.closing:
+        if close or not msg.keep_alive or not msg.complete or self.state.shutting_down:
             # An unread (or half-read) body leaves the stream unparseable: close.
             self.close()
             return
@@ -648,7 +647,7 @@ class ClientConnection(asyncio.Protocol):
                 self._abort()
                 return exc.status, True
             close = exc.status in _STATUS_CLOSE or not msg.complete
-            if isinstance(exc, ShuttingDownError) or self.relay.closing:
+            if isinstance(exc, ShuttingDownError) or self.state.shutting_down:
                 close = True
             self._write(error_response(exc, close=close))
             return exc.status, close
@@ -886,7 +885,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> tuple[int, bool]:
         """Relay ``resp`` to the client with back-pressure; return (status, close)."""
         try:
-            close = not msg.keep_alive or self.relay.closing or self.state.shutting_down
+            close = not msg.keep_alive or self.state.shutting_down
             status = resp.status
             length = resp.content_length
             if not resp.has_body:
