@@ -342,22 +342,38 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             targets = {"direct": direct, "nginx": nginx, "node": node, "stcs": base}
             if body is None and connections > 1:
                 targets["aiohttp"] = constant
-            runs: dict[str, list[Wrk]] = {k: [] for k, v in targets.items() if v}
-            cpu_us: list[float] = []
-            for key in runs:
-                wrk(f"{targets[key]}{path}", 1, auth, body, connections)  # warm-up
-            for _ in range(rounds):
-                for key in runs:
-                    before = stcs_proc.cpu_times()
-                    result = wrk(f"{targets[key]}{path}", seconds, auth, body, connections)
-                    runs[key].append(result)
-                    if key == "stcs":
-                        after = stcs_proc.cpu_times()
-                        used = after.user + after.system - before.user - before.system
-                        cpu_us.append(used / (result.rps * seconds) * 1e6)
+            urls = {k: f"{v}{path}" for k, v in targets.items() if v}
+            runs, cpu_us = interleaved(urls, stcs_proc, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
     return rows
+
+
+def interleaved(
+    urls: dict[str, str],
+    stcs_proc: psutil.Process,
+    rounds: int,
+    seconds: int,
+    headers: dict[str, str],
+    body: str | None,
+    connections: int,
+) -> tuple[dict[str, list[Wrk]], list[float]]:
+    """``rounds`` rounds of wrk on each of ``urls`` in turn (after a 1 s warm-up each): the
+    results per key, and stcs's CPU µs per request in the rounds of key ``"stcs"``."""
+    runs: dict[str, list[Wrk]] = {key: [] for key in urls}
+    cpu_us: list[float] = []
+    for url in urls.values():
+        wrk(url, 1, headers, body, connections)  # warm-up
+    for _ in range(rounds):
+        for key, url in urls.items():
+            before = stcs_proc.cpu_times()
+            result = wrk(url, seconds, headers, body, connections)
+            runs[key].append(result)
+            if key == "stcs":
+                after = stcs_proc.cpu_times()
+                used = after.user + after.system - before.user - before.system
+                cpu_us.append(used / (result.rps * seconds) * 1e6)
+    return runs, cpu_us
 
 
 def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
@@ -400,22 +416,8 @@ def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             ("heartbeat, in-app TLS", 8),
             ("heartbeat, in-app TLS, 1 connection", 1),
         ):
-            runs: dict[str, list[Wrk]] = {"direct": [], "stcs": []}
-            cpu_us: list[float] = []
-            targets = {"direct": direct, "stcs": base}
-            for key in runs:
-                wrk(f"{targets[key]}/api/v2/heartbeat", 1, auth, None, connections)
-            for _ in range(rounds):
-                for key in runs:
-                    before = stcs_proc.cpu_times()
-                    result = wrk(
-                        f"{targets[key]}/api/v2/heartbeat", seconds, auth, None, connections
-                    )
-                    runs[key].append(result)
-                    if key == "stcs":
-                        after = stcs_proc.cpu_times()
-                        used = after.user + after.system - before.user - before.system
-                        cpu_us.append(used / (result.rps * seconds) * 1e6)
+            urls = {k: f"{v}/api/v2/heartbeat" for k, v in (("direct", direct), ("stcs", base))}
+            runs, cpu_us = interleaved(urls, stcs_proc, rounds, seconds, auth, None, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
     finally:

@@ -308,6 +308,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads nothing
         self.waiting_to_serve = False  # a response done, the next waits for the client to read
         self.pending_refusal: HTTPError | None = None  # answered once the current request ends
+        self.held: list[bytes] | None = None  # a request's answer, until its line is logged
         self.unpaid = 0  # bytes of the current message since its last body byte (trailers...)
         self.writable = asyncio.Event()
         self.writable.set()
@@ -549,6 +550,7 @@ class ClientConnection(asyncio.Protocol):
         state.in_flight += 1
         state.idle.clear()
         close = False
+        self.held = []
         try:
             status, close = await self._handle(msg, info)
         except asyncio.CancelledError:
@@ -585,6 +587,7 @@ class ClientConnection(asyncio.Protocol):
                 client=client_address(self.peer, msg.forwarded, self.relay.trusted),
                 **info,
             )
+        self._send_held()
         self._done(msg, close)
 
     def _done(self, msg: _Message, close: bool) -> None:
@@ -801,7 +804,8 @@ class ClientConnection(asyncio.Protocol):
         """Answer ``Expect: 100-continue`` (after the auth and size checks), once."""
         if msg.expect_continue and not msg.received and not msg.complete:
             msg.expect_continue = False
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.transport is not None and not self.closed:  # now, not after the log line
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _body_for_upstream(
         self, msg: _Message
@@ -829,32 +833,36 @@ class ClientConnection(asyncio.Protocol):
         """Wait until the body is complete or `SMALL_BODY` bytes of it are buffered.  Raises
         what the body stream raises (timeout, size, framing)."""
         self._continue(msg)
-        more = msg.more
-        assert more is not None
         while not msg.complete and msg.buffered < SMALL_BODY:
             if msg.body_error is not None:
                 raise msg.body_error
-            if self.closed:
-                raise asyncio.CancelledError
-            more.clear()
-            try:
-                await asyncio.wait_for(more.wait(), self.relay.body_timeout)
-            except asyncio.TimeoutError:
-                msg.body_error = RequestTimeoutError(
-                    f"no request body bytes for {self.relay.settings.body_timeout} ms"
-                )
-                self.stopped = True
-                raise msg.body_error from None
+            await self._more_body(msg)
         if msg.body_error is not None:
             raise msg.body_error
+
+    async def _more_body(self, msg: _Message) -> None:
+        """Wait for the next piece of ``msg``'s body (or its end, or an error).  Raises
+        RequestTimeoutError after ``bodyTimeout`` without one; CancelledError if the client
+        left (logged 499)."""
+        more = msg.more
+        assert more is not None
+        if self.closed:
+            raise asyncio.CancelledError
+        more.clear()
+        try:
+            await asyncio.wait_for(more.wait(), self.relay.body_timeout)
+        except asyncio.TimeoutError:
+            msg.body_error = RequestTimeoutError(
+                f"no request body bytes for {self.relay.settings.body_timeout} ms"
+            )
+            self.stopped = True
+            raise msg.body_error from None
 
     async def _stream_body(self, msg: _Message) -> AsyncIterator[bytes]:
         """The body as it arrives, with back-pressure on the client.  Raises
         RequestTimeoutError after ``bodyTimeout`` without a byte, BodyTooLargeError past
         ``maxBodySize``, BadRequestError if the client closed mid-body."""
         self._continue(msg)
-        more = msg.more
-        assert more is not None
         while True:
             while msg.body:
                 chunk = msg.body.popleft()
@@ -866,17 +874,7 @@ class ClientConnection(asyncio.Protocol):
                 raise msg.body_error
             if msg.complete:
                 return
-            if self.closed:
-                raise asyncio.CancelledError  # the client left mid-body (499)
-            more.clear()
-            try:
-                await asyncio.wait_for(more.wait(), self.relay.body_timeout)
-            except asyncio.TimeoutError:
-                msg.body_error = RequestTimeoutError(
-                    f"no request body bytes for {self.relay.settings.body_timeout} ms"
-                )
-                self.stopped = True
-                raise msg.body_error from None
+            await self._more_body(msg)
 
     # -- responses --------------------------------------------------------------------------
 
@@ -913,6 +911,7 @@ class ClientConnection(asyncio.Protocol):
             if chunked:
                 headers.append((b"Transfer-Encoding", b"chunked"))
             info["response_started"] = True
+            self._send_held()  # a streamed answer goes out as it comes
             self._write(_response_head(status, resp.reason, headers, close))
             try:
                 async for chunk in resp.chunks():
@@ -942,8 +941,19 @@ class ClientConnection(asyncio.Protocol):
     # -- connection helpers -----------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if self.closed or self.transport is None:
+            return
+        if self.held is not None:
+            self.held.append(data)  # sent after the request line is logged (`_run`)
+        else:
             self.transport.write(data)
+
+    def _send_held(self) -> None:
+        """Send what a request's handler wrote: after its log line, so a client that has its
+        answer finds the line already written (as aiohttp did)."""
+        held, self.held = self.held, None
+        if held and not self.closed and self.transport is not None:
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def _refuse_head(self, exc: HTTPError) -> None:
         """A head that cannot be completed (too large, too slow): answer and close, unless a
