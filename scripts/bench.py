@@ -67,11 +67,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 30, verify: bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(url, timeout=1).status_code == 200:
+            if requests.get(url, timeout=1, verify=verify).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -81,10 +81,14 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 @contextmanager
 def serving(
-    argv: list[str], ready_url: str, log: Path | None = None, ready_timeout: float = 30
+    argv: list[str],
+    ready_url: str,
+    log: Path | None = None,
+    ready_timeout: float = 30,
+    verify: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run the server ``argv`` (output to ``log``, else discarded) until ``ready_url`` answers
-    200; on exit SIGTERM, and SIGKILL after 60 s."""
+    200 (``verify``: check its TLS certificate); on exit SIGTERM, and SIGKILL after 60 s."""
     # Closed by the `with` below once the child has its own copy of the descriptor.
     sink: contextlib.AbstractContextManager[Any] = (
         open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL)  # noqa: SIM115
@@ -92,7 +96,7 @@ def serving(
     with sink as out:
         proc = subprocess.Popen(argv, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_http(ready_url, ready_timeout)
+        wait_http(ready_url, ready_timeout, verify)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -392,12 +396,9 @@ def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
     argv += ["--adminAPIKey", ADMIN, "--enableSSL", "true"]
     argv += ["--sslCertFile", str(cert), "--sslCertKeyFile", str(key)]
     base = f"https://127.0.0.1:{port}"
-    sink = tmp / f"stcs-tls-{port}.log"
-    with open(sink, "wb") as out:
-        proc = subprocess.Popen(argv, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     rows = []
-    try:
-        wait_port(port)
+    log = tmp / f"stcs-tls-{port}.log"
+    with serving(argv, f"{base}/health", log=log, verify=False) as proc:  # self-signed
         token = str(uuid.uuid4())
         auth = {"X-Chroma-Token": token}
         for _ in range(100):
@@ -420,12 +421,6 @@ def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             runs, cpu_us = interleaved(urls, stcs_proc, rounds, seconds, auth, None, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return rows
 
 

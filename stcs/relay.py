@@ -817,10 +817,9 @@ class ClientConnection(asyncio.Protocol):
         return self._stream_body(msg), msg.chunked
 
     async def _read_body(self, msg: _Message) -> bytes:
-        """The whole body (at most `SMALL_BODY` bytes).  Raises RequestTimeoutError."""
-        self._continue(msg)
-        if not msg.complete:
-            return b"".join([chunk async for chunk in self._stream_body(msg)])
+        """The whole body of a request with ``Content-Length`` ≤ `SMALL_BODY` (so `_prefetch`
+        ends with it complete).  Raises what `_prefetch` raises."""
+        await self._prefetch(msg)
         return self._take_body(msg)
 
     def _take_body(self, msg: _Message) -> bytes:
