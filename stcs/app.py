@@ -23,6 +23,7 @@ from aiohttp import web
 
 from stcs import admin
 from stcs import launcher as launcher_mod
+from stcs.answers import answer_for
 from stcs.auth import (
     AuthServerResolver,
     Blocklist,
@@ -33,7 +34,7 @@ from stcs.auth import (
     validate_user_id,
 )
 from stcs.config import Settings
-from stcs.errors import HTTPError, UserBlockedError
+from stcs.errors import RequestError, UserBlockedError
 from stcs.layout import Layout
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
@@ -49,10 +50,13 @@ SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: HTTPError) -> web.Response:
-    """chroma's error body ``{"error": NAME, "message": TEXT}`` with the error's status."""
-    return web.json_response(
-        {"error": exc.error, "message": exc.message}, status=exc.status, headers=exc.headers
+def error_response(exc: RequestError) -> web.Response:
+    """The response for ``exc`` as `stcs.answers` maps it (chroma's JSON error body)."""
+    answer = answer_for(exc)
+    return web.Response(
+        body=answer.body,
+        status=answer.status,
+        headers={"Content-Type": "application/json", **dict(answer.headers)},
     )
 
 
@@ -75,7 +79,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[INFO] = {"user_id": None}
     try:
         return await handler(request)
-    except HTTPError as exc:
+    except RequestError as exc:
         return error_response(exc)
     except web.HTTPException:  # router's 404/405
         raise

@@ -368,7 +368,7 @@ class ChromaLauncher:
 
         The user id must already be validated (`auth.validate_user_id`).  A child that exits
         before it is ready is retried on a new port, ``max_retries`` times.  Raises
-        StartFailedError (503) when the directory is locked by another process, the child keeps
+        StartFailedError when the directory is locked by another process, the child keeps
         exiting, it is not ready within ``start_timeout_ms``, or the system refuses a step
         (an OSError: no fd left, no port, a data directory that cannot be made, ...).
         """

@@ -31,12 +31,13 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
-import orjson
 import structlog
 
+from stcs.answers import answer_for, status_of
 from stcs.auth import TOKEN_HEADER, validate_user_id
 from stcs.auth import extract_token as _extract_token
 from stcs.config import Networks, Settings
@@ -44,7 +45,7 @@ from stcs.errors import (
     BadRequestError,
     BodyTooLargeError,
     HeadTooLargeError,
-    HTTPError,
+    RequestError,
     RequestTimeoutError,
     ShuttingDownError,
     TooManyConnectionsError,
@@ -102,11 +103,6 @@ def next_request_id() -> str:
     return f"{_ID_PREFIX}{next(_REQUEST_IDS):08x}"
 
 
-def error_body(exc: HTTPError) -> bytes:
-    """chroma's error body ``{"error": NAME, "message": TEXT}``."""
-    return orjson.dumps({"error": exc.error, "message": exc.message})
-
-
 def _response_head(
     status: int, reason: bytes, headers: list[tuple[bytes, bytes]], close: bool
 ) -> bytes:
@@ -124,27 +120,17 @@ def json_response(status: int, reason: bytes, body: bytes, close: bool, extra: A
     return _response_head(status, reason, headers, close) + body
 
 
-_REASONS = {
-    200: b"OK",
-    204: b"No Content",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-}
+# Reason phrases (RFC 9110 §15); 413's as RFC 9110 names it ("Payload Too Large" before).
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS[413] = b"Content Too Large"
 
 
-def error_response(exc: HTTPError, close: bool) -> bytes:
-    """The whole response for ``exc``: status, its headers (``Retry-After``...), JSON body."""
-    return json_response(
-        exc.status, _REASONS.get(exc.status, b"Error"), error_body(exc), close, exc.headers.items()
-    )
+def error_response(exc: RequestError, close: bool) -> bytes:
+    """The whole response for ``exc`` as `stcs.answers` maps it: status, ``Retry-After``,
+    chroma's JSON error body."""
+    answer = answer_for(exc)
+    status = answer.status
+    return json_response(status, _REASONS.get(status, b"Error"), answer.body, close, answer.headers)
 
 
 def filter_headers(
@@ -226,12 +212,12 @@ class _Message:
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False
-        self.reject: HTTPError | None = None
+        self.reject: RequestError | None = None
         self.body: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.received = 0
         self.complete = False
-        self.body_error: HTTPError | None = None
+        self.body_error: RequestError | None = None
         self.more: asyncio.Event | None = None
 
     @property
@@ -307,7 +293,7 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads nothing
         self.waiting_to_serve = False  # a response done, the next waits for the client to read
-        self.pending_refusal: HTTPError | None = None  # answered once the current request ends
+        self.pending_refusal: RequestError | None = None  # answered once the current request ends
         self.held: list[bytes] | None = None  # a request's answer, until its line is logged
         self.unpaid = 0  # bytes of the current message since its last body byte (trailers...)
         self.writable = asyncio.Event()
@@ -321,8 +307,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else None
         relay = self.relay
         if len(relay.connections) >= relay.settings.max_connections:
-            exc = TooManyConnectionsError("too many connections; retry later")
-            exc.headers["Retry-After"] = "1"
+            exc = TooManyConnectionsError("too many connections; retry later", retry_after_s=1)
             self.transport.write(error_response(exc, close=True))
             self.transport.close()
             self.closed = True
@@ -634,7 +619,7 @@ class ClientConnection(asyncio.Protocol):
         if msg.reject is not None:
             exc = msg.reject
             self._write(error_response(exc, close=True))
-            return exc.status, True
+            return status_of(exc), True
         path = msg.url.partition(b"?")[0]
         method = msg.method
         if path == b"/health" and method in (b"GET", b"HEAD"):
@@ -645,15 +630,15 @@ class ClientConnection(asyncio.Protocol):
             if path in CONTROL_PATHS or path.startswith(b"/admin/") or path in _OWN_PATHS:
                 return await self._control(msg, info)
             return await self._proxy(msg, info)
-        except HTTPError as exc:
+        except RequestError as exc:
             if info.get("response_started"):
                 self._abort()
-                return exc.status, True
-            close = exc.status in _STATUS_CLOSE or not msg.complete
+                return status_of(exc), True
+            close = status_of(exc) in _STATUS_CLOSE or not msg.complete
             if isinstance(exc, ShuttingDownError) or self.state.shutting_down:
                 close = True
             self._write(error_response(exc, close=close))
-            return exc.status, close
+            return status_of(exc), close
 
     def _health(self, msg: _Message) -> int:
         if self.state.shutting_down:
@@ -675,9 +660,9 @@ class ClientConnection(asyncio.Protocol):
             info["user_id"] = user_id
             if state.blocklist is not None and user_id in state.blocklist:
                 raise UserBlockedError("this user is blocked")
-        except HTTPError as exc:
+        except RequestError as exc:
             self._write(error_response(exc, close=not msg.complete))
-            return exc.status, not msg.complete
+            return status_of(exc), not msg.complete
         self._write(
             _response_head(
                 204,
@@ -954,7 +939,7 @@ class ClientConnection(asyncio.Protocol):
         if held and not self.closed and self.transport is not None:
             self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
-    def _refuse_head(self, exc: HTTPError) -> None:
+    def _refuse_head(self, exc: RequestError) -> None:
         """A head that cannot be completed (too large, too slow): answer and close, unless a
         request is being served (then only close after it)."""
         self.stopped = True
@@ -962,7 +947,7 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self.active is None:
             self._write(error_response(exc, close=True))
-            log.info("request refused", status=exc.status, reason=exc.message, client=self.peer)
+            log.info("request refused", status=status_of(exc), reason=exc.message, client=self.peer)
             self.close()
         else:
             self.pipeline.clear()

@@ -7,17 +7,18 @@
 * Capacity: at most ``dbMaxInstances`` children, and none started while less than
   ``dbMinFreeMemoryMB`` is available.  When full, the least recently used instance idle for at
   least ``min(30 s, dbTTL)`` is evicted; otherwise the start waits in a FIFO queue until
-  ``queueTimeout`` ms after the request arrived, then fails with 503 + ``Retry-After``.
+  ``queueTimeout`` ms after the request arrived, then fails with CapacityTimeoutError (and a
+  retry-after).
 * Crashes: a child that exits on its own leaves the registry at once (exit code or signal
   logged); the next request starts it again.
 * Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start (one that spawned), or a
   crash of the child's own (an exit code or a fault signal; not SIGKILL/SIGTERM from outside,
   an operator or the OOM killer) within ``BACKOFF_STABLE_S`` of becoming ready, makes that
-  user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests get
-  503 + ``Retry-After`` at once, nothing is spawned.  An instance that stays up
-  ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+  user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests fail
+  at once with StartBackoffError (seconds left as its retry-after), nothing is spawned.  An
+  instance that stays up ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
 * Liveness: an instance with requests in flight whose heartbeat has not answered for
-  ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail (502) instead
+  ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail instead
   of hanging for ever.  Idle instances are not probed (they cost nothing while wedged).
 
 How a child is started and stopped is the `launcher.Launcher` passed in.
@@ -267,7 +268,7 @@ class Supervisor:
                 except asyncio.TimeoutError:
                     raise CapacityTimeoutError(
                         "this user's database is held for maintenance; retry later",
-                        headers={"Retry-After": "5"},
+                        retry_after_s=5,
                     ) from None
                 continue
             inst = self.registry.get(user_id)
@@ -389,7 +390,7 @@ class Supervisor:
                     )
                     raise CapacityTimeoutError(
                         "all chroma instance slots are busy; retry later",
-                        headers={"Retry-After": str(retry_after)},
+                        retry_after_s=retry_after,
                     )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(waiter.wait(), min(remaining, QUEUE_POLL_S))
@@ -449,7 +450,7 @@ class Supervisor:
     # -- back-off ---------------------------------------------------------------------------
 
     def _check_backoff(self, user_id: str) -> None:
-        """Raise StartBackoffError (503, ``Retry-After``: whole seconds left) while
+        """Raise StartBackoffError (``retry_after_s``: whole seconds left) while
         ``user_id``'s starts back off."""
         backoff = self._backoff.get(user_id)
         if backoff is None:
@@ -459,7 +460,7 @@ class Supervisor:
             self.metrics.backoff_refusals.inc()
             raise StartBackoffError(
                 "this user's chroma server failed to start recently; retry later",
-                headers={"Retry-After": str(max(1, math.ceil(left)))},
+                retry_after_s=math.ceil(left),
             )
 
     def _failed(self, user_id: str, reason: str) -> None:

@@ -1,0 +1,95 @@
+"""What a client is answered for each typed error: the one mapping of `stcs.errors` to HTTP.
+
+Both edges use it: the relay (data plane, `relay.error_response`) and the control plane's
+middleware (`app.request_middleware`).  The body is chroma's error shape ``{"error": NAME,
+"message": TEXT}``; the names are keys of ``chromadb.errors.error_types``, so the unmodified
+Python client raises the matching exception (``ChromaAuthError`` for ``AuthError``,
+``RateLimitError``, ``QuotaError``, ``InternalError``, ...).  This table is DESIGN.md's error
+table; docs/security.md and the README list the same statuses.
+
+Notes on the choices:
+
+* ``InvalidArgumentError`` (not DESIGN.md's ``InvalidArgument``): the name chroma itself sends,
+  the only one ``error_types`` maps to ``InvalidArgumentError``.
+* Auth server unavailable → 503, never 401: the token may well be valid.
+* Quotas → 422 ``QuotaError``: the Python client (chromadb 1.x) maps the name to ``QuotaError``;
+  the JS client (``chromadb`` 3.x, ``chroma-fetch.ts``) maps a 422 whose message starts with
+  "Quota exceeded" to ``ChromaQuotaExceededError``.  Per-user rate/concurrency → 429: the JS
+  client maps the status to ``ChromaRateLimitError``.
+* Admin endpoints without an ``adminAPIKey`` → 404, as the Node.js server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from stcs import errors as e
+
+# error class -> (HTTP status, chroma error name).  A subclass not listed answers as its
+# nearest listed base; tests/test_answers.py checks every RequestError is listed.
+HTTP: dict[type, tuple[int, str]] = {
+    e.AuthError: (401, "AuthError"),
+    e.AuthUnavailableError: (503, "InternalError"),
+    e.LookupsSaturatedError: (503, "InternalError"),
+    e.InvalidUserIdError: (502, "InternalError"),
+    e.UserBlockedError: (403, "AuthorizationError"),
+    e.CapacityTimeoutError: (503, "RateLimitError"),
+    e.StartFailedError: (503, "InternalError"),
+    e.DirectoryLockedError: (503, "InternalError"),
+    e.StartBackoffError: (503, "InternalError"),
+    e.ShuttingDownError: (503, "InternalError"),
+    e.UpstreamError: (502, "InternalError"),
+    e.BadRequestError: (400, "InvalidArgumentError"),
+    e.BodyTooLargeError: (413, "InvalidArgumentError"),
+    e.RequestTimeoutError: (408, "InvalidArgumentError"),
+    e.HeadTooLargeError: (431, "InvalidArgumentError"),
+    e.UnsupportedCodingError: (501, "InvalidArgumentError"),
+    e.TooManyConnectionsError: (503, "RateLimitError"),
+    e.QuotaExceededError: (422, "QuotaError"),
+    e.UserRateLimitError: (429, "RateLimitError"),
+    e.AdminDisabledError: (404, "NotFoundError"),
+    e.AdminForbiddenError: (403, "AuthorizationError"),
+    e.BadAdminRequestError: (400, "InvalidArgumentError"),
+    e.NoInstanceError: (404, "NotFoundError"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """An error response: ``status``, chroma error ``name``, the client-safe ``message`` and
+    extra ``headers`` (``Retry-After`` in seconds when the error carries one)."""
+
+    status: int
+    name: str
+    message: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def body(self) -> bytes:
+        """``{"error": NAME, "message": TEXT}`` as JSON bytes."""
+        return orjson.dumps({"error": self.name, "message": self.message})
+
+
+_RESOLVED: dict[type, tuple[int, str]] = {}  # each class met so far -> its table entry
+
+
+def _lookup(cls: type) -> tuple[int, str]:
+    found = _RESOLVED.get(cls)
+    if found is None:
+        found = next((HTTP[base] for base in cls.__mro__ if base in HTTP), (500, "InternalError"))
+        _RESOLVED[cls] = found
+    return found
+
+
+def status_of(exc: e.RequestError) -> int:
+    """The HTTP status ``exc`` is answered with."""
+    return _lookup(type(exc))[0]
+
+
+def answer_for(exc: e.RequestError) -> ErrorAnswer:
+    """The response for ``exc`` (500 ``InternalError`` for an unlisted class)."""
+    status, name = _lookup(type(exc))
+    headers = () if exc.retry_after_s is None else (("Retry-After", str(exc.retry_after_s)),)
+    return ErrorAnswer(status, name, exc.message, headers)
