@@ -21,16 +21,13 @@ import asyncio
 import hmac
 import math
 import os
-import time
 from datetime import datetime, timezone
 from typing import Any
 
-import aiohttp
 import psutil
 import structlog
 from aiohttp import web
 
-from stcs import launcher as launcher_mod
 from stcs.auth import create_user, normalize_user_id
 from stcs.errors import (
     AdminDisabledError,
@@ -42,12 +39,13 @@ from stcs.errors import (
 from stcs.metrics import CONTENT_TYPE
 from stcs.quotas import Quotas, check_overrides
 from stcs.state import STATE, State
-from stcs.supervisor import Instance
+from stcs.supervisor import InstanceView, Phase
 
 log = structlog.get_logger("stcs.admin")
 
 DEFAULT_HOLD_TTL_S = 600.0
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
+ADMIN_PROBE_TIMEOUT_S = 2.0  # /admin-health's heartbeat of each ready instance
 
 
 def check_admin_key(request: web.Request) -> None:
@@ -80,30 +78,27 @@ def _rss_kb(pid: int) -> int | None:
         return None
 
 
-def instance_entry(inst: Instance, now: float) -> dict[str, Any]:
-    """One instance as the admin endpoints show it (``now``: monotonic seconds)."""
-    child = inst.child
+def instance_entry(view: InstanceView) -> dict[str, Any]:
+    """One instance as the admin endpoints show it."""
     return {
-        "userId": inst.user_id,
-        "port": child.port if child else None,
-        "pid": child.pid if child else None,
-        "memKb": _rss_kb(child.pid) if child else None,
-        "startedAt": _iso(child.started_at) if child else None,
-        "lastActive": _iso(inst.last_active_wall),
-        "idleForMs": round(inst.idle_for(now) * 1000),
-        "ready": inst.phase.value == "ready",
-        "requests": inst.requests,
-        "inFlight": inst.in_flight,
-        "status": inst.phase.value,
-        "logFile": str(child.log_path) if child else None,
+        "userId": view.user_id,
+        "port": view.port,
+        "pid": view.pid,
+        "memKb": _rss_kb(view.pid) if view.pid is not None else None,
+        "startedAt": _iso(view.started_at) if view.started_at is not None else None,
+        "lastActive": _iso(view.last_active),
+        "idleForMs": round(view.idle_for_s * 1000),
+        "ready": view.phase is Phase.READY,
+        "requests": view.requests,
+        "inFlight": view.in_flight,
+        "status": view.phase.value,
+        "logFile": str(view.log_path) if view.log_path is not None else None,
     }
 
 
 def _state(request: web.Request) -> State:
     check_admin_key(request)
-    state = request.app[STATE]
-    assert state.supervisor is not None and state.probe_session is not None
-    return state
+    return request.app[STATE]
 
 
 def _user_id(request: web.Request) -> str:
@@ -137,34 +132,27 @@ async def admin_health(request: web.Request) -> web.Response:
     answered its heartbeat.
     """
     state = _state(request)
-    supervisor, session = state.supervisor, state.probe_session
-    assert supervisor is not None and session is not None
-    now = time.monotonic()
+    supervisor = state.supervisor
+    snapshot = supervisor.snapshot()
 
-    async def describe(inst: Instance) -> dict[str, Any]:
-        entry = instance_entry(inst, now)
-        child = inst.child
-        if child is not None and entry["ready"]:
-            url = f"http://127.0.0.1:{child.port}{launcher_mod.HEARTBEAT_PATH}"
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    await resp.read()
-                    entry["status"] = "healthy" if resp.status == 200 else "error"
-                    if resp.status != 200:
-                        entry["message"] = f"heartbeat answered {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                entry["status"] = "error"
-                entry["message"] = "heartbeat failed"
+    async def describe(view: InstanceView) -> dict[str, Any]:
+        entry = instance_entry(view)
+        if entry["ready"]:
+            healthy = await supervisor.probe(view.user_id, ADMIN_PROBE_TIMEOUT_S)
+            if healthy is not None:  # None: it stopped meanwhile; its phase says so
+                entry["status"] = "healthy" if healthy else "error"
+                if not healthy:
+                    entry["message"] = "heartbeat failed"
         return entry
 
-    instances = await asyncio.gather(*(describe(i) for i in list(supervisor.registry.values())))
+    instances = await asyncio.gather(*(describe(v) for v in snapshot.instances))
     vm = psutil.virtual_memory()
     kb_instances = sum(i["memKb"] or 0 for i in instances)
     counted = sum(1 for i in instances if i["memKb"])
     average = round(kb_instances / counted) if counted else None
     kb_app = round(psutil.Process(os.getpid()).memory_info().rss / 1000)
     kb_available = round(vm.available / 1000)
-    kb_floor = supervisor.min_free_bytes / 1000
+    kb_floor = snapshot.min_free_bytes / 1000
     memory = {
         "kbTotal": round(vm.total / 1000),
         "kbAvailable": kb_available,
@@ -187,7 +175,7 @@ async def admin_health(request: web.Request) -> web.Response:
             "status": "ok",
             "instances": instances,
             "memory": memory,
-            "queueLength": supervisor.queue_length,
+            "queueLength": snapshot.queue_length,
             "maxInstances": state.settings.db_max_instances,
         }
     )
@@ -205,20 +193,18 @@ async def list_instances(request: web.Request) -> web.Response:
     (``diskBytes``, ``inFlight``) next to its effective ``limits`` (YAML key -> value, 0 off).
     """
     state = _state(request)
-    assert state.supervisor is not None and state.blocklist is not None
     quotas = state.quotas
-    assert quotas is not None
-    now = time.monotonic()
+    snapshot = state.supervisor.snapshot()
     instances = []
-    for inst in list(state.supervisor.registry.values()):
-        entry = instance_entry(inst, now)
-        entry["usage"] = quotas.usage(inst.user_id)
-        entry["limits"] = quotas.limits_for(inst.user_id).as_keys()
+    for view in snapshot.instances:
+        entry = instance_entry(view)
+        entry["usage"] = quotas.usage(view.user_id)
+        entry["limits"] = quotas.limits_for(view.user_id).as_keys()
         instances.append(entry)
     return web.json_response(
         {
             "instances": instances,
-            "held": state.supervisor.held,
+            "held": list(snapshot.held),
             "blocked": state.blocklist.users,
             "limitOverrides": quotas.overrides.users,
         }
@@ -246,7 +232,6 @@ async def user_limits(request: web.Request) -> web.Response:
     """
     state = _state(request)
     quotas = state.quotas
-    assert quotas is not None
     user_id = _user_id(request)
     if request.method == "PUT":
         try:
@@ -262,10 +247,9 @@ async def user_limits(request: web.Request) -> web.Response:
 async def stop_instance(request: web.Request) -> web.Response:
     """``DELETE /admin/instances/{userId}``: stop it after its requests in flight."""
     state = _state(request)
-    assert state.supervisor is not None
     user_id = _user_id(request)
     drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
-    if user_id not in state.supervisor.registry:
+    if not state.supervisor.has_instance(user_id):
         raise NoInstanceError(f"no instance is running for {user_id}")
     try:
         stopped = await state.supervisor.hold(user_id, drain)
@@ -281,14 +265,13 @@ async def stop_instance(request: web.Request) -> web.Response:
 async def block_user(request: web.Request) -> web.Response:
     """``POST|DELETE /admin/users/{userId}/block``: block (and stop) or unblock a user."""
     state = _state(request)
-    assert state.supervisor is not None and state.blocklist is not None
     user_id = _user_id(request)
     blocked = request.method == "POST"
     drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
     state.blocklist.set(user_id, blocked)
     log.info("user blocked" if blocked else "user unblocked", user_id=user_id)
     answer: dict[str, Any] = {"userId": user_id, "blocked": blocked}
-    if blocked and user_id in state.supervisor.registry:
+    if blocked and state.supervisor.has_instance(user_id):
         # New requests are refused from now on; the instance stops once those in flight end.
         try:
             answer["stopped"] = await state.supervisor.hold(user_id, drain)
@@ -307,7 +290,6 @@ async def hold_user(request: web.Request) -> web.Response:
     """``POST|DELETE /admin/users/{userId}/hold``: hold a user for maintenance, or release."""
     state = _state(request)
     supervisor = state.supervisor
-    assert supervisor is not None
     user_id = _user_id(request)
     if request.method == "DELETE":
         supervisor.release_hold(user_id)

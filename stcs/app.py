@@ -5,13 +5,15 @@ Endpoints: ``GET /health`` (no auth), ``GET /auth``, ``GET /admin-health``, ``/a
 data plane) owns the public port, answers ``GET /health`` and ``GET /auth`` itself, passes the
 other control paths here unchanged and proxies everything else to the users' chroma servers.
 
-Resources are owned by ``cleanup_ctx`` entries, torn down in reverse order on shutdown: the HTTP
-sessions, then the supervisor (``dbPath`` lock, orphan clean-up, children).
+The services are built once, by `open_state` (one ``cleanup_ctx`` entry), and torn down in
+reverse order on shutdown: the supervisor (children), quotas, pools and sessions, the ``dbPath``
+lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,23 +24,27 @@ import structlog
 from aiohttp import web
 
 from stcs import admin
-from stcs import launcher as launcher_mod
 from stcs.answers import answer_for
 from stcs.auth import (
     AuthServerResolver,
     Blocklist,
     ExistingUsersResolver,
+    Resolver,
     UuidResolver,
     extract_token,
     tls_context,
     validate_user_id,
 )
 from stcs.config import Settings
+from stcs.datadir import DbPathLock, stop_orphans
 from stcs.errors import RequestError, UserBlockedError
+from stcs.launcher import ChromaLauncher
 from stcs.layout import Layout
+from stcs.metrics import Metrics
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
+from stcs.upstream import UpstreamPool
 
 log = structlog.get_logger("stcs.app")
 
@@ -102,115 +108,130 @@ async def auth_only(request: web.Request) -> web.Response:
     ``X-Stcs-User-Id``; 401/503/502 as the error table, 403 for a blocked user.  Starts no
     instance."""
     state = request.app[STATE]
-    assert state.resolver is not None
     user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
     request[INFO]["user_id"] = user_id
-    if state.blocklist is not None and user_id in state.blocklist:
+    if user_id in state.blocklist:
         raise UserBlockedError("this user is blocked")
     return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
 
 
-async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    settings = state.settings
-    # The request path uses the lean keep-alive pool (stcs.upstream); this aiohttp session
-    # serves the occasional calls: readiness probes and /admin-health heartbeats.
-    state.probe_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    auth_session: aiohttp.ClientSession | None = None
-    if settings.auth_server_endpoint:
-        auth_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=settings.auth_max_concurrent_lookups,
-                keepalive_timeout=30,
-                ssl=tls_context(settings.auth_server_ca_file),
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),
+@contextlib.asynccontextmanager
+async def open_state(settings: Settings) -> AsyncIterator[State]:
+    """Build every service of a serving stcs, in order, and tear them down in reverse.
+
+    Order: the ``dbPath`` lock (first: when another stcs holds it nothing else is made), leftover
+    children of an earlier run stopped, the probe session, the auth-server session and resolver,
+    the upstream pool, the launcher and the supervisor, the blocklist, quotas.  On exit: the
+    supervisor stops every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), then quotas,
+    pools and sessions close and the lock is released.
+
+    Raises LockHeldError (another stcs serves this ``dbPath``) or OSError; what was built is
+    torn down first.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        db_dir = settings.db_dir
+        lock = DbPathLock(db_dir)
+        lock.acquire()
+        stack.callback(lock.release)
+        found = await asyncio.to_thread(stop_orphans, db_dir, settings.db_stop_timeout / 1000)
+        if found:
+            log.warning("stopped leftover chroma servers", count=len(found), pids=found)
+        metrics = Metrics()
+        # The request path uses the lean keep-alive pool (stcs.upstream); this aiohttp session
+        # serves the occasional calls: readiness and liveness probes.
+        probe_session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
         )
-        state.resolver = AuthServerResolver(
+        resolver = await _resolver(settings, metrics, stack)
+        upstream_pool = UpstreamPool()
+        stack.callback(upstream_pool.close)
+        chroma = ChromaLauncher(
+            db_dir,
+            probe_session,
+            command=settings.chroma_argv,
+            start_timeout_ms=settings.db_start_timeout,
+            stop_timeout_ms=settings.db_stop_timeout,
+            max_retries=settings.db_max_retries,
+            logs_dir=settings.resolved_child_log_dir,
+            log_max_bytes=settings.child_log_max_bytes,
+            user_ids_are_secret=settings.user_ids_are_secret,
+            port_range=settings.child_ports,
+        )
+        supervisor = Supervisor(
+            chroma,
+            ttl_ms=settings.db_ttl,
+            max_instances=settings.db_max_instances,
+            queue_timeout_ms=settings.queue_timeout,
+            min_free_memory_mb=settings.db_min_free_memory_mb,
+            metrics=metrics,
+            on_instance_gone=upstream_pool.forget,
+            liveness_timeout_ms=settings.db_liveness_timeout,
+        )
+        metrics.bind(supervisor.snapshot)
+        quotas = Quotas(settings, db_dir, metrics)
+        metrics.bind_disk(quotas.sizes)
+        await quotas.start()
+        stack.push_async_callback(quotas.close)
+        supervisor.start()
+        stack.push_async_callback(supervisor.close)
+        yield State(
+            settings=settings,
+            metrics=metrics,
+            blocklist=Blocklist(Layout(db_dir).blocklist),
+            resolver=resolver,
+            supervisor=supervisor,
+            quotas=quotas,
+            upstream_pool=upstream_pool,
+        )
+
+
+async def _resolver(
+    settings: Settings, metrics: Metrics, stack: contextlib.AsyncExitStack
+) -> Resolver:
+    """Token -> user id: the auth server's answer (its session closed by ``stack``), else the
+    token as a UUID; with ``autoCreateUsers: false`` only users whose directory exists."""
+    resolver: Resolver
+    if settings.auth_server_endpoint:
+        auth_session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=settings.auth_max_concurrent_lookups,
+                    keepalive_timeout=30,
+                    ssl=tls_context(settings.auth_server_ca_file),
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        )
+        resolver = AuthServerResolver(
             auth_session,
             settings.auth_server_endpoint,
             api_key=settings.auth_server_api_key,
             cache_ttl_ms=settings.auth_cache_ttl,
             timeout_ms=settings.auth_timeout,
-            on_lookup=lambda result: state.metrics.auth_lookups.labels(result).inc(),
+            on_lookup=lambda result: metrics.auth_lookups.labels(result).inc(),
             max_concurrent=settings.auth_max_concurrent_lookups,
         )
     else:
-        state.resolver = UuidResolver()
+        resolver = UuidResolver()
     if not settings.auto_create_users:
-        state.resolver = ExistingUsersResolver(state.resolver, settings.db_dir)
-    yield
-    await state.probe_session.close()
-    state.upstream_pool.close()
-    if auth_session is not None:
-        await auth_session.close()
+        resolver = ExistingUsersResolver(resolver, settings.db_dir)
+    return resolver
 
 
-async def _db_lock_ctx(app: web.Application) -> AsyncIterator[None]:
-    # First of the contexts: when another stcs holds dbPath nothing else has been created.
-    lock = launcher_mod.DbPathLock(app[STATE].settings.db_dir)
-    lock.acquire()  # LockHeldError: another stcs serves this dbPath
-    try:
+_SETTINGS = web.AppKey("stcs_settings", Settings)
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_state(app[_SETTINGS]) as state:
+        app[STATE] = state
         yield
-    finally:
-        lock.release()
-
-
-async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    settings = state.settings
-    assert state.probe_session is not None
-    db_dir = settings.db_dir
-    found = await asyncio.to_thread(
-        launcher_mod.stop_orphans, db_dir, settings.db_stop_timeout / 1000
-    )
-    if found:
-        log.warning("stopped leftover chroma servers", count=len(found), pids=found)
-    chroma = launcher_mod.ChromaLauncher(
-        db_dir,
-        state.probe_session,
-        command=settings.chroma_argv,
-        start_timeout_ms=settings.db_start_timeout,
-        stop_timeout_ms=settings.db_stop_timeout,
-        max_retries=settings.db_max_retries,
-        logs_dir=settings.resolved_child_log_dir,
-        log_max_bytes=settings.child_log_max_bytes,
-        user_ids_are_secret=settings.user_ids_are_secret,
-        port_range=settings.child_ports,
-    )
-    state.supervisor = Supervisor(
-        chroma,
-        ttl_ms=settings.db_ttl,
-        max_instances=settings.db_max_instances,
-        queue_timeout_ms=settings.queue_timeout,
-        min_free_memory_mb=settings.db_min_free_memory_mb,
-        metrics=state.metrics,
-        on_instance_gone=state.upstream_pool.forget,
-        liveness_timeout_ms=settings.db_liveness_timeout,
-    )
-    supervisor = state.supervisor
-    state.metrics.bind(
-        lambda: (
-            supervisor.slots_used,
-            supervisor.queue_length,
-            [i.child.pid for i in list(supervisor.registry.values()) if i.child],
-        )
-    )
-    state.blocklist = Blocklist(Layout(db_dir).blocklist)
-    state.quotas = quotas = Quotas(settings, db_dir, state.metrics)
-    state.metrics.bind_disk(quotas.sizes)
-    await quotas.start()
-    state.supervisor.start()
-    yield
-    await state.supervisor.close()
-    await quotas.close()
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    app[STATE].shutting_down = True
+    app[STATE].begin_shutdown()  # already begun when `server.serve` runs the app
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -219,10 +240,8 @@ def create_app(settings: Settings) -> web.Application:
     Serve it with `SERVER_OPTIONS` passed to aiohttp's server (as `cli` does).
     """
     app = web.Application(middlewares=[request_middleware])
-    app[STATE] = State(settings=settings)
-    app.cleanup_ctx.append(_db_lock_ctx)
-    app.cleanup_ctx.append(_sessions_ctx)
-    app.cleanup_ctx.append(_supervisor_ctx)
+    app[_SETTINGS] = settings
+    app.cleanup_ctx.append(_state_ctx)  # app[STATE]: built once at startup (`open_state`)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/health", health, allow_head=True)
     admin.add_routes(app)

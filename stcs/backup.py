@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from stcs.auth import normalize_user_id
 from stcs.config import Settings
+from stcs.datadir import DbPathLock, lock_file
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
-from stcs.launcher import DbPathLock, lock_file
 from stcs.layout import Layout
 
 ARCHIVE_ROOT = "data"

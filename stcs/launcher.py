@@ -12,8 +12,8 @@ stcs dies, then checks ``getppid()`` to close the race with a parent that died b
 signal fires when the *thread* that forked the child ends, so children are spawned from the
 event-loop thread, never from an executor.
 
-State under ``<dbPath>/.stcs/`` (user ids cannot start with a dot, so it never collides):
-``stcs.lock`` (held by the serving stcs process), ``locks/<userId>.lock`` (held for the life of
+Per child, under ``<dbPath>/.stcs/`` (`stcs.layout`; the ``dbPath`` lock and leftover children
+of an earlier run are `stcs.datadir`'s): ``locks/<userId>.lock`` (held for the life of
 that user's child, and inherited by it, so even an orphaned child keeps its directory locked) and
 ``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe;
 ``logs/<user ref>.log`` in UUID mode, where the user id is a token: see `stcs.log.user_ref`).
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import importlib.util
 import os
@@ -36,22 +35,23 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
-import psutil
 import structlog
 
-from stcs.errors import DirectoryLockedError, LockHeldError, StartFailedError
+from stcs.datadir import lock_file, private_dir
+from stcs.errors import DirectoryLockedError, StartFailedError
 from stcs.layout import Layout
 from stcs.log import user_ref
 
 log = structlog.get_logger("stcs.launcher")
 
 HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
+READY_PROBE_TIMEOUT_S = 1.0  # one heartbeat of the readiness poll
 LOG_TAIL_BYTES = 2000
 
 # argv: [python, -S, -c, BOOTSTRAP, <stcs pid>, <site dir>, ("--exec", program, ...args) |
@@ -107,15 +107,6 @@ def child_environment(base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) with mode 0700; an existing one is left as it is.
-
-    Returns ``path``.  Raises OSError.
-    """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (bind to port 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -138,54 +129,6 @@ def free_port_in(first: int, last: int, taken: set[int], tries: int = 200) -> in
                 continue
         return port
     return None
-
-
-def lock_file(path: Path) -> int:
-    """Open ``path`` and take an exclusive non-blocking `flock` on it; return the fd.
-
-    Raises BlockingIOError when another open file description holds it.  The fd is
-    close-on-exec; closing it releases the lock.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-class DbPathLock:
-    """The exclusive lock one serving stcs process holds on its ``dbPath``.
-
-    ``acquire`` raises LockHeldError naming the lock file when another process holds it.
-    """
-
-    def __init__(self, db_dir: Path) -> None:
-        self.path = Layout(db_dir).server_lock
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        private_dir(self.path.parent.parent)
-        private_dir(self.path.parent)
-        # stcs's own state directory is never meant to be shared: tighten one made by an older
-        # stcs with the default umask (0755).
-        os.chmod(self.path.parent, 0o700)
-        try:
-            self._fd = lock_file(self.path)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "unknown"
-            raise LockHeldError(
-                f"dbPath {self.path.parent.parent} is in use by another stcs process "
-                f"(pid {holder}): lock {self.path} is held"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass(eq=False)
@@ -460,18 +403,14 @@ class ChromaLauncher:
         # Refused connects cost ~0.1 ms: poll often, or a ~70 ms start waits for the next
         # backed-off poll (with 5 ms x 1.5 steps, up to 35 ms late).
         delay = 0.002
-        url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
-        probe_timeout = aiohttp.ClientTimeout(total=1.0)
         exited = asyncio.ensure_future(child.process.wait())
         try:
             while True:
                 if exited.done():
                     return exited.result()
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with self._session.get(url, timeout=probe_timeout) as resp:
-                        if resp.status == 200:
-                            child.start_ms = round((time.monotonic() - started) * 1000, 1)
-                            return None
+                if await self.probe(child, READY_PROBE_TIMEOUT_S):
+                    child.start_ms = round((time.monotonic() - started) * 1000, 1)
+                    return None
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -507,7 +446,8 @@ class ChromaLauncher:
 
     async def probe(self, child: Child, timeout_s: float) -> bool:
         """Whether ``child`` answers chroma's heartbeat (``GET /api/v2/heartbeat`` → 200)
-        within ``timeout_s`` seconds.  Never raises."""
+        within ``timeout_s`` seconds.  Never raises.  The one probe of a child: readiness
+        (`launch`), liveness (`Supervisor._check_liveness`) and ``/admin-health``."""
         url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -553,70 +493,3 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     except PermissionError:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-
-
-def _path_arg(cmdline: Sequence[str]) -> str | None:
-    for i, arg in enumerate(cmdline):
-        if arg == "--path" and i + 1 < len(cmdline):
-            return cmdline[i + 1]
-        if arg.startswith("--path="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _orphan_dir(proc: psutil.Process, cmdline: Sequence[str]) -> Path | None:
-    """The data directory a ``chroma run --path P`` process serves: ``P`` resolved against the
-    process's working directory (children get ``--path .``).  None if unknowable."""
-    path = _path_arg(cmdline)
-    if path is None:
-        return None
-    try:
-        base = Path(proc.cwd()) if not os.path.isabs(path) else Path("/")
-        return (base / path).resolve()
-    except (OSError, RuntimeError, psutil.Error):
-        return None
-
-
-def find_orphans(db_dir: Path) -> Iterator[psutil.Process]:
-    """Chroma servers (``... run ... --path P``) whose ``P`` is a user directory of ``db_dir``:
-    *directly* inside it (``<dbPath>/<userId>``) — not ``dbPath`` itself, nothing deeper, no
-    sibling such as ``<dbPath>2``, no dot-directory (``.stcs``).
-
-    Matched on the command line and working directory (psutil), never on a bare pid, and never
-    this process.
-    """
-    root = db_dir.resolve()
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if proc.info["pid"] == me or "run" not in cmdline:
-            continue
-        target = _orphan_dir(proc, cmdline)
-        if target is not None and target.parent == root and not target.name.startswith("."):
-            yield proc
-
-
-def stop_orphans(db_dir: Path, timeout_s: float) -> list[int]:
-    """SIGTERM every orphan of ``db_dir``, SIGKILL those alive after ``timeout_s``.
-
-    Returns the pids found.  Blocking (psutil.wait_procs): call before serving.
-    """
-    procs = list(find_orphans(db_dir))
-    for proc in procs:
-        target = _orphan_dir(proc, proc.info.get("cmdline") or [])
-        # Named by the user id (hidden like every user_id in UUID mode), not by the command
-        # line: an older stcs put the data directory, a token in UUID mode, on it.
-        log.warning(
-            "stopping leftover chroma server",
-            pid=proc.pid,
-            user_id=target.name if target is not None else None,
-        )
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for proc in alive:
-        log.warning("leftover chroma server survived SIGTERM, killing", pid=proc.pid)
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in procs]

@@ -7,7 +7,7 @@ dot, `stcs.auth.USER_ID_RE`)::
     <dbPath>/
       <userId>/                  chroma's data for that user (0700)
       .stcs/                     stcs's state (0700)
-        stcs.lock                held by the serving stcs process (`launcher.DbPathLock`)
+        stcs.lock                held by the serving stcs process (`datadir.DbPathLock`)
         locks/<userId>.lock      held for the life of that user's chroma (and by backup/restore)
         logs/<ref>.log           each child's output, unless childLogDir says elsewhere
         blocked.json             the admin blocklist

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # the supervisor imports this module
+    from stcs.supervisor import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,11 +55,13 @@ class _DiskCollector(Collector):
 class _LiveCollector(Collector):
     """Values read at scrape time: running instances, queue length, children's RSS."""
 
-    def __init__(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        running, queued, pids = self._snapshot()
+        snapshot = self._snapshot()
+        running, queued = snapshot.slots_used, snapshot.queue_length
+        pids = [view.pid for view in snapshot.instances if view.pid is not None]
         yield GaugeMetricFamily(
             "stcs_instances_running", "Chroma instances holding a slot.", value=running
         )
@@ -149,8 +154,8 @@ class Metrics:
         for limit in QUOTA_LIMITS:
             self.quota_rejections.labels(limit)
 
-    def bind(self, snapshot: Callable[[], tuple[int, int, list[int]]]) -> None:
-        """Register the scrape-time values; ``snapshot`` gives (running, queued, child pids)."""
+    def bind(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Register the scrape-time values, read from ``snapshot()`` (`Supervisor.snapshot`)."""
         self.registry.register(_LiveCollector(snapshot))
 
     def bind_disk(self, sizes: Callable[[], Iterable[int]]) -> None:

@@ -653,12 +653,11 @@ class ClientConnection(asyncio.Protocol):
         """``GET /auth``: authenticate only (nginx ``auth_request``): 204 with the user id in
         ``X-Stcs-User-Id``; 401/403/503/502 as the error table.  Starts no instance."""
         state = self.state
-        assert state.resolver is not None
         try:
             token = extract_token(msg.special)
             user_id = validate_user_id(await state.resolver.resolve(token))
             info["user_id"] = user_id
-            if state.blocklist is not None and user_id in state.blocklist:
+            if user_id in state.blocklist:
                 raise UserBlockedError("this user is blocked")
         except RequestError as exc:
             self._write(error_response(exc, close=not msg.complete))
@@ -689,18 +688,16 @@ class ClientConnection(asyncio.Protocol):
 
     async def _proxy(self, msg: _Message, info: dict[str, Any]) -> tuple[int, bool]:
         state = self.state
-        resolver, supervisor = state.resolver, state.supervisor
-        assert resolver is not None and supervisor is not None
+        resolver = state.resolver
         if state.shutting_down:
             raise ShuttingDownError("server is shutting down")
         token = extract_token(msg.special)
         user_id = validate_user_id(await resolver.resolve(token))
         info["user_id"] = user_id
         structlog.contextvars.bind_contextvars(user_id=user_id)
-        if state.blocklist is not None and user_id in state.blocklist:
+        if user_id in state.blocklist:
             raise UserBlockedError("this user is blocked")
         quotas = state.quotas
-        assert quotas is not None
         # Per-user rate, concurrency and disk limits (stcs.quotas): before any body is read.
         admission = await quotas.admit(
             user_id, msg.method.decode("latin-1"), msg.url.decode("latin-1")
@@ -717,7 +714,6 @@ class ClientConnection(asyncio.Protocol):
     ) -> tuple[int, bool]:
         state = self.state
         supervisor = state.supervisor
-        assert supervisor is not None
         headers = filter_headers(msg.headers, REQUEST_DROP_FRAMING)
         body: bytes | AsyncIterator[bytes] | None = None
         chunked = False

@@ -106,7 +106,7 @@ async def serve(
     control_socket = os.path.join(control_dir, "control.sock")
     relay: Relay | None = None
     try:
-        await runner.setup()  # cleanup contexts: dbPath lock, sessions, supervisor
+        await runner.setup()  # builds the State (`app.open_state`): dbPath lock, ..., supervisor
         await web.UnixSite(runner, control_socket).start()
         state = app[STATE]
         raise_fd_limit(state.settings.max_connections)
@@ -116,7 +116,7 @@ async def serve(
         log.info("listening", url=f"{scheme}://{host}:{port}")
         await stop.wait()
 
-        state.shutting_down = True
+        state.begin_shutdown()
         log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
         server.close()
         relay.close_idle()

@@ -1,4 +1,8 @@
-"""Per-application state shared by the request handlers (`app`, `admin`)."""
+"""What the request handlers (`relay`, `app`, `admin`) share: one `State`, built once.
+
+Every service in it exists from the start of serving to its end (`app.open_state` builds them
+in order and tears them down in reverse), so no handler checks for a missing one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from stcs.auth import Blocklist, Resolver
@@ -17,24 +20,34 @@ from stcs.supervisor import Supervisor
 from stcs.upstream import UpstreamPool
 
 
-@dataclass
+@dataclass(eq=False)
 class State:
-    """Filled by the cleanup contexts of `app.create_app`."""
+    """The services (``settings`` … ``upstream_pool``) and the server's run-time facts.
+
+    ``shutting_down`` is *the* shutdown flag: set once, by `begin_shutdown`, when stcs stops
+    taking new requests (``/health`` 503, new requests 503 ``ShuttingDownError``).
+    ``in_flight`` counts requests being handled (all endpoints); ``idle`` is set while it is 0.
+    """
 
     settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
-    blocklist: Blocklist | None = None
-    probe_session: aiohttp.ClientSession | None = None  # readiness probes, admin heartbeats
-    upstream_pool: UpstreamPool = field(default_factory=UpstreamPool)  # the data plane
-    resolver: Resolver | None = None
-    supervisor: Supervisor | None = None
-    quotas: Quotas | None = None  # per-user limits (the request path's admit/done hooks)
+    metrics: Metrics
+    blocklist: Blocklist
+    resolver: Resolver
+    supervisor: Supervisor
+    quotas: Quotas  # per-user limits (the request path's admit/done hooks)
+    upstream_pool: UpstreamPool  # the data plane's connections to children and control socket
     shutting_down: bool = False
-    in_flight: int = 0  # requests being handled now (all endpoints)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def begin_shutdown(self) -> bool:
+        """Stop taking new requests.  True the first time (the caller logs it), then False."""
+        first = not self.shutting_down
+        self.shutting_down = True
+        return first
 
 
 STATE = web.AppKey("stcs_state", State)

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -111,6 +112,40 @@ class Instance:
     def idle_for(self, now: float) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""
         return 0.0 if self.in_flight else now - self.last_active
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """One instance as it was at one moment (`Supervisor.snapshot`): plain values, nothing
+    that reaches back into the supervisor.  ``started_at`` and ``last_active`` are wall-clock
+    seconds, ``idle_for_s`` seconds (0 while a request is in flight)."""
+
+    user_id: str
+    phase: Phase
+    pid: int | None
+    port: int | None
+    started_at: float | None
+    log_path: Path | None
+    last_active: float
+    idle_for_s: float
+    requests: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the supervisor holds at one moment, for the admin API and metrics: the
+    ``instances`` (registry order), users ``held`` for maintenance, ``backing_off`` (user id ->
+    seconds until their next start may be tried), ``slots_used`` of ``max_instances``, the start
+    ``queue_length`` and the memory floor ``min_free_bytes``."""
+
+    instances: tuple[InstanceView, ...]
+    held: tuple[str, ...]
+    backing_off: dict[str, float]
+    slots_used: int
+    max_instances: int
+    queue_length: int
+    min_free_bytes: int
 
 
 @dataclass(frozen=True)
@@ -206,7 +241,7 @@ class Supervisor:
         self._backoff: dict[str, Backoff] = {}
         self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
         self._liveness: asyncio.Task[None] | None = None
-        self.closing = False
+        self._closed = False  # close() began: no new start, no new lease
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -220,7 +255,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
-        self.closing = True
+        self._closed = True
         for user_id in list(self._hold_expiry):
             self._cancel_expiry(user_id)
         self._wake_queue()
@@ -258,7 +293,7 @@ class Supervisor:
         deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
         while True:
-            if self.closing:
+            if self._closed:
                 raise ShuttingDownError("server is shutting down")
             hold = self._holds.get(user_id)
             if hold is not None:  # held (admin stop, backup): wait, bounded like the queue
@@ -349,7 +384,7 @@ class Supervisor:
         queued_at = 0.0
         try:
             while True:
-                if self.closing:
+                if self._closed:
                     raise ShuttingDownError("server is shutting down")
                 at_head = not self._queue or self._queue[0] is waiter
                 full = self._slots_used >= self.max_instances
@@ -697,11 +732,49 @@ class Supervisor:
         self.release_hold(user_id)
         log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
 
-    @property
-    def held(self) -> list[str]:
-        return sorted(self._holds)
-
     # -- introspection ----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The registry, holds, back-offs and capacity as they are now (a copy)."""
+        now = self._clock()
+        instances = []
+        for inst in self.registry.values():
+            child = inst.child
+            instances.append(
+                InstanceView(
+                    user_id=inst.user_id,
+                    phase=inst.phase,
+                    pid=child.pid if child else None,
+                    port=child.port if child else None,
+                    started_at=child.started_at if child else None,
+                    log_path=child.log_path if child else None,
+                    last_active=inst.last_active_wall,
+                    idle_for_s=inst.idle_for(now),
+                    requests=inst.requests,
+                    in_flight=inst.in_flight,
+                )
+            )
+        return Snapshot(
+            instances=tuple(instances),
+            held=tuple(sorted(self._holds)),
+            backing_off=self.backing_off,
+            slots_used=self._slots_used,
+            max_instances=self.max_instances,
+            queue_length=len(self._queue),
+            min_free_bytes=self.min_free_bytes,
+        )
+
+    def has_instance(self, user_id: str) -> bool:
+        """Whether ``user_id`` has an instance (starting, ready or stopping)."""
+        return user_id in self.registry
+
+    async def probe(self, user_id: str, timeout_s: float) -> bool | None:
+        """Whether ``user_id``'s ready instance answers its heartbeat within ``timeout_s``
+        (`Launcher.probe`); None when no ready instance runs."""
+        inst = self.registry.get(user_id)
+        if inst is None or inst.phase is not Phase.READY or inst.child is None:
+            return None
+        return await self.launcher.probe(inst.child, timeout_s)
 
     @property
     def slots_used(self) -> int:

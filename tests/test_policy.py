@@ -259,12 +259,54 @@ async def test_a_maintenance_hold_ends_by_itself_at_its_ttl(launcher: SleepLaunc
     sup = supervisor(launcher, queue_timeout_ms=2000)
     await lease_once(sup, "u")
     await sup.hold("u", drain_timeout_s=1, ttl_s=0.3)
-    assert sup.has_maintenance_hold("u") and sup.held == ["u"]
+    assert sup.has_maintenance_hold("u") and sup.snapshot().held == ("u",)
     started = time.monotonic()
     await lease_once(sup, "u")  # waits for the hold to expire, then starts "u" again
     assert 0.25 <= time.monotonic() - started < 1.5
-    assert not sup.has_maintenance_hold("u") and sup.held == []
+    assert not sup.has_maintenance_hold("u") and sup.snapshot().held == ()
     await sup.hold("u", drain_timeout_s=1, ttl_s=60)
     sup.release_hold("u")  # released early: its timer is gone too
     assert not sup.has_maintenance_hold("u")
+    await sup.close()
+
+
+async def test_a_snapshot_is_a_copy_of_instances_holds_and_capacity(
+    launcher: SleepLauncher,
+) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=3, clock=clock)
+    await lease_once(sup, "a")
+    clock.now += 5
+    async with sup.acquire("b"):
+        snap = sup.snapshot()
+    assert [(v.user_id, v.phase, v.in_flight, v.requests) for v in snap.instances] == [
+        ("a", Phase.READY, 0, 1),
+        ("b", Phase.READY, 1, 1),
+    ]
+    a = snap.instances[0]
+    assert a.idle_for_s == 5 and a.pid == launcher.children[0].pid and a.port == 40000
+    assert (snap.slots_used, snap.max_instances, snap.queue_length) == (2, 3, 0)
+    await sup.hold("a", drain_timeout_s=1, ttl_s=60)
+    later = sup.snapshot()
+    assert later.held == ("a",) and [v.user_id for v in later.instances] == ["b"]
+    assert snap.held == () and len(snap.instances) == 2  # the earlier snapshot did not change
+    assert snap.instances[1].in_flight == 1  # nor did its views when the lease ended
+    sup.release_hold("a")
+    await sup.close()
+
+
+async def test_probe_asks_the_launcher_about_a_ready_instance_only(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher)
+    assert await sup.probe("u", 1.0) is None  # nothing runs
+    await lease_once(sup, "u")
+    assert await sup.probe("u", 1.0) is True
+    launcher.children[0].process.kill()  # dies: forgotten by the supervisor's watch
+    await launcher.children[0].wait()
+    for _ in range(100):
+        if not sup.has_instance("u"):
+            break
+        await asyncio.sleep(0.01)
+    assert await sup.probe("u", 1.0) is None
     await sup.close()

@@ -158,7 +158,7 @@ def sleeper(path: str, cwd: Path) -> subprocess.Popen[bytes]:
 def test_orphan_cleanup_touches_only_user_directories_directly_in_db_path(
     tmp_path: Path,
 ) -> None:
-    from stcs.launcher import find_orphans
+    from stcs.datadir import find_orphans
 
     db = tmp_path / "db"
     for d in (db / "alice" / "nested", db / ".stcs", tmp_path / "db2" / "bob"):
