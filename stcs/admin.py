@@ -137,8 +137,8 @@ async def admin_health(request: web.Request) -> web.Response:
 
     async def describe(view: InstanceView) -> dict[str, Any]:
         entry = instance_entry(view)
-        if entry["ready"]:
-            healthy = await supervisor.probe(view.user_id, ADMIN_PROBE_TIMEOUT_S)
+        if entry["ready"] and view.pid is not None:
+            healthy = await supervisor.probe(view.user_id, view.pid, ADMIN_PROBE_TIMEOUT_S)
             if healthy is not None:  # None: it stopped meanwhile; its phase says so
                 entry["status"] = "healthy" if healthy else "error"
                 if not healthy:
@@ -163,7 +163,7 @@ async def admin_health(request: web.Request) -> web.Response:
         "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
         "nMaxInstancesEstimate": (
             min(
-                state.settings.db_max_instances,
+                snapshot.max_instances,
                 max(0, math.floor((kb_available - kb_floor) / average)) + len(instances),
             )
             if average
@@ -176,7 +176,7 @@ async def admin_health(request: web.Request) -> web.Response:
             "instances": instances,
             "memory": memory,
             "queueLength": snapshot.queue_length,
-            "maxInstances": state.settings.db_max_instances,
+            "maxInstances": snapshot.max_instances,
         }
     )
 

@@ -59,10 +59,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_response(exc: RequestError) -> web.Response:
     """The response for ``exc`` as `stcs.answers` maps it (chroma's JSON error body)."""
     answer = answer_for(exc)
-    return web.Response(
-        body=answer.body,
+    return web.json_response(
+        {"error": answer.name, "message": answer.message},
         status=answer.status,
-        headers={"Content-Type": "application/json", **dict(answer.headers)},
+        headers=dict(answer.headers),
     )
 
 
@@ -121,7 +121,8 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
 
     Order: the ``dbPath`` lock (first: when another stcs holds it nothing else is made), leftover
     children of an earlier run stopped, the probe session, the auth-server session and resolver,
-    the upstream pool, the launcher and the supervisor, the blocklist, quotas.  On exit: the
+    the upstream pool, the launcher and the supervisor, the blocklist, quotas; then the
+    supervisor's loops start.  On exit: the
     supervisor stops every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), then quotas,
     pools and sessions close and the lock is released.
 
@@ -171,6 +172,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             liveness_timeout_ms=settings.db_liveness_timeout,
         )
         metrics.bind(supervisor.snapshot)
+        blocklist = Blocklist(Layout(db_dir).blocklist)
         quotas = Quotas(settings, db_dir, metrics)
         metrics.bind_disk(quotas.sizes)
         await quotas.start()
@@ -180,7 +182,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         yield State(
             settings=settings,
             metrics=metrics,
-            blocklist=Blocklist(Layout(db_dir).blocklist),
+            blocklist=blocklist,
             resolver=resolver,
             supervisor=supervisor,
             quotas=quotas,

@@ -19,8 +19,9 @@ that user's child, and inherited by it, so even an orphaned child keeps its dire
 ``logs/<user ref>.log`` in UUID mode, where the user id is a token: see `stcs.log.user_ref`).
 
 Files and directories stcs creates are private to its uid: directories 0700, files 0600
-(`private_dir`; ``stcs serve`` also runs with umask 077).  A child runs in its data directory and
-is given ``--path .``: its command line (world-readable in ``/proc``) names no user id.
+(`datadir.private_dir`; ``stcs serve`` also runs with umask 077).  A child runs in its data
+directory and is given ``--path .``: its command line (world-readable in ``/proc``) names no user
+id.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
-from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
@@ -120,9 +119,24 @@ def json_response(status: int, reason: bytes, body: bytes, close: bool, extra: A
     return _response_head(status, reason, headers, close) + body
 
 
-# Reason phrases (RFC 9110 §15); 413's as RFC 9110 names it ("Payload Too Large" before).
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-_REASONS[413] = b"Content Too Large"
+# Reason phrases (RFC 9110 §15), fixed here: Python's HTTPStatus renames some across versions.
+_REASONS = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    422: b"Unprocessable Content",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+}
 
 
 def error_response(exc: RequestError, close: bool) -> bytes:

@@ -10,10 +10,10 @@ never finish and would be cut at the timeout.  So the order here is (as uvicorn'
 2. ``/health`` turns 503 and new requests on open connections get 503 ``ShuttingDownError``;
 3. the listening socket closes, idle keep-alive connections close (busy ones keep reading);
 4. wait until the requests in flight are done, at most ``grace_s`` seconds;
-5. the remaining client connections are aborted; aiohttp closes the control socket and runs the
-   cleanup contexts in reverse: the supervisor stops
-   every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), sessions close, the ``dbPath``
-   lock is released.
+5. the remaining client connections are aborted; aiohttp closes the control socket and
+   `app.open_state` tears the services down in reverse: the supervisor stops every child
+   (SIGTERM, then SIGKILL after ``dbStopTimeout``), quotas, pools and sessions close, the
+   ``dbPath`` lock is released.
 """
 
 from __future__ import annotations

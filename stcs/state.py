@@ -24,7 +24,7 @@ from stcs.upstream import UpstreamPool
 class State:
     """The services (``settings`` … ``upstream_pool``) and the server's run-time facts.
 
-    ``shutting_down`` is *the* shutdown flag: set once, by `begin_shutdown`, when stcs stops
+    `shutting_down` is *the* shutdown flag, turned on once (`begin_shutdown`) when stcs stops
     taking new requests (``/health`` 503, new requests 503 ``ShuttingDownError``).
     ``in_flight`` counts requests being handled (all endpoints); ``idle`` is set while it is 0.
     """
@@ -36,18 +36,20 @@ class State:
     supervisor: Supervisor
     quotas: Quotas  # per-user limits (the request path's admit/done hooks)
     upstream_pool: UpstreamPool  # the data plane's connections to children and control socket
-    shutting_down: bool = False
+    _shutting_down: bool = field(default=False, init=False)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.idle.set()
 
-    def begin_shutdown(self) -> bool:
-        """Stop taking new requests.  True the first time (the caller logs it), then False."""
-        first = not self.shutting_down
-        self.shutting_down = True
-        return first
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    def begin_shutdown(self) -> None:
+        """Stop taking new requests (idempotent; there is no way back)."""
+        self._shutting_down = True
 
 
 STATE = web.AppKey("stcs_state", State)

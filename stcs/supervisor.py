@@ -135,13 +135,11 @@ class InstanceView:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the supervisor holds at one moment, for the admin API and metrics: the
-    ``instances`` (registry order), users ``held`` for maintenance, ``backing_off`` (user id ->
-    seconds until their next start may be tried), ``slots_used`` of ``max_instances``, the start
-    ``queue_length`` and the memory floor ``min_free_bytes``."""
+    ``instances`` (registry order), users ``held`` for maintenance, ``slots_used`` of
+    ``max_instances``, the start ``queue_length`` and the memory floor ``min_free_bytes``."""
 
     instances: tuple[InstanceView, ...]
     held: tuple[str, ...]
-    backing_off: dict[str, float]
     slots_used: int
     max_instances: int
     queue_length: int
@@ -528,12 +526,6 @@ class Supervisor:
             if stable or now - backoff.until >= BACKOFF_FORGET_S:
                 del self._backoff[user_id]
 
-    @property
-    def backing_off(self) -> dict[str, float]:
-        """User id -> seconds until their next start may be tried (users backing off now)."""
-        now = self._clock()
-        return {u: b.until - now for u, b in self._backoff.items() if b.until > now}
-
     def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
         """Begin stopping ``inst`` (idempotent).  The state turns STOPPING *now*, in the same
         step as the decision, so no request can be handed the instance after it."""
@@ -757,7 +749,6 @@ class Supervisor:
         return Snapshot(
             instances=tuple(instances),
             held=tuple(sorted(self._holds)),
-            backing_off=self.backing_off,
             slots_used=self._slots_used,
             max_instances=self.max_instances,
             queue_length=len(self._queue),
@@ -768,19 +759,12 @@ class Supervisor:
         """Whether ``user_id`` has an instance (starting, ready or stopping)."""
         return user_id in self.registry
 
-    async def probe(self, user_id: str, timeout_s: float) -> bool | None:
-        """Whether ``user_id``'s ready instance answers its heartbeat within ``timeout_s``
-        (`Launcher.probe`); None when no ready instance runs."""
+    async def probe(self, user_id: str, pid: int, timeout_s: float) -> bool | None:
+        """Whether ``user_id``'s ready instance, still the process ``pid`` (as a snapshot saw
+        it), answers its heartbeat within ``timeout_s`` (`Launcher.probe`); None when that
+        process is no longer ``user_id``'s ready instance."""
         inst = self.registry.get(user_id)
-        if inst is None or inst.phase is not Phase.READY or inst.child is None:
+        child = inst.child if inst is not None else None
+        if inst is None or inst.phase is not Phase.READY or child is None or child.pid != pid:
             return None
-        return await self.launcher.probe(inst.child, timeout_s)
-
-    @property
-    def slots_used(self) -> int:
-        """Instances holding a slot (starting with a slot, ready, or stopping)."""
-        return self._slots_used
-
-    @property
-    def queue_length(self) -> int:
-        return len(self._queue)
+        return await self.launcher.probe(child, timeout_s)

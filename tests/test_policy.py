@@ -299,14 +299,16 @@ async def test_probe_asks_the_launcher_about_a_ready_instance_only(
     launcher: SleepLauncher,
 ) -> None:
     sup = supervisor(launcher)
-    assert await sup.probe("u", 1.0) is None  # nothing runs
+    assert await sup.probe("u", 1, 1.0) is None  # nothing runs
     await lease_once(sup, "u")
-    assert await sup.probe("u", 1.0) is True
+    pid = launcher.children[0].pid
+    assert await sup.probe("u", pid, 1.0) is True
+    assert await sup.probe("u", pid + 1, 1.0) is None  # not the process a snapshot saw
     launcher.children[0].process.kill()  # dies: forgotten by the supervisor's watch
     await launcher.children[0].wait()
     for _ in range(100):
         if not sup.has_instance("u"):
             break
         await asyncio.sleep(0.01)
-    assert await sup.probe("u", 1.0) is None
+    assert await sup.probe("u", pid, 1.0) is None
     await sup.close()
