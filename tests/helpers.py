@@ -79,6 +79,21 @@ async def slow_create(
     )
 
 
+async def until_in_flight(
+    session: aiohttp.ClientSession, server: StcsServer, user: str, count: int = 1
+) -> None:
+    """Poll ``/admin/instances`` (the server runs with ``--adminAPIKey ADMIN``) until ``user``'s
+    instance holds ``count`` requests in flight: a bounded wait instead of a fixed sleep."""
+    deadline = time.monotonic() + 20
+    while True:
+        async with session.get(f"{server.url}/admin/instances", headers=HDR) as resp:
+            listed = await resp.json()
+        if any(i["userId"] == user and i["inFlight"] >= count for i in listed["instances"]):
+            return
+        assert time.monotonic() < deadline, f"never {count} in flight for {user}: {listed}"
+        await asyncio.sleep(0.02)
+
+
 def wait_gone(pid: int, timeout: float) -> float:
     """Seconds until ``pid`` is gone (reaped or zombie); fails after ``timeout``."""
     start = time.monotonic()

@@ -98,7 +98,9 @@ def test_corrupt_database_costs_one_start_series_per_back_off_window(
     assert set(statuses) == {503}
     # Series at t = 0, 1 s and 3 s (back-offs of 1 s and 2 s), each 1 + dbMaxRetries spawns.
     assert spawns <= 3 * 3, spawns
-    assert len(statuses) > 20 and len(retry_after) >= len(statuses) - 3
+    # Enough requests that, each starting a series without the back-off, they would cost far
+    # more than 9 spawns; all but the (at most 3) series' first ones are back-off refusals.
+    assert len(statuses) > 10 and len(retry_after) >= len(statuses) - 3
     assert len(server.events("start backing off")) == spawns // 3
     metrics = scrape(server)
     assert metrics[("stcs_start_backoffs_total", ())] == spawns // 3
@@ -141,7 +143,7 @@ def test_a_child_dying_right_after_readiness_is_not_respawned_on_every_request(
     starts = len(server.events("instance started"))
     # Crashes at ~0.3 s, 1.6 s, 3.9 s after back-offs of 1 s and 2 s: at most 3 starts in 4 s.
     assert starts <= 3, starts
-    assert requests_sent > 30
+    assert requests_sent > 20  # often enough that, without back-off, each crash would restart
     assert len(server.events("start backing off")) >= 2
     assert BACKOFF_STABLE_S > 4
 
@@ -162,7 +164,9 @@ def test_a_wedged_child_is_killed_and_its_request_gets_502(
     resp = requests.get(f"{server.url}/api/v2/heartbeat", headers=headers, timeout=20)
     took = time.monotonic() - started
     assert resp.status_code == 502
-    assert 0.9 < took < 4, took
+    # Not before the 1 s dbLivenessTimeout; well before the 20 s client timeout it would
+    # otherwise hang until.
+    assert 0.9 < took < 10, took
     [wedged] = server.wait_event("instance wedged")
     assert wedged["pid"] == pid and wedged["requests_in_flight"] == 1
     deadline = time.monotonic() + 10

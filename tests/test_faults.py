@@ -29,7 +29,15 @@ from tests.conftest import (
     self_signed_cert,
     user_dirs,
 )
-from tests.helpers import COLLECTIONS, client_for, slow_create, vectors, wait_gone
+from tests.helpers import (
+    ADMIN,
+    COLLECTIONS,
+    client_for,
+    slow_create,
+    until_in_flight,
+    vectors,
+    wait_gone,
+)
 
 CHROMA = str(Path(sys.executable).parent / "chroma")
 
@@ -158,7 +166,7 @@ def test_oversize_headers_are_refused_and_the_server_goes_on(
 async def test_client_gone_mid_upload_releases_the_instance(
     stcs: Callable[..., StcsServer],
 ) -> None:
-    server = stcs("--ttl", "1000")
+    server = stcs("--ttl", "1000", "--adminAPIKey", ADMIN)
     token = new_token()
     client_for(server, token).heartbeat()
     [child] = server.children()
@@ -169,9 +177,11 @@ async def test_client_gone_mid_upload_releases_the_instance(
             f"Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
             f'{{"name": "abandoned"'.encode()
         )
-        await asyncio.sleep(0.3)
-    # in-flight is back to 0: the idle cull stops the child about dbTTL later.
-    assert wait_gone(child.pid, 5) < 4
+        async with aiohttp.ClientSession() as session:
+            await until_in_flight(session, server, token)  # hung up mid-upload, lease held
+    # in-flight is back to 0: the idle cull stops the child about dbTTL (1 s) later; a leaked
+    # lease would keep it until the 30 s bodyTimeout, far past this deadline.
+    wait_gone(child.pid, 15)
     assert [e["reason"] for e in server.wait_event("instance stopped")] == ["idle"]
     no_tracebacks(server)
 
@@ -193,8 +203,9 @@ async def test_client_gone_mid_download_releases_the_instance(
             + body
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
-    # The rest of the ~8 MB answer is abandoned.
-    assert wait_gone(child.pid, 6) < 5
+    # The rest of the ~8 MB answer is abandoned.  Culled about dbTTL (1 s) later; a leaked
+    # lease would keep it until the 30 s sendTimeout, far past this deadline.
+    wait_gone(child.pid, 15)
     no_tracebacks(server)
 
 
@@ -214,13 +225,13 @@ def test_memory_floor_queues_then_503(stcs: Callable[..., StcsServer]) -> None:
 
 
 async def test_sigterm_lets_in_flight_requests_finish(stcs: Callable[..., StcsServer]) -> None:
-    server = stcs()
+    server = stcs("--adminAPIKey", ADMIN)
     token = new_token()
     client_for(server, token).heartbeat()
     [child] = server.children()
     async with aiohttp.ClientSession() as session:
         pending = asyncio.ensure_future(slow_create(session, server, token, "finishing", 2.0))
-        await asyncio.sleep(0.5)
+        await until_in_flight(session, server, token)
         server.proc.send_signal(signal.SIGTERM)
         resp = await pending
         assert resp.status == 200

@@ -22,7 +22,16 @@ import structlog
 
 from stcs import log as log_mod
 from tests.conftest import StcsServer, new_token, user_dirs
-from tests.helpers import ADMIN, HDR, cli, client_for, scrape, slow_create, wait_gone
+from tests.helpers import (
+    ADMIN,
+    HDR,
+    cli,
+    client_for,
+    scrape,
+    slow_create,
+    until_in_flight,
+    wait_gone,
+)
 
 
 def test_log_lines_are_json_with_the_documented_fields(stcs: Callable[..., StcsServer]) -> None:
@@ -83,7 +92,7 @@ def test_metrics_move_with_requests_starts_reaps_and_crashes(
 
     [child] = server.children()
     wait_gone(child.pid, 5)
-    time.sleep(0.2)
+    server.wait_event("instance stopped")  # logged in the same step as the metrics move
     reaped = scrape(server)
     assert reaped[("stcs_instance_stops_total", (("reason", "idle"),))] == 1
     assert reaped[("stcs_instances_running", ())] == 0
@@ -117,14 +126,14 @@ async def test_admin_stop_waits_for_the_request_in_flight(
     client_for(server, token).heartbeat()
     [child] = server.children()
     async with aiohttp.ClientSession() as session:
+        launched = time.monotonic()
         long = asyncio.ensure_future(slow_create(session, server, token, "long-one", 2.0))
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
+        await until_in_flight(session, server, token)
         async with session.delete(f"{server.url}/admin/instances/{token}", headers=HDR) as resp:
-            took = time.monotonic() - started
+            took = time.monotonic() - launched
             assert resp.status == 200 and (await resp.json())["stopped"] is True
         assert long.done() and (await long).status == 200  # it finished first
-        assert took >= 1.2
+        assert took >= 1.9  # the stop waited for the upload, whose body takes 2 s to send
         wait_gone(child.pid, 5)
         async with session.delete(f"{server.url}/admin/instances/{token}", headers=HDR) as resp:
             assert resp.status == 404  # nothing runs for that user now
@@ -317,8 +326,12 @@ def test_child_output_is_bounded_and_shown_in_admin(
     for _ in range(40):
         client.heartbeat()
         client.list_collections()
-    time.sleep(1.5)  # an idle-cull tick
     log_file = logs / f"{log_mod.user_ref(token)}.log"  # UUID mode: named by reference
+    rotated = log_file.with_name(log_file.name + ".1")
+    deadline = time.monotonic() + 10  # checked every second (LOG_ROTATE_S)
+    while not rotated.exists() or log_file.stat().st_size > 4096 + 8192:
+        assert time.monotonic() < deadline, log_file.stat().st_size
+        time.sleep(0.1)
     entry = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10).json()
     assert entry["instances"][0]["logFile"] == str(log_file)
     assert log_file.with_name(log_file.name + ".1").exists()
@@ -346,7 +359,7 @@ async def test_block_while_a_request_outlasts_the_drain_is_not_500(
     client_for(server, token).heartbeat()
     async with aiohttp.ClientSession() as session:
         long = asyncio.ensure_future(slow_create(session, server, token, "long-one", 3.0))
-        await asyncio.sleep(0.5)
+        await until_in_flight(session, server, token)
         url = f"{server.url}/admin/users/{token}/block?drainTimeout=0.5"
         async with session.post(url, headers=HDR) as resp:
             assert resp.status == 200, await resp.text()

@@ -334,8 +334,8 @@ def test_keep_alive_connection_serves_many_requests_and_idles_out(relay: StcsSer
             status, headers, _ = read_response(sock)
             assert status == 200 and headers.get("connection") != "close"
         started = time.monotonic()
-        assert closed_by_peer(sock, timeout=6)  # keepAliveTimeout 2 s
-        assert 1.5 < time.monotonic() - started < 5
+        assert closed_by_peer(sock, timeout=10)  # keepAliveTimeout 2 s
+        assert time.monotonic() - started > 1.5  # not at the 1 s headersTimeout
 
 
 # -- timeouts and held resources ----------------------------------------------------------
@@ -539,9 +539,10 @@ def test_1000_hostile_connections_keep_rss_bounded_and_users_served(
         f"{rss_during / MB:.1f} MB; a user served in {served_ms:.1f} ms"
     )
     assert rss_during - rss_before < 120 * MB
-    time.sleep(1)
-    fds = psutil.Process(server.pid).num_fds()
-    assert fds < 100, fds
+    deadline = time.monotonic() + 10  # stcs closes its ends of the 1000 connections
+    while (fds := psutil.Process(server.pid).num_fds()) >= 100:
+        assert time.monotonic() < deadline, fds
+        time.sleep(0.1)
 
 
 # -- fuzzing request heads ----------------------------------------------------------------
@@ -713,10 +714,13 @@ def test_a_client_that_stops_reading_loses_its_lease_at_the_send_timeout(
     with connect(server) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(head("GET", f"/big?size={50 * MB}", token))
-        time.sleep(3)  # never reads
-        listing = requests.get(f"{server.url}/admin/instances", headers=ADMIN, timeout=10)
-        [inst] = listing.json()["instances"]
-        assert inst["inFlight"] == 0
+        deadline = time.monotonic() + 15  # never reads; the answer alone would never end
+        while True:
+            listing = requests.get(f"{server.url}/admin/instances", headers=ADMIN, timeout=10)
+            if [(i["requests"], i["inFlight"]) for i in listing.json()["instances"]] == [(1, 0)]:
+                break  # leased once, released at the 1 s sendTimeout
+            assert time.monotonic() < deadline, listing.text
+            time.sleep(0.1)
     deadline = time.monotonic() + 10
     while not (lines := [e for e in server.events("request") if e["path"] == "/big"]):
         assert time.monotonic() < deadline
@@ -735,8 +739,10 @@ def test_idle_connections_with_unread_answers_free_their_slots(relay: StcsServer
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
             sock.sendall(head("GET", "/big?size=60000", token) * 20)
             socks.append(sock)
-        time.sleep(0.5)
-        assert requests.get(f"{relay.url}/health", timeout=10).status_code == 503
+        deadline = time.monotonic() + 10  # until all 60 count; they stay till the 30 s sendTimeout
+        while requests.get(f"{relay.url}/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "never full"
+            time.sleep(0.05)
         deadline = time.monotonic() + 40  # keepAliveTimeout 2 s + the send timeout (30 s)
         while requests.get(f"{relay.url}/health", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "slots never freed"
@@ -782,16 +788,16 @@ def test_a_bad_pipelined_request_is_refused_right_after_the_current_one(
 ) -> None:
     token = new_token()
     with connect(relay) as sock:
-        started = time.monotonic()
         sock.sendall(
             head("POST", "/echo/first", token, "Content-Length: 2")
             + b"ok"
             + b"GET\x01 / HTTP/1.1\r\n\r\n"
         )
-        status, _, payload = read_response(sock)  # (a cold start: the instance starts first)
+        status, _, payload = read_response(sock)  # (a cold start first: not timed)
+        started = time.monotonic()
         assert status == 200 and json.loads(payload)["body_len"] == 2
         assert read_response(sock)[0] == 400
-        assert time.monotonic() - started < 0.9  # right after, not at the head timeout (1 s)
+        assert time.monotonic() - started < 0.5  # right after, not at the head timeout (1 s)
 
 
 def test_a_non_utf8_admin_key_is_403_not_500(relay: StcsServer) -> None:

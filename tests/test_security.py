@@ -267,7 +267,10 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
         assert (await auth(cached))[0] == 204  # now cached
         auth_server.delay = 1.5  # slower than authTimeout
         flood = [asyncio.ensure_future(auth(t)) for t in slow]
-        await asyncio.sleep(0.3)  # the flood is waiting on the auth server now
+        deadline = time.monotonic() + 10
+        while auth_server.in_flight < 3:  # the flood is waiting on the auth server now
+            assert time.monotonic() < deadline, auth_server.in_flight
+            await asyncio.sleep(0.01)
         cached_answer = await auth(cached)
         health = await get("/health", {})
         admin = await get("/admin/instances", HDR)
@@ -275,9 +278,10 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
         # the connections stcs gave up on, so its own count no longer says what stcs holds.
         peak = auth_server.max_in_flight
         results = await asyncio.gather(*flood)
-    assert cached_answer[0] == 204 and cached_answer[1] < 0.3
-    assert health[0] == 200 and health[1] < 0.3
-    assert admin[0] == 200 and admin[1] < 0.3
+    # Not queued behind the flood, which would mean waiting ~1 s (its lookups' authTimeout).
+    assert cached_answer[0] == 204 and cached_answer[1] < 0.5
+    assert health[0] == 200 and health[1] < 0.5
+    assert admin[0] == 200 and admin[1] < 0.5
     assert [status for status, _ in results] == [503] * len(slow)
     assert all(seconds < 1.6 for _, seconds in results)  # authTimeout, not 12 x 1.5 s
     assert peak == 3

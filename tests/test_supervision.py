@@ -17,7 +17,15 @@ import psutil
 import requests
 
 from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
-from tests.helpers import client_for, slow_create, stcs_cli, vectors, wait_gone
+from tests.helpers import (
+    ADMIN,
+    client_for,
+    slow_create,
+    stcs_cli,
+    until_in_flight,
+    vectors,
+    wait_gone,
+)
 
 
 @contextmanager
@@ -72,8 +80,8 @@ def test_idle_child_is_stopped_after_ttl_and_restarts_with_data(
     col = client_for(server, token).create_collection("keep")
     col.add(ids=["a", "b", "c"], embeddings=vectors(3, 5))
     [child] = server.children()
-    gone_after = wait_gone(child.pid, timeout=5)
-    assert 0.8 <= gone_after <= 2.5, gone_after
+    gone_after = wait_gone(child.pid, timeout=10)  # culled at all (exact TTL: test_policy)
+    assert gone_after >= 0.8, gone_after  # not before the 1 s TTL
     assert server.children() == []
     stopped = server.wait_event("instance stopped")
     assert [e["reason"] for e in stopped] == ["idle"]
@@ -143,7 +151,8 @@ async def test_full_capacity_queues_then_503_with_retry_after(
             assert resp.status == 503
             assert body["error"] == "RateLimitError"
             assert int(resp.headers["Retry-After"]) >= 1
-        assert 1.4 <= waited <= 4.0, waited
+        # Not before the 1.5 s queue deadline; the upper bound only rules out a hang.
+        assert 1.4 <= waited <= 7.5, waited
         for task in held:
             resp = await task
             assert resp.status == 200
@@ -206,13 +215,14 @@ def test_chroma_command_runs_the_console_script(stcs: Callable[..., StcsServer])
 async def test_child_killed_mid_request_gives_502_then_recovers(
     stcs: Callable[..., StcsServer],
 ) -> None:
-    server = stcs()
+    server = stcs("--adminAPIKey", ADMIN)
     token = new_token()
     client_for(server, token).create_collection("before")
     [child] = server.children()
     async with aiohttp.ClientSession() as session:
         pending = asyncio.ensure_future(slow_create(session, server, token, "during", 2.0))
-        await asyncio.sleep(0.5)
+        await until_in_flight(session, server, token)
+        await asyncio.sleep(0.2)  # past the lease: the 2 s body is streaming to chroma
         os.kill(child.pid, signal.SIGKILL)
         resp = await pending
         assert resp.status == 502
