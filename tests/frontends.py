@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from tests.helpers import stcs_cli
+from tests.harness import stcs_cli
 
 MODULES = Path("/usr/lib/apache2/modules")
 APACHE_MODULES = [

@@ -17,7 +17,7 @@ from stcs.errors import StartBackoffError, StartFailedError
 from stcs.launcher import Child
 from stcs.supervisor import BACKOFF_MAX_S, BACKOFF_STABLE_S, Supervisor
 from tests.conftest import StcsServer, new_token
-from tests.helpers import ADMIN, scrape
+from tests.harness import ADMIN, scrape
 
 
 class FailingLauncher:

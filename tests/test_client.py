@@ -13,7 +13,7 @@ from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
 from tests.conftest import AuthServer, StcsServer, new_token, self_signed_cert, user_dirs
-from tests.helpers import client_for, vectors
+from tests.harness import client_for, vectors
 
 
 @pytest.fixture

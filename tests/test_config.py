@@ -14,7 +14,7 @@ import yaml
 from stcs.cli import build_parser, main
 from stcs.config import BY_KEY, IGNORED_KEYS, SETTINGS, load_settings
 from stcs.errors import ConfigError
-from tests.helpers import stcs_cli
+from tests.harness import stcs_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

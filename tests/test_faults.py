@@ -29,7 +29,7 @@ from tests.conftest import (
     self_signed_cert,
     user_dirs,
 )
-from tests.helpers import (
+from tests.harness import (
     ADMIN,
     COLLECTIONS,
     client_for,

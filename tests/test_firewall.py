@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import StcsServer, new_token
-from tests.helpers import client_for, stcs_cli
+from tests.harness import client_for, stcs_cli
 
 ADMIN = "fw-admin-key-3"
 

@@ -21,7 +21,7 @@ from chromadb.config import Settings
 
 from tests import frontends
 from tests.conftest import StcsServer, free_port, new_token, self_signed_cert, user_dirs
-from tests.helpers import ECHO, vectors
+from tests.harness import ECHO, vectors
 
 pytestmark = pytest.mark.skipif(
     not (frontends.have("nginx") and frontends.have("apache")),

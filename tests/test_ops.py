@@ -22,7 +22,7 @@ import structlog
 
 from stcs import log as log_mod
 from tests.conftest import StcsServer, new_token, user_dirs
-from tests.helpers import (
+from tests.harness import (
     ADMIN,
     HDR,
     cli,

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import StcsServer, new_token
-from tests.helpers import ECHO
+from tests.harness import ECHO
 
 MB = 1024 * 1024
 ADMIN = {"x-api-key": "admin-key-42"}

@@ -17,7 +17,7 @@ import psutil
 import requests
 
 from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
-from tests.helpers import (
+from tests.harness import (
     ADMIN,
     client_for,
     slow_create,

@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules (one place, not imported from other test modules):
+"""The test harness shared by the test modules (one place, not imported from other test modules):
 a real chromadb client for a server, explicit embeddings, a slow request held in flight, a
 process waited out, the echo upstream, the admin key and a metrics scrape, the stcs CLI."""
 
