@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -31,6 +32,8 @@ import aiohttp
 import structlog
 
 from stcs.errors import (
+    AdminDisabledError,
+    AdminForbiddenError,
     AuthError,
     AuthUnavailableError,
     InvalidUserIdError,
@@ -55,6 +58,23 @@ REJECTION_CACHE_MS = 5000
 
 # Visible ASCII only (RFC 9110 token68 is stricter; we only refuse what cannot be a token).
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
+
+
+def verify_admin_key(expected: str, x_api_key: bytes | None, authorization: bytes | None) -> None:
+    """Check an admin request's key: ``x-api-key: KEY``, else ``Authorization: Bearer KEY``
+    (header values as received, bytes), compared in constant time (`hmac.compare_digest`).
+
+    Raises AdminDisabledError when no ``adminAPIKey`` is configured (``expected`` empty),
+    AdminForbiddenError for a missing or wrong key.
+    """
+    if not expected:
+        raise AdminDisabledError("admin endpoints are disabled (no adminAPIKey configured)")
+    given = x_api_key
+    if given is None:
+        scheme, _, value = (authorization or b"").strip().partition(b" ")
+        given = value.strip() if scheme.lower() == b"bearer" else b""
+    if not hmac.compare_digest(given, expected.encode()):
+        raise AdminForbiddenError("invalid admin key")
 
 
 def extract_token(headers: Mapping[str, str]) -> str:

@@ -37,7 +37,7 @@ import httptools
 import structlog
 
 from stcs.answers import answer_for, status_of
-from stcs.auth import TOKEN_HEADER, validate_user_id
+from stcs.auth import TOKEN_HEADER, validate_user_id, verify_admin_key
 from stcs.auth import extract_token as _extract_token
 from stcs.config import Networks, Settings
 from stcs.errors import (
@@ -247,6 +247,7 @@ _SPECIAL = frozenset(
         b"transfer-encoding",
         b"expect",
         b"upgrade",
+        b"x-api-key",
     )
 )
 
@@ -687,7 +688,15 @@ class ClientConnection(asyncio.Protocol):
         return 204, not msg.complete
 
     async def _control(self, msg: _Message, info: dict[str, Any]) -> tuple[int, bool]:
-        """Relay to the aiohttp control application over its unix socket, unchanged."""
+        """Relay to the aiohttp control application over its unix socket, unchanged.  An admin
+        request with a body has its key checked first: no body is asked for (``100 Continue``)
+        or read without it."""
+        if msg.has_body and msg.url.partition(b"?")[0] not in _OWN_PATHS:
+            verify_admin_key(
+                self.relay.settings.admin_api_key,
+                msg.special.get(b"x-api-key"),
+                msg.special.get(b"authorization"),
+            )
         headers = filter_headers(msg.headers, CONTROL_DROP)
         body, chunked = await self._body_for_upstream(msg)
         head = self._upstream_head(msg, b"localhost", headers, body, chunked)

@@ -808,3 +808,34 @@ def test_a_non_utf8_admin_key_is_403_not_500(relay: StcsServer) -> None:
             )
             assert read_response(sock)[0] == 403, path
     assert "Traceback" not in relay.log_path.read_text()
+
+
+def test_an_admin_upload_without_the_key_is_refused_before_any_body_is_asked_for(
+    relay: StcsServer,
+) -> None:
+    """No ``100 Continue`` (and no body read) for an admin request without the right key: the
+    key is checked at the edge, as the token is for a proxied request."""
+    for key in ("wrong", None):
+        with connect(relay) as sock:
+            extra = [f"Content-Length: {8 * MB}", "Expect: 100-continue"]
+            if key is not None:
+                extra.append(f"x-api-key: {key}")
+            sock.sendall(head("PUT", "/admin/users/u1/limits", None, *extra))
+            status, _, body = read_response(sock)
+            assert status == 403 and b"AuthorizationError" in body, (key, status)
+            assert closed_by_peer(sock)  # the announced body is never read
+    with connect(relay) as sock:  # the right key: the body is asked for, then served
+        sock.sendall(
+            head(
+                "PUT",
+                "/admin/users/u1/limits",
+                None,
+                "Content-Length: 2",
+                "Expect: 100-continue",
+                f"x-api-key: {ADMIN['x-api-key']}",
+            )
+        )
+        assert read_response(sock)[0] == 100
+        sock.sendall(b"{}")
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["userId"] == "u1"
