@@ -245,12 +245,9 @@ async def stop_instance(request: web.Request) -> web.Response:
     if not state.supervisor.has_instance(user_id):
         raise NoInstanceError(f"no instance is running for {user_id}")
     try:
-        stopped = await state.supervisor.hold(user_id, drain)
+        stopped = await state.supervisor.stop_instance(user_id, drain)
     except TimeoutError as exc:
         raise BadAdminRequestError(str(exc)) from None
-    finally:
-        if not state.supervisor.has_maintenance_hold(user_id):  # not under maintenance: release
-            state.supervisor.release_hold(user_id)
     log.info("admin stopped instance", user_id=user_id, stopped=stopped)
     return web.json_response({"userId": user_id, "stopped": stopped})
 
@@ -267,15 +264,12 @@ async def block_user(request: web.Request) -> web.Response:
     if blocked and state.supervisor.has_instance(user_id):
         # New requests are refused from now on; the instance stops once those in flight end.
         try:
-            answer["stopped"] = await state.supervisor.hold(user_id, drain)
+            answer["stopped"] = await state.supervisor.stop_instance(user_id, drain)
         except TimeoutError as exc:
             # The block holds all the same; the requests in flight go on and the instance
             # stays until dbTTL (it gets no new request).
             log.warning("blocked user's requests still in flight", user_id=user_id)
             answer.update(stopped=False, message=str(exc))
-        finally:
-            if not state.supervisor.has_maintenance_hold(user_id):
-                state.supervisor.release_hold(user_id)
     return web.json_response(answer)
 
 

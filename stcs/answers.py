@@ -4,12 +4,12 @@ Both edges use it: the relay (data plane, `relay.error_response`) and the contro
 middleware (`app.request_middleware`).  The body is chroma's error shape ``{"error": NAME,
 "message": TEXT}``; the names are keys of ``chromadb.errors.error_types``, so the unmodified
 Python client raises the matching exception (``ChromaAuthError`` for ``AuthError``,
-``RateLimitError``, ``QuotaError``, ``InternalError``, ...).  This table is DESIGN.md's error
-table; docs/security.md and the README list the same statuses.
+``RateLimitError``, ``QuotaError``, ``InternalError``, ...).  The README's error table lists
+the same rows (tests/test_answers.py checks it).
 
 Notes on the choices:
 
-* ``InvalidArgumentError`` (not DESIGN.md's ``InvalidArgument``): the name chroma itself sends,
+* ``InvalidArgumentError`` (not the design's first ``InvalidArgument``): the name chroma sends,
   the only one ``error_types`` maps to ``InvalidArgumentError``.
 * Auth server unavailable → 503, never 401: the token may well be valid.
 * Quotas → 422 ``QuotaError``: the Python client (chromadb 1.x) maps the name to ``QuotaError``;
@@ -71,6 +71,9 @@ class ErrorAnswer:
         """``{"error": NAME, "message": TEXT}`` as JSON bytes."""
         return orjson.dumps({"error": self.name, "message": self.message})
 
+
+# Any other exception (a bug): logged with its traceback, never shown to the client.
+UNEXPECTED = ErrorAnswer(500, "InternalError", "internal error", ())
 
 _RESOLVED: dict[type, tuple[int, str]] = {}  # each class met so far -> its table entry
 

@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from stcs import admin
-from stcs.answers import answer_for
+from stcs.answers import UNEXPECTED, ErrorAnswer, answer_for
 from stcs.auth import (
     AuthServerResolver,
     Blocklist,
@@ -58,7 +58,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(exc: RequestError) -> web.Response:
     """The response for ``exc`` as `stcs.answers` maps it (chroma's JSON error body)."""
-    answer = answer_for(exc)
+    return answer_response(answer_for(exc))
+
+
+def answer_response(answer: ErrorAnswer) -> web.Response:
     return web.json_response(
         {"error": answer.name, "message": answer.message},
         status=answer.status,
@@ -91,9 +94,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     except Exception:
         log.exception("request failed")
-        return web.json_response(
-            {"error": "InternalError", "message": "internal error"}, status=500
-        )
+        return answer_response(UNEXPECTED)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -103,7 +103,7 @@ def extract_token(headers: Mapping[str, str]) -> str:
 def validate_user_id(user_id: object) -> str:
     """Return ``user_id`` if it is a safe directory name, else raise InvalidUserIdError.
 
-    Rule (DESIGN.md): ``^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$``, matched in full (a trailing
+    Rule: ``^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$``, matched in full (a trailing
     newline does not pass).
     """
     if not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):

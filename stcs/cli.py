@@ -175,8 +175,8 @@ def _serve(resolved: Resolved) -> int:
 
     settings = resolved.settings
     # Everything stcs creates — dbPath, .stcs, logs, user directories, blocked.json, logFile,
-    # children's files — is private to its uid (DESIGN.md "Trust"): in UUID mode a directory
-    # or file name is a token.  Inherited by the children (chroma's own files).
+    # children's files — is private to its uid (docs/security.md, "Who is trusted"): in UUID
+    # mode a directory or file name is a token.  Inherited by the children (chroma's own files).
     os.umask(0o077)
     try:
         log_mod.configure(

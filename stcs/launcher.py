@@ -94,7 +94,7 @@ def child_environment(base: Mapping[str, str]) -> dict[str, str]:
     """The environment of a chroma child: an allowlist of ``base`` (`CHILD_ENV_ALLOWED`,
     ``LC_*``), telemetry off (``ANONYMIZED_TELEMETRY=False``), ``RUST_LOG=warn`` unless set.
 
-    An allowlist, not a denylist (DESIGN.md "Trust"): a child is untrusted code reading
+    An allowlist, not a denylist (docs/security.md): a child is untrusted code reading
     ``/proc/self/environ``; no key, token or stcs setting may reach it.  The lean launcher
     needs nothing more (it puts chroma's site directory on ``sys.path`` itself).
     """
@@ -139,8 +139,9 @@ class Child:
 
     It holds its user's directory lock until `release` (called once the process is reaped and
     forgotten) and its port until then *and* until no request lease refers to it any more
-    (``leases``, counted by the supervisor): until both, no other child can be given the port,
-    so a request bound to this incarnation can never reach another user's server.  As an
+    (``leases``: `lease`/`unlease`, called by the supervisor): until both, no other child can
+    be given the port, so a request bound to this incarnation can never reach another user's
+    server.  As an
     upstream `Target`, it is unreachable from the moment its process has exited.
     """
 
@@ -188,6 +189,10 @@ class Child:
             self._lock_fd = None
         if not self.leases:
             self._give_back_port()
+
+    def lease(self) -> None:
+        """One request lease more (`Supervisor.acquire`): the port stays this child's."""
+        self.leases += 1
 
     def unlease(self) -> None:
         """One request lease less; the last one out of a released child frees the port."""
@@ -242,7 +247,9 @@ class ChromaLauncher:
     """Start and stop chroma servers for users under ``db_dir``.
 
     ``command`` is ``chromaCommand`` split into argv (empty: the lean launcher).  Times in ms.
-    The ``session`` is used for readiness probes only.
+    The ``session`` carries the heartbeat probes (`probe`: readiness, liveness,
+    ``/admin-health``).  Per child it also picks the port (``port_range``) and bounds the
+    output file (`rotate_log`): mechanism of one child, never a decision about when.
     """
 
     def __init__(
@@ -401,8 +408,8 @@ class ChromaLauncher:
         """
         started = time.monotonic()
         deadline = started + self._start_timeout
-        # Refused connects cost ~0.1 ms: poll often, or a ~70 ms start waits for the next
-        # backed-off poll (with 5 ms x 1.5 steps, up to 35 ms late).
+        # Refused connects cost ~0.1 ms: poll often (2 ms, growing by 1.25 up to 20 ms), or a
+        # ~70 ms start waits for the next backed-off poll.
         delay = 0.002
         exited = asyncio.ensure_future(child.process.wait())
         try:

@@ -36,7 +36,7 @@ from typing import Any, cast
 import httptools
 import structlog
 
-from stcs.answers import answer_for, status_of
+from stcs.answers import UNEXPECTED, ErrorAnswer, answer_for, status_of
 from stcs.auth import TOKEN_HEADER, validate_user_id, verify_admin_key
 from stcs.auth import extract_token as _extract_token
 from stcs.config import Networks, Settings
@@ -142,7 +142,10 @@ _REASONS = {
 def error_response(exc: RequestError, close: bool) -> bytes:
     """The whole response for ``exc`` as `stcs.answers` maps it: status, ``Retry-After``,
     chroma's JSON error body."""
-    answer = answer_for(exc)
+    return answer_response(answer_for(exc), close)
+
+
+def answer_response(answer: ErrorAnswer, close: bool) -> bytes:
     status = answer.status
     return json_response(status, _REASONS.get(status, b"Error"), answer.body, close, answer.headers)
 
@@ -561,14 +564,7 @@ class ClientConnection(asyncio.Protocol):
             status = 500
             close = True
             if not self.closed and not info.get("response_started"):
-                self._write(
-                    json_response(
-                        500,
-                        b"Internal Server Error",
-                        b'{"error":"InternalError","message":"internal error"}',
-                        True,
-                    )
-                )
+                self._write(answer_response(UNEXPECTED, close=True))
         finally:
             state.in_flight -= 1
             if not state.in_flight:

@@ -1,7 +1,7 @@
 """When chroma servers run: the registry of user id -> `Instance` and its policies.
 
 * Single-flight starts: every request for a user whose server is starting awaits that one start.
-* In-flight counting: `Supervisor.acquire` holds an instance for the life of one request; an
+* In-flight counting: `Supervisor.acquire` leases an instance for the life of one request; an
   instance with a request in flight is never stopped by policy, however long the request runs.
 * Idle cull: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
 * Capacity: at most ``dbMaxInstances`` children, and none started while less than
@@ -148,7 +148,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Lease:
-    """A request's hold on a ready instance (from `Supervisor.acquire`), bound to one child
+    """A request's lease on a ready instance (from `Supervisor.acquire`), bound to one child
     incarnation: ``child`` (port and process) is what the request may talk to, and its port is
     not handed to another child while this lease lives."""
 
@@ -177,7 +177,7 @@ class _LeaseContext:
         inst, cold = await self._supervisor._ready_instance(self._user_id)
         child = inst.child
         assert child is not None
-        child.leases += 1
+        child.lease()
         self._inst = inst
         self._child = child
         return Lease(instance=inst, child=child, cold_start=cold)
@@ -230,7 +230,9 @@ class Supervisor:
         self._culler: asyncio.Task[None] | None = None
         self._rotator: asyncio.Task[None] | None = None
         self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
-        self._hold_expiry: dict[str, asyncio.TimerHandle] = {}  # maintenance holds' TTLs
+        # Maintenance holds' TTLs: user id -> (deadline on the supervisor's clock, ttl_s); `tick`
+        # ends the holds whose deadline has passed.
+        self._hold_expiry: dict[str, tuple[float, float]] = {}
         self.metrics = metrics or Metrics()
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
         # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
@@ -254,8 +256,7 @@ class Supervisor:
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self._closed = True
-        for user_id in list(self._hold_expiry):
-            self._cancel_expiry(user_id)
+        self._hold_expiry.clear()
         self._wake_queue()
         for task in (self._culler, self._rotator, self._liveness):
             if task is not None:
@@ -279,7 +280,7 @@ class Supervisor:
     # -- requests ---------------------------------------------------------------------------
 
     def acquire(self, user_id: str) -> _LeaseContext:
-        """``async with supervisor.acquire(user_id) as lease``: hold ``user_id``'s ready
+        """``async with supervisor.acquire(user_id) as lease``: lease ``user_id``'s ready
         instance for one request, starting it if needed.
 
         Raises StartFailedError (StartBackoffError while the user's starts back off),
@@ -311,7 +312,7 @@ class Supervisor:
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
             if inst.phase is Phase.READY:
-                # Counted synchronously with the state check: no await between them, so the
+                # Counted synchronously with the phase check: no await between them, so the
                 # cull can never see this instance idle while the request is being handed in.
                 inst.in_flight += 1
                 inst.requests += 1
@@ -369,7 +370,7 @@ class Supervisor:
             pid=child.pid,
             port=child.port,
             start_ms=child.start_ms,
-            running=self._slots_used,
+            slots_used=self._slots_used,
         )
         self._spawn_task(self._watch(inst, child))
 
@@ -418,7 +419,7 @@ class Supervisor:
                         "start queue timed out",
                         user_id=inst.user_id,
                         queue_timeout_ms=int(self.queue_timeout * 1000),
-                        running=self._slots_used,
+                        slots_used=self._slots_used,
                         available_mb=self._memory() // MB,
                     )
                     raise CapacityTimeoutError(
@@ -512,10 +513,9 @@ class Supervisor:
             backoff_ms=int(delay * 1000),
         )
 
-    def _settle_backoffs(self) -> None:
+    def _settle_backoffs(self, now: float) -> None:
         """End the series of users whose instance has been up `BACKOFF_STABLE_S`, and forget
         back-offs long over (the table stays as small as the set of failing users)."""
-        now = self._clock()
         for user_id, backoff in list(self._backoff.items()):
             inst = self.registry.get(user_id)
             stable = (
@@ -527,7 +527,7 @@ class Supervisor:
                 del self._backoff[user_id]
 
     def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
-        """Begin stopping ``inst`` (idempotent).  The state turns STOPPING *now*, in the same
+        """Begin stopping ``inst`` (idempotent).  The phase turns STOPPING *now*, in the same
         step as the decision, so no request can be handed the instance after it."""
         if inst.stop_task is None:
             inst.phase = Phase.STOPPING
@@ -589,11 +589,15 @@ class Supervisor:
 
     def tick(self, now: float) -> list[Instance]:
         """One pass of the time-driven policy at ``now`` (the supervisor's clock, seconds):
-        settle back-offs that are over, and begin stopping (reason ``idle``) every ready
-        instance with nothing in flight since ``dbTTL``.  Returns the instances it culled.
-        Called by the cull loop; tests call it with their own clock."""
+        end maintenance holds past their TTL, settle back-offs that are over, and begin
+        stopping (reason ``idle``) every ready instance with nothing in flight since ``dbTTL``.
+        Returns the instances it culled.  Called by the cull loop (every ``dbTTL``/10, at most
+        1 s); tests call it with their own clock.  (Liveness is probed by its own loop: it
+        waits on the children's answers.)"""
+        if self._hold_expiry:
+            self._expire_holds(now)
         if self._backoff:
-            self._settle_backoffs()
+            self._settle_backoffs(now)
         culled = []
         for inst in list(self.registry.values()):
             if (
@@ -681,10 +685,7 @@ class Supervisor:
         if user_id not in self._holds:
             self._holds[user_id] = asyncio.Event()
         if ttl_s is not None:
-            self._cancel_expiry(user_id)
-            self._hold_expiry[user_id] = asyncio.get_running_loop().call_later(
-                ttl_s, self._expire_hold, user_id, ttl_s
-            )
+            self._hold_expiry[user_id] = (self._clock() + ttl_s, ttl_s)
         inst = self.registry.get(user_id)
         if inst is None:
             return False
@@ -701,11 +702,24 @@ class Supervisor:
         await self._stop(inst, "admin")
         return True
 
+    async def stop_instance(self, user_id: str, drain_timeout_s: float = 300.0) -> bool:
+        """Stop ``user_id``'s instance once its requests in flight end (at most
+        ``drain_timeout_s``; new ones wait meanwhile, then start it again).  A maintenance hold
+        in force stays in force.  Returns whether an instance was stopped.
+
+        Raises TimeoutError when in-flight requests outlast the drain (nothing is stopped).
+        """
+        try:
+            return await self.hold(user_id, drain_timeout_s)
+        finally:
+            if not self.has_maintenance_hold(user_id):
+                self.release_hold(user_id)
+
     def release_hold(self, user_id: str) -> None:
         """End a hold: waiting requests go on (and start the instance again).  Also ends the
         user's start back-off: the maintenance (a restore) may have fixed what failed."""
         self._backoff.pop(user_id, None)
-        self._cancel_expiry(user_id)
+        self._hold_expiry.pop(user_id, None)
         hold = self._holds.pop(user_id, None)
         if hold is not None:
             hold.set()
@@ -714,15 +728,11 @@ class Supervisor:
         """Whether ``user_id`` is under a hold with a TTL (`hold` with ``ttl_s``)."""
         return user_id in self._hold_expiry
 
-    def _cancel_expiry(self, user_id: str) -> None:
-        expiry = self._hold_expiry.pop(user_id, None)
-        if expiry is not None:
-            expiry.cancel()
-
-    def _expire_hold(self, user_id: str, ttl_s: float) -> None:
-        self._hold_expiry.pop(user_id, None)
-        self.release_hold(user_id)
-        log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
+    def _expire_holds(self, now: float) -> None:
+        for user_id, (deadline, ttl_s) in list(self._hold_expiry.items()):
+            if now >= deadline:
+                self.release_hold(user_id)
+                log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
 
     # -- introspection ----------------------------------------------------------------------
 

@@ -73,3 +73,18 @@ def test_no_module_but_the_edges_builds_an_error_response() -> None:
     inside = ("supervisor", "launcher", "quotas", "auth", "upstream", "errors")
     offenders = [m for m in inside if '"Retry-After"' in (root / f"{m}.py").read_text()]
     assert offenders == []
+
+
+def test_the_readme_error_table_has_a_row_for_every_answer() -> None:
+    """Each (status, exception the Python client raises) that `stcs.answers` can produce is in
+    the README's table, and the table claims nothing the mapping cannot produce."""
+    readme = (Path(errors.__file__).parent.parent / "README.md").read_text()
+    table = readme.split("| case | HTTP | client raises |", 1)[1].split("\n\n", 1)[0]
+    documented = set()
+    for row in table.strip().splitlines()[1:]:  # past the |---| line
+        _, status, raises = row.rsplit("|", 3)[:3]
+        documented.add((int(status.split()[0]), raises.split("`")[1]))
+    produced = {
+        (status, chromadb.errors.error_types[name].__name__) for status, name in HTTP.values()
+    }
+    assert produced == documented

@@ -256,17 +256,26 @@ async def test_a_port_stays_held_while_a_lease_refers_to_its_child(
 
 
 async def test_a_maintenance_hold_ends_by_itself_at_its_ttl(launcher: SleepLauncher) -> None:
-    sup = supervisor(launcher, queue_timeout_ms=2000)
+    clock = Clock()
+    sup = supervisor(launcher, queue_timeout_ms=10_000, clock=clock)
     await lease_once(sup, "u")
-    await sup.hold("u", drain_timeout_s=1, ttl_s=0.3)
-    assert sup.has_maintenance_hold("u") and sup.snapshot().held == ("u",)
-    started = time.monotonic()
-    await lease_once(sup, "u")  # waits for the hold to expire, then starts "u" again
-    assert 0.25 <= time.monotonic() - started < 1.5
-    assert not sup.has_maintenance_hold("u") and sup.snapshot().held == ()
     await sup.hold("u", drain_timeout_s=1, ttl_s=60)
-    sup.release_hold("u")  # released early: its timer is gone too
+    assert sup.has_maintenance_hold("u") and sup.snapshot().held == ("u",)
+    waiting = asyncio.ensure_future(lease_once(sup, "u"))  # waits for the hold to end
+    clock.now += 59.9
+    sup.tick(clock.now)
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and sup.has_maintenance_hold("u")
+    clock.now += 0.1
+    sup.tick(clock.now)  # the TTL is over: the hold ends, the request starts "u" again
+    await asyncio.wait_for(waiting, 5)
+    assert not sup.has_maintenance_hold("u") and sup.snapshot().held == ()
+    assert launcher.launches == {"u": 2}
+    await sup.hold("u", drain_timeout_s=1, ttl_s=60)
+    sup.release_hold("u")  # released early: its TTL is gone too
     assert not sup.has_maintenance_hold("u")
+    clock.now += 120
+    sup.tick(clock.now)  # nothing left to expire
     await sup.close()
 
 
