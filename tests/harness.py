@@ -5,11 +5,21 @@ process waited out, the echo upstream, the admin key and a metrics scrape, the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import random
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +27,260 @@ import aiohttp
 import chromadb
 import psutil
 import requests
+from aiohttp import web
 from chromadb.config import Settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import StcsServer
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def user_dirs(db: Path) -> list[str]:
+    """Entries of ``db`` other than stcs's own state directory."""
+    return sorted(p.name for p in db.iterdir() if p.name != ".stcs") if db.exists() else []
+
+
+def chroma_pids_under(db: Path) -> list[int]:
+    """Pids of live processes whose ``--path`` (resolved against their working directory:
+    stcs gives children ``--path .``) lies under ``db``."""
+    root = str(db.resolve())
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        if "--path" in cmd:
+            i = cmd.index("--path")
+            if i + 1 < len(cmd):
+                with contextlib.suppress(psutil.Error, OSError):
+                    path = os.path.join(proc.cwd(), cmd[i + 1])
+                    if os.path.realpath(path).startswith(root):
+                        pids.append(proc.info["pid"])
+    return pids
+
+
+@dataclass
+class StcsServer:
+    """A running ``stcs serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    db: Path
+    log_path: Path
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        """Live (non-zombie) chroma children of this server."""
+        try:
+            kids = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        alive = []
+        for kid in kids:
+            with contextlib.suppress(psutil.Error):
+                if kid.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(kid)
+        return alive
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == name]
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        """Wait until ``name`` was logged at least ``count`` times; return those lines."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(name)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name!r} logged {len(found)} times, wanted {count}")
+            time.sleep(0.02)
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_stcs(
+    tmp_path: Path,
+    *args: str,
+    db: Path | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    name: str = "stcs",
+    ca: Path | None = None,
+) -> StcsServer:
+    """Start ``stcs serve`` on a free port with ``args``; wait until ``/health`` answers.
+
+    ``ca``: the server serves HTTPS with this (self-signed) certificate; verify against it.
+    """
+    port = free_port()
+    db = db or tmp_path / "db"
+    log_path = tmp_path / f"{name}-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "DB_", "AUTH_"))}
+    full_env.update(env or {})
+    out = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stcs", "serve", "--port", str(port), "--db", str(db), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=tmp_path,
+    )
+    out.close()
+    server = StcsServer(
+        proc=proc, port=port, db=db, log_path=log_path, scheme="https" if ca else "http"
+    )
+    if not wait:
+        return server
+    try:  # whatever goes wrong from here on, the process started above is stopped
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"stcs exited {proc.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(requests.RequestException):
+                health = requests.get(f"{server.url}/health", timeout=1, verify=str(ca or True))
+                if health.status_code == 200:
+                    return server
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stcs not healthy in 20 s:\n{log_path.read_text()}")
+            time.sleep(0.05)
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+
+
+def new_token() -> str:
+    return str(uuid.uuid4())
+
+
+# -- a real loopback auth server -----------------------------------------------------------
+
+
+@dataclass
+class AuthServer:
+    """An aiohttp auth server in a background thread.
+
+    ``answers`` maps a bearer token to ``(status, body)``; unknown tokens get 401.
+    ``calls`` counts lookups per token; ``api_keys`` records the ``x-api-key`` seen.
+    """
+
+    answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    api_keys: list[str | None] = field(default_factory=list)
+    delay: float = 0.0
+    in_flight: int = 0  # lookups being answered now
+    max_in_flight: int = 0  # most seen at once
+    port: int = 0
+    ssl_context: ssl.SSLContext | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/validate-token"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        self.calls[token] += 1
+        self.api_keys.append(request.headers.get("x-api-key"))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        status, body = self.answers.get(token, (401, {"message": "invalid"}))
+        if isinstance(body, (bytes, str)):
+            return web.Response(status=status, body=body)
+        return web.json_response(body, status=status)
+
+    def start(self) -> AuthServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_get("/validate-token", self._handle)
+            self._runner = web.AppRunner(app)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(
+                self._runner, "127.0.0.1", self.port or free_port(), ssl_context=self.ssl_context
+            )
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+
+def self_signed_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (openssl CLI): (cert, key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
 
 DIM = 384
 

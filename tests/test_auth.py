@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 
 from stcs.auth import AuthServerResolver, UuidResolver, extract_token, validate_user_id
 from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
-from tests.conftest import AuthServer, free_port
+from tests.harness import AuthServer, free_port
 
 
 @pytest.fixture

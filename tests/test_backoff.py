@@ -16,8 +16,7 @@ import requests
 from stcs.errors import StartBackoffError, StartFailedError
 from stcs.launcher import Child
 from stcs.supervisor import BACKOFF_MAX_S, BACKOFF_STABLE_S, Supervisor
-from tests.conftest import StcsServer, new_token
-from tests.harness import ADMIN, scrape
+from tests.harness import ADMIN, StcsServer, new_token, scrape
 
 
 class FailingLauncher:

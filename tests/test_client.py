@@ -12,8 +12,15 @@ import requests
 from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
-from tests.conftest import AuthServer, StcsServer, new_token, self_signed_cert, user_dirs
-from tests.harness import client_for, vectors
+from tests.harness import (
+    AuthServer,
+    StcsServer,
+    client_for,
+    new_token,
+    self_signed_cert,
+    user_dirs,
+    vectors,
+)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import requests
 from chromadb.config import Settings
 
 from tests import frontends
-from tests.conftest import AuthServer, StcsServer, free_port
+from tests.harness import AuthServer, StcsServer, free_port
 
 pytestmark = pytest.mark.skipif(not frontends.have("nginx"), reason="nginx not installed")
 

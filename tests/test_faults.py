@@ -20,21 +20,20 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import (
-    AuthServer,
-    StcsServer,
-    chroma_pids_under,
-    free_port,
-    new_token,
-    self_signed_cert,
-    user_dirs,
-)
 from tests.harness import (
     ADMIN,
     COLLECTIONS,
+    AuthServer,
+    StcsServer,
+    chroma_pids_under,
     client_for,
+    free_port,
+    new_token,
+    self_signed_cert,
     slow_create,
+    stcs_cli,
     until_in_flight,
+    user_dirs,
     vectors,
     wait_gone,
 )
@@ -319,21 +318,14 @@ def test_auth_server_tls_is_verified_against_the_ca_file(
 def test_unusable_auth_ca_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stcs",
-            "serve",
-            "--auth",
-            "https://127.0.0.1:1/x",
-            "--authServerCAFile",
-            str(bad),
-            "--db",
-            str(tmp_path / "db"),
-        ],
-        capture_output=True,
-        text=True,
+    done = stcs_cli(
+        "serve",
+        "--auth",
+        "https://127.0.0.1:1/x",
+        "--authServerCAFile",
+        str(bad),
+        "--db",
+        str(tmp_path / "db"),
         timeout=60,
         cwd=tmp_path,
     )

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import StcsServer, new_token
-from tests.harness import client_for, stcs_cli
+from tests.harness import StcsServer, client_for, new_token, stcs_cli
 
 ADMIN = "fw-admin-key-3"
 

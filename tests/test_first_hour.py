@@ -21,7 +21,7 @@ import chromadb
 import pytest
 import requests
 
-from tests.conftest import ROOT, chroma_pids_under, free_port
+from tests.harness import ROOT, chroma_pids_under, free_port
 
 README = (ROOT / "README.md").read_text()
 

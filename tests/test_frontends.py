@@ -20,8 +20,15 @@ import requests
 from chromadb.config import Settings
 
 from tests import frontends
-from tests.conftest import StcsServer, free_port, new_token, self_signed_cert, user_dirs
-from tests.harness import ECHO, vectors
+from tests.harness import (
+    ECHO,
+    StcsServer,
+    free_port,
+    new_token,
+    self_signed_cert,
+    user_dirs,
+    vectors,
+)
 
 pytestmark = pytest.mark.skipif(
     not (frontends.have("nginx") and frontends.have("apache")),

@@ -21,15 +21,17 @@ import requests
 import structlog
 
 from stcs import log as log_mod
-from tests.conftest import StcsServer, new_token, user_dirs
 from tests.harness import (
     ADMIN,
     HDR,
+    StcsServer,
     cli,
     client_for,
+    new_token,
     scrape,
     slow_create,
     until_in_flight,
+    user_dirs,
     wait_gone,
 )
 

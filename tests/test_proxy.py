@@ -20,8 +20,7 @@ from yarl import URL
 
 from stcs.app import STATE, create_app
 from stcs.config import load_settings
-from tests.conftest import StcsServer, new_token, user_dirs
-from tests.harness import ECHO, client_for, vectors
+from tests.harness import ECHO, StcsServer, client_for, new_token, user_dirs, vectors
 
 MB = 1024 * 1024
 

@@ -20,8 +20,17 @@ import requests
 from stcs.config import load_settings
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas, classify
-from tests.conftest import ROOT, StcsServer, new_token
-from tests.harness import cli, client_for, scrape, slow_create, until_in_flight, vectors
+from tests.harness import (
+    ROOT,
+    StcsServer,
+    cli,
+    client_for,
+    new_token,
+    scrape,
+    slow_create,
+    until_in_flight,
+    vectors,
+)
 
 ADMIN = "ops-admin-key-7"  # the key tests.test_ops.cli and scrape send
 HDR = {"x-api-key": ADMIN}

@@ -26,8 +26,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import StcsServer, new_token
-from tests.harness import ECHO
+from tests.harness import ECHO, StcsServer, new_token
 
 MB = 1024 * 1024
 ADMIN = {"x-api-key": "admin-key-42"}

@@ -17,8 +17,7 @@ import requests
 
 from stcs.launcher import CHILD_ENV_ALLOWED
 from stcs.log import user_ref
-from tests.conftest import AuthServer, StcsServer, new_token
-from tests.harness import client_for, stcs_cli, vectors
+from tests.harness import AuthServer, StcsServer, client_for, new_token, stcs_cli, vectors
 
 ADMIN = "sec-admin-key-Zq81"
 AUTH_KEY = "sec-auth-key-Pw33"

@@ -16,13 +16,17 @@ import aiohttp
 import psutil
 import requests
 
-from tests.conftest import StcsServer, chroma_pids_under, free_port, new_token, user_dirs
 from tests.harness import (
     ADMIN,
+    StcsServer,
+    chroma_pids_under,
     client_for,
+    free_port,
+    new_token,
     slow_create,
     stcs_cli,
     until_in_flight,
+    user_dirs,
     vectors,
     wait_gone,
 )
