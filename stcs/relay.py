@@ -547,6 +547,9 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         started = time.monotonic()
         request_id = next_request_id()
+        # This task's context is a copy of the one that started it (the request before it on
+        # this connection): nothing of that request may reach this one's log lines.
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         info: dict[str, Any] = {"user_id": None, "cold_start": False, "upstream_port": None}
         status = 500
@@ -748,8 +751,15 @@ class ClientConnection(asyncio.Protocol):
                     body = self._take_body(msg)
                 else:
                     small = False
+        blocklist = state.blocklist
         for attempt in (1, 2):
+            # Again now the body is in (a block may have come meanwhile), and under the lease
+            # (a request waiting on the block's hold must not reach the restarted instance).
+            if user_id in blocklist:
+                raise UserBlockedError("this user is blocked")
             async with supervisor.acquire(user_id) as lease:
+                if user_id in blocklist:
+                    raise UserBlockedError("this user is blocked")
                 info["cold_start"] = info["cold_start"] or lease.cold_start
                 info["upstream_port"] = lease.port
                 await admission.check_write(lease.port)  # chroma's own counts, for quotas
