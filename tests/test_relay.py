@@ -872,9 +872,7 @@ def test_a_user_blocked_while_their_request_uploads_is_refused_and_not_restarted
     assert requests.get(f"{relay.url}/echo/x", headers={"X-Chroma-Token": token}).ok
     body = b'{"name": "after-the-block"}'
     with connect(relay) as sock:
-        sock.sendall(
-            head("POST", "/echo/x", token, f"Content-Length: {len(body)}") + body[:-5]
-        )
+        sock.sendall(head("POST", "/echo/x", token, f"Content-Length: {len(body)}") + body[:-5])
         time.sleep(0.3)  # past the token and blocklist checks, waiting for its body
         blocked = requests.post(
             f"{relay.url}/admin/users/{token}/block", headers=ADMIN, timeout=30
