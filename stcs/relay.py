@@ -86,6 +86,15 @@ CONTROL_DROP = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
 SMALL_BODY = 64 * 1024
 # Unconsumed request body above this (bytes) pauses reading from the client.
 BODY_HIGH_WATER = 256 * 1024
+# What the parser is fed at a time outside a Content-Length body (bytes), and how many requests
+# may be parsed ahead of the one being served: past either bound the rest of a read waits as raw
+# bytes (`ClientConnection.backlog`, reading paused), so a read of thousands of tiny pipelined
+# requests costs that read, not thousands of parsed requests (~1 KB each).
+FEED_SLICE = 1024
+MAX_PIPELINED = 8
+# Body pieces smaller than this are gathered into one buffer instead of kept one by one: a
+# body in tiny chunks costs its size, not an object per chunk (bytes).
+PIECE_GATHER = 4096
 # After a refusal, how long stcs reads and discards what the client still sends before closing.
 LINGER_S = 2.0
 CONTROL_PATHS = (b"/admin-health", b"/metrics")
@@ -230,7 +239,7 @@ class _Message:
         self.chunked = False
         self.expect_continue = False
         self.reject: RequestError | None = None
-        self.body: collections.deque[bytes] = collections.deque()
+        self.body: collections.deque[bytes | bytearray] = collections.deque()
         self.buffered = 0
         self.received = 0
         self.complete = False
@@ -302,6 +311,8 @@ class ClientConnection(asyncio.Protocol):
         self.active: _Message | None = None  # the message being served
         self.task: asyncio.Task[None] | None = None
         self.pipeline: collections.deque[_Message] = collections.deque()
+        self.backlog = b""  # read but not parsed yet (see FEED_SLICE); reading paused meanwhile
+        self.feeding = False
         self.in_head = False
         self.head_bytes = 0
         self.stopped = False  # no more parsing: a framing error or a refusal that closes
@@ -352,6 +363,44 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.stopped or self.closed:
             return  # refused or lingering: discarded
+        if self.backlog:  # parsing is held back (reading is paused: the read in progress)
+            self.backlog += data
+            return
+        self._feed(data)
+
+    def _parsed_enough(self) -> bool:
+        """Whether to parse no further for now: enough requests wait behind the one being
+        served, or the body being received is over its high-water mark."""
+        msg = self.msg
+        return len(self.pipeline) >= MAX_PIPELINED or (
+            msg is not None and msg.buffered > BODY_HIGH_WATER
+        )
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time (a Content-Length body in one piece), keeping what
+        is left as `backlog` once `_parsed_enough`; `_update_reading` feeds it later."""
+        self.feeding = True
+        try:
+            while data:
+                if self.stopped or self.closed:
+                    return
+                if self._parsed_enough():
+                    self.backlog = data
+                    return
+                msg = self.msg
+                size = FEED_SLICE
+                if msg is not None and not self.in_head and msg.content_length is not None:
+                    size = max(size, msg.content_length - msg.received)
+                if len(data) <= size:
+                    self._parse(data)
+                    return
+                self._parse(data[:size])
+                data = data[size:]
+        finally:
+            self.feeding = False
+            self._update_reading()
+
+    def _parse(self, data: bytes) -> None:
         if self.active is None and not self.in_head and self.msg is None:
             # First bytes of a new request on an idle connection: now the head timeout runs.
             self._set_timer(self.relay.head_timeout, self._head_timed_out)
@@ -468,7 +517,15 @@ class ClientConnection(asyncio.Protocol):
             if msg.more is not None:
                 msg.more.set()
             return
-        msg.body.append(body)
+        pieces = msg.body
+        if len(body) < PIECE_GATHER:
+            last = pieces[-1] if pieces else None
+            if isinstance(last, bytearray) and len(last) < PIECE_GATHER:
+                last += body
+            else:
+                pieces.append(bytearray(body))
+        else:
+            pieces.append(body)
         msg.buffered += len(body)
         if msg.more is not None:
             msg.more.set()
@@ -836,6 +893,7 @@ class ClientConnection(asyncio.Protocol):
         data = b"".join(msg.body)
         msg.body.clear()
         msg.buffered = 0
+        self._update_reading()
         return data
 
     async def _prefetch(self, msg: _Message) -> None:
@@ -878,7 +936,7 @@ class ClientConnection(asyncio.Protocol):
                 msg.buffered -= len(chunk)
                 if self.reading_paused and msg.buffered < BODY_HIGH_WATER // 2:
                     self._update_reading()
-                yield chunk
+                yield chunk if isinstance(chunk, bytes) else bytes(chunk)  # gathered: ≤ 4 KiB
             if msg.body_error is not None:
                 raise msg.body_error
             if msg.complete:
@@ -1013,9 +1071,14 @@ class ClientConnection(asyncio.Protocol):
             self.timer = None
 
     def _update_reading(self) -> None:
+        if self.backlog and not self.feeding and not self._parsed_enough():
+            data, self.backlog = self.backlog, b""
+            self._feed(data)  # ends with _update_reading
+            return
         msg = self.active
         pause = (
             bool(self.pipeline)
+            or bool(self.backlog)
             or self.stopped
             or not self.writable.is_set()
             or (msg is not None and msg.buffered > BODY_HIGH_WATER)

@@ -883,3 +883,54 @@ def test_a_user_blocked_while_their_request_uploads_is_refused_and_not_restarted
     assert status == 403 and b"AuthorizationError" in answer
     assert all(e.get("method") != "POST" for e in proxied_requests(relay))
     assert relay.children() == []  # not started again for a blocked user
+
+
+def _rss(server: StcsServer) -> int:
+    return int(psutil.Process(server.pid).memory_info().rss)
+
+
+def test_pipelined_requests_that_are_never_read_cost_little_memory(relay: StcsServer) -> None:
+    """Thousands of tiny pipelined requests per read are parsed only a few at a time ahead of
+    the one being served; the rest waits as raw bytes (no credentials needed for this)."""
+    flood = b"GET /health HTTP/1.1\r\nHost: s\r\n\r\n" * 8000  # 264 KB: one read
+    before = _rss(relay)
+    socks = []
+    try:
+        for _ in range(50):
+            sock = connect(relay)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(flood)
+            socks.append(sock)
+        time.sleep(1.0)
+        grown = _rss(relay) - before
+        started = time.monotonic()
+        assert requests.get(f"{relay.url}/health", timeout=10).ok
+        bystander = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+    assert grown < 40 * MB, grown  # ~340 MB before (each request parsed at once, ~1 KB each)
+    assert bystander < 1.0, bystander
+
+
+def test_a_body_in_tiny_chunks_costs_its_size_not_an_object_per_chunk(
+    relay: StcsServer,
+) -> None:
+    token = new_token()
+    assert requests.get(f"{relay.url}/echo/x", headers={"X-Chroma-Token": token}).ok
+    start = head("POST", "/echo/x", token, "Transfer-Encoding: chunked")
+    body = b"2\r\nab\r\n" * 32000  # 224 KB on the wire, 64 KB of data, then a stall
+    before = _rss(relay)
+    socks = []
+    try:
+        for _ in range(40):
+            sock = connect(relay)
+            sock.sendall(start + body)
+            socks.append(sock)
+        time.sleep(0.5)
+        grown = _rss(relay) - before
+    finally:
+        for sock in socks:
+            sock.close()
+    assert grown < 30 * MB, grown  # ~70 MB before (one bytes object per 2-byte chunk)
