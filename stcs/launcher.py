@@ -30,18 +30,20 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import itertools
 import os
 import random
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
+import psutil
 import structlog
 
 from stcs.datadir import lock_file, private_dir
@@ -204,6 +206,36 @@ class Child:
         if self._release_port is not None:
             self._release_port()
             self._release_port = None
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one of its descendants has a TCP socket listening on
+    ``127.0.0.1:port`` (psutil: the process's socket inodes against ``/proc/net/tcp``).
+
+    Blocking, ~7 ms here whatever the number of sockets (reading ``/proc/net/tcp`` walks the
+    kernel's whole connection hash table); once per start.  IPv4 only: children bind
+    127.0.0.1.
+    """
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return False
+    procs: Iterator[psutil.Process] = itertools.chain((root,), _descendants(root))
+    for proc in procs:  # the lean launcher's child is chroma itself: usually the first
+        try:
+            sockets = proc.net_connections(kind="tcp4")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port for c in sockets):
+            return True
+    return False
+
+
+def _descendants(proc: psutil.Process) -> Iterator[psutil.Process]:
+    try:
+        yield from proc.children(recursive=True)
+    except psutil.Error:
+        return
 
 
 def describe_exit(code: int) -> str:
@@ -411,14 +443,27 @@ class ChromaLauncher:
         # Refused connects cost ~0.1 ms: poll often (2 ms, growing by 1.25 up to 20 ms), or a
         # ~70 ms start waits for the next backed-off poll.
         delay = 0.002
+        squatted = False
         exited = asyncio.ensure_future(child.process.wait())
         try:
             while True:
                 if exited.done():
                     return exited.result()
                 if await self.probe(child, READY_PROBE_TIMEOUT_S):
-                    child.start_ms = round((time.monotonic() - started) * 1000, 1)
-                    return None
+                    # Whoever answered must be the child: another local process may have bound
+                    # the port between our check that it was free and the child's bind.
+                    # (Off the event loop: it reads /proc/net/tcp, ~7 ms.)
+                    if await asyncio.to_thread(listens_on, child.pid, child.port):
+                        child.start_ms = round((time.monotonic() - started) * 1000, 1)
+                        return None
+                    if not squatted:
+                        squatted = True
+                        log.error(
+                            "instance port answered by another process",
+                            user_id=child.user_id,
+                            pid=child.pid,
+                            port=child.port,
+                        )
                 now = time.monotonic()
                 if now >= deadline:
                     break

@@ -4,10 +4,13 @@ learn, and what an admin call means.  Real ``stcs serve`` processes and real chr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -284,3 +287,59 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
     assert [status for status, _ in results] == [503] * len(slow)
     assert all(seconds < 1.6 for _, seconds in results)  # authTimeout, not 12 x 1.5 s
     assert peak == 3
+
+
+def test_a_process_squatting_the_childs_port_never_gets_a_request(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Another local process that binds the port stcs chose for a child (between stcs's check
+    that it is free and the child's bind) and answers the heartbeat is not taken for the child:
+    readiness also requires the listening socket to be the child's own (psutil)."""
+    report = tmp_path / "port"
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def squat() -> None:
+        while not report.exists() or not report.read_text():
+            if stop.wait(0.01):
+                return
+        with socket.socket() as srv:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind(("127.0.0.1", int(report.read_text())))
+            srv.listen()
+            srv.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        seen.append(conn.recv(65536))
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    squatter = threading.Thread(target=squat, daemon=True)
+    squatter.start()
+    server = stcs(
+        "--chromaCommand",
+        f"{sys.executable} {Path(__file__).parent / 'upstreams' / 'portless.py'} {report}",
+        "--dbStartTimeout",
+        "3000",
+        "--dbMaxRetries",
+        "0",
+    )
+    try:
+        resp = requests.post(
+            f"{server.url}/api/v2/tenants/default_tenant/databases/default_database/collections",
+            headers={"X-Chroma-Token": new_token()},
+            json={"name": "private-notes"},
+            timeout=30,
+        )
+    finally:
+        stop.set()
+        squatter.join(5)
+    assert resp.status_code == 503, resp.text
+    assert seen, "the squatter was never probed: the test did not set up the race"
+    assert not any(b"private-notes" in s for s in seen), seen
+    assert all(s.startswith(b"GET /api/v2/heartbeat") for s in seen), seen
