@@ -231,6 +231,8 @@ async def user_limits(request: web.Request) -> web.Response:
             checked = check_overrides(await request.json())
         except ValueError as exc:  # json.JSONDecodeError is one too
             raise BadAdminRequestError(str(exc)) from None
+        except RecursionError:  # nested deeper than the JSON parser goes
+            raise BadAdminRequestError("limits document nested too deep") from None
         overrides = {k: v for k, v in checked.items() if v is not None}
         quotas.set_overrides(user_id, overrides)
         log.info("user limits set", user_id=user_id, overrides=overrides)

@@ -162,6 +162,11 @@ class Limits:
         return self.user_request_burst or self.user_requests_per_second
 
 
+# The largest override value (2**53 - 1: exact as a JSON number anywhere, and as a float in the
+# token bucket's arithmetic).  Any real limit is far below it.
+MAX_LIMIT_VALUE = 2**53 - 1
+
+
 def check_overrides(doc: object) -> dict[str, int | None]:
     """Validate an override document ``{key: int >= 0 | null}``; raises ValueError naming the
     first bad key or value."""
@@ -172,9 +177,13 @@ def check_overrides(doc: object) -> dict[str, int | None]:
         if key not in LIMIT_KEYS:
             raise ValueError(f"unknown limit {key!r} (known: {', '.join(LIMIT_KEYS)})")
         if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 0
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= MAX_LIMIT_VALUE
         ):
-            raise ValueError(f"{key}: expected an integer >= 0 or null, got {value!r}")
+            raise ValueError(
+                f"{key}: expected an integer from 0 to {MAX_LIMIT_VALUE} or null, got {value!r}"
+            )
         out[key] = value
     return out
 

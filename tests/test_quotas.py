@@ -236,6 +236,19 @@ def test_override_raises_one_users_limit_only_and_survives_a_restart(
     assert put_limits(server, alice, {"userMaxDisk": 1}).status_code == 400
     assert put_limits(server, alice, {"userMaxCollections": -1}).status_code == 400
     assert put_limits(server, alice, [1]).status_code == 400
+    # Values past what a limit can mean, and documents nested past any parser's depth: 400,
+    # and nothing saved (a 2**64 value used to be saved, then fail every request with 500).
+    huge = put_limits(server, alice, {"userMaxCollections": 2**64})
+    assert huge.status_code == 400 and "userMaxCollections" in huge.text
+    deep = requests.put(
+        f"{server.url}/admin/users/{alice}/limits",
+        data="[" * 5000 + "]" * 5000,
+        headers=HDR,
+        timeout=10,
+    )
+    assert deep.status_code == 400, deep.text
+    assert limits_of(server, alice)["overrides"] == {}
+    assert client_for(server, alice).heartbeat()
 
 
 # scripts/test installs the JS client into .cache/js when node and npm are present and points
