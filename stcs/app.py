@@ -161,6 +161,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             log_max_bytes=settings.child_log_max_bytes,
             user_ids_are_secret=settings.user_ids_are_secret,
             port_range=settings.child_ports,
+            create_dirs=settings.auto_create_users,
         )
         supervisor = Supervisor(
             chroma,

@@ -145,25 +145,22 @@ class ExistingUsersResolver:
     random UUIDs cannot fill the disk.  Users are added with ``stcs users add`` or
     ``PUT /admin/users/{userId}`` (`create_user`).
 
-    Known users are remembered (one stat per user, not per request).
+    One stat per request (~1 µs), not a cache: a user removed by an operator (hold, delete
+    the directory, release) is refused from the next request on.
     """
 
     def __init__(self, inner: Resolver, db_dir: Path) -> None:
         self._inner = inner
-        self._db_dir = db_dir
-        self._known: set[str] = set()
+        self._db_dir = str(db_dir)
 
     async def resolve(self, token: str) -> str:
         """The user id of ``token`` if that user exists.  Raises what ``inner`` raises, and
         AuthError for a user with no directory."""
-        user_id = await self._inner.resolve(token)
-        if user_id in self._known:
-            return user_id
-        validate_user_id(user_id)  # a directory name before it is looked up
-        if not (self._db_dir / user_id).is_dir():
+        user_id = validate_user_id(await self._inner.resolve(token))  # a name before a stat
+        # One stat of a local directory (~1 µs): cheaper inline than any hand-off to a thread.
+        if not os.path.isdir(os.path.join(self._db_dir, user_id)):  # noqa: ASYNC240
             log.debug("unknown user refused", user_id=user_id)
             raise AuthError("unknown user")
-        self._known.add(user_id)
         return user_id
 
 

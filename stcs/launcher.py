@@ -298,6 +298,7 @@ class ChromaLauncher:
         log_max_bytes: int = 10 * 1024 * 1024,
         user_ids_are_secret: bool = False,
         port_range: tuple[int, int] | None = None,
+        create_dirs: bool = True,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -311,6 +312,8 @@ class ChromaLauncher:
         self._log_max_bytes = log_max_bytes
         self._user_ids_are_secret = user_ids_are_secret
         self._port_range = port_range  # childPortRange (inclusive); None: any free port
+        # autoCreateUsers: make a missing user directory (False: a missing one fails the start)
+        self._create_dirs = create_dirs
         # Ports handed to children that have not been released yet (see `Child.release`).
         self._ports: set[int] = set()
 
@@ -381,7 +384,10 @@ class ChromaLauncher:
                 "this user's database is in use by another process; retry later"
             ) from None
         try:
-            data_dir.mkdir(mode=0o700, exist_ok=True)
+            if self._create_dirs:
+                data_dir.mkdir(mode=0o700, exist_ok=True)
+            elif not data_dir.is_dir():  # removed after the resolver looked (autoCreateUsers off)
+                raise StartFailedError("this user's database does not exist")
             log_path = self.log_path(user_id)
             for attempt in range(self._max_retries + 1):
                 child = await self._spawn(user_id, data_dir, log_path, lock_fd)

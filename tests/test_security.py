@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -231,6 +232,16 @@ def test_without_auto_create_only_existing_users_are_served_and_nothing_is_creat
     client_for(server, late).heartbeat()
     resp = requests.put(f"{server.url}/admin/users/{late}", headers=HDR, timeout=30)
     assert resp.json() == {"userId": late, "created": False}
+    # Removing a user as the README says (hold, delete the directory, release): refused after,
+    # and the directory is not made again.
+    hold = f"{server.url}/admin/users/{late}/hold"
+    assert requests.post(hold, headers=HDR, timeout=30).json()["held"]
+    shutil.rmtree(db / late)
+    assert requests.delete(hold, headers=HDR, timeout=30).ok
+    resp = requests.get(
+        f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": late}, timeout=30
+    )
+    assert resp.status_code == 401 and not (db / late).exists()
 
 
 async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_tokens(
