@@ -31,6 +31,7 @@ from stcs import errors as e
 # nearest listed base; tests/test_answers.py checks every RequestError is listed.
 HTTP: dict[type, tuple[int, str]] = {
     e.AuthError: (401, "AuthError"),
+    e.UnknownUserError: (401, "AuthError"),
     e.AuthUnavailableError: (503, "InternalError"),
     e.LookupsSaturatedError: (503, "InternalError"),
     e.InvalidUserIdError: (502, "InternalError"),

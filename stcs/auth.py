@@ -38,6 +38,7 @@ from stcs.errors import (
     AuthUnavailableError,
     InvalidUserIdError,
     LookupsSaturatedError,
+    UnknownUserError,
 )
 
 log = structlog.get_logger("stcs.auth")
@@ -160,7 +161,7 @@ class ExistingUsersResolver:
         # One stat of a local directory (~1 µs): cheaper inline than any hand-off to a thread.
         if not os.path.isdir(os.path.join(self._db_dir, user_id)):  # noqa: ASYNC240
             log.debug("unknown user refused", user_id=user_id)
-            raise AuthError("unknown user")
+            raise UnknownUserError("unknown user")
         return user_id
 
 

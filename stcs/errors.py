@@ -43,6 +43,10 @@ class AuthError(RequestError):
     """No token, a malformed one, or one rejected (auth server 401/403, or not a UUID)."""
 
 
+class UnknownUserError(AuthError):
+    """``autoCreateUsers: false`` and the user has no directory (never added, or removed)."""
+
+
 class AuthUnavailableError(RequestError):
     """The auth server could not give an answer: unreachable, timed out, 5xx or malformed body.
 

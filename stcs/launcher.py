@@ -30,14 +30,13 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
-import itertools
 import os
 import random
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -47,9 +46,10 @@ import psutil
 import structlog
 
 from stcs.datadir import lock_file, private_dir
-from stcs.errors import DirectoryLockedError, StartFailedError
+from stcs.errors import DirectoryLockedError, StartFailedError, UnknownUserError
 from stcs.layout import Layout
 from stcs.log import user_ref
+from stcs.sockdiag import listener_uids
 
 log = structlog.get_logger("stcs.launcher")
 
@@ -208,34 +208,20 @@ class Child:
             self._release_port = None
 
 
-def listens_on(pid: int, port: int) -> bool:
-    """Whether process ``pid`` or one of its descendants has a TCP socket listening on
-    ``127.0.0.1:port`` (psutil: the process's socket inodes against ``/proc/net/tcp``).
-
-    Blocking, ~7 ms here whatever the number of sockets (reading ``/proc/net/tcp`` walks the
-    kernel's whole connection hash table); once per start.  IPv4 only: children bind
-    127.0.0.1.
-    """
+def port_owned_by(child_pid: int, port: int) -> bool:
+    """Whether every socket listening on ``port`` belongs to stcs's uid or the child's: a
+    listener of any other uid is another local user's process squatting the port (the kernel's
+    answer, `sockdiag.listener_uids`, ~0.1 ms).  Processes of stcs's own uid are trusted
+    (docs/security.md).  True when the kernel cannot tell (no ``sock_diag``: logged)."""
     try:
-        root = psutil.Process(pid)
-    except psutil.Error:
-        return False
-    procs: Iterator[psutil.Process] = itertools.chain((root,), _descendants(root))
-    for proc in procs:  # the lean launcher's child is chroma itself: usually the first
-        try:
-            sockets = proc.net_connections(kind="tcp4")
-        except psutil.Error:
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port for c in sockets):
-            return True
-    return False
-
-
-def _descendants(proc: psutil.Process) -> Iterator[psutil.Process]:
-    try:
-        yield from proc.children(recursive=True)
-    except psutil.Error:
-        return
+        uids = listener_uids(port)
+    except OSError as exc:
+        log.warning("cannot check who listens on an instance port", port=port, error=str(exc))
+        return True
+    allowed = {os.geteuid()}
+    with contextlib.suppress(psutil.Error):
+        allowed.add(psutil.Process(child_pid).uids().effective)
+    return bool(uids) and all(uid in allowed for uid in uids)
 
 
 def describe_exit(code: int) -> str:
@@ -387,7 +373,7 @@ class ChromaLauncher:
             if self._create_dirs:
                 data_dir.mkdir(mode=0o700, exist_ok=True)
             elif not data_dir.is_dir():  # removed after the resolver looked (autoCreateUsers off)
-                raise StartFailedError("this user's database does not exist")
+                raise UnknownUserError("unknown user")  # not a failed start: no back-off
             log_path = self.log_path(user_id)
             for attempt in range(self._max_retries + 1):
                 child = await self._spawn(user_id, data_dir, log_path, lock_fd)
@@ -456,10 +442,9 @@ class ChromaLauncher:
                 if exited.done():
                     return exited.result()
                 if await self.probe(child, READY_PROBE_TIMEOUT_S):
-                    # Whoever answered must be the child: another local process may have bound
-                    # the port between our check that it was free and the child's bind.
-                    # (Off the event loop: it reads /proc/net/tcp, ~7 ms.)
-                    if await asyncio.to_thread(listens_on, child.pid, child.port):
+                    # Whoever answered must be the child: another local user's process may have
+                    # bound the port between our check that it was free and the child's bind.
+                    if port_owned_by(child.pid, child.port):
                         child.start_ms = round((time.monotonic() - started) * 1000, 1)
                         return None
                     if not squatted:

@@ -378,29 +378,30 @@ class ClientConnection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         """Parse ``data`` a slice at a time (a Content-Length body in one piece), keeping what
-        is left as `backlog` once `_parsed_enough`; `_update_reading` feeds it later."""
+        is left as `backlog` once `_parsed_enough`; `_update_reading` feeds it later.  Slices
+        are views: nothing is copied but a backlog."""
         self.feeding = True
+        view = memoryview(data)
+        offset, end = 0, len(data)
         try:
-            while data:
+            while offset < end:
                 if self.stopped or self.closed:
                     return
                 if self._parsed_enough():
-                    self.backlog = data
+                    self.backlog = bytes(view[offset:])
                     return
                 msg = self.msg
                 size = FEED_SLICE
                 if msg is not None and not self.in_head and msg.content_length is not None:
                     size = max(size, msg.content_length - msg.received)
-                if len(data) <= size:
-                    self._parse(data)
-                    return
-                self._parse(data[:size])
-                data = data[size:]
+                self._parse(view[offset : offset + size])
+                offset += size
         finally:
+            view.release()
             self.feeding = False
             self._update_reading()
 
-    def _parse(self, data: bytes) -> None:
+    def _parse(self, data: memoryview) -> None:
         if self.active is None and not self.in_head and self.msg is None:
             # First bytes of a new request on an idle connection: now the head timeout runs.
             self._set_timer(self.relay.head_timeout, self._head_timed_out)
@@ -809,14 +810,15 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     small = False
         blocklist = state.blocklist
-        for attempt in (1, 2):
-            # Again now the body is in (a block may have come meanwhile), and under the lease
-            # (a request waiting on the block's hold must not reach the restarted instance).
+
+        def not_blocked() -> None:
+            # Again now the body is in (a block may have come meanwhile), and after every wait
+            # inside acquire (a request waiting on the block's hold must not restart the user).
             if user_id in blocklist:
                 raise UserBlockedError("this user is blocked")
-            async with supervisor.acquire(user_id) as lease:
-                if user_id in blocklist:
-                    raise UserBlockedError("this user is blocked")
+
+        for attempt in (1, 2):
+            async with supervisor.acquire(user_id, not_blocked) as lease:
                 info["cold_start"] = info["cold_start"] or lease.cold_start
                 info["upstream_port"] = lease.port
                 await admission.check_write(lease.port)  # chroma's own counts, for quotas

@@ -165,16 +165,19 @@ class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
     every request's path)."""
 
-    __slots__ = ("_child", "_inst", "_supervisor", "_user_id")
+    __slots__ = ("_check", "_child", "_inst", "_supervisor", "_user_id")
 
-    def __init__(self, supervisor: Supervisor, user_id: str) -> None:
+    def __init__(
+        self, supervisor: Supervisor, user_id: str, check: Callable[[], None] | None
+    ) -> None:
         self._supervisor = supervisor
         self._user_id = user_id
+        self._check = check
         self._inst: Instance | None = None
         self._child: Child | None = None
 
     async def __aenter__(self) -> Lease:
-        inst, cold = await self._supervisor._ready_instance(self._user_id)
+        inst, cold = await self._supervisor._ready_instance(self._user_id, self._check)
         child = inst.child
         assert child is not None
         child.lease()
@@ -279,21 +282,28 @@ class Supervisor:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def acquire(self, user_id: str) -> _LeaseContext:
+    def acquire(self, user_id: str, check: Callable[[], None] | None = None) -> _LeaseContext:
         """``async with supervisor.acquire(user_id) as lease``: lease ``user_id``'s ready
         instance for one request, starting it if needed.
 
-        Raises StartFailedError (StartBackoffError while the user's starts back off),
-        CapacityTimeoutError or ShuttingDownError on entry.
+        ``check`` (the caller's admission rule, e.g. the blocklist) is called before each
+        attempt — first, and again after every wait (a hold, a start, a stop) — and whatever it
+        raises ends the acquire: a request that waited through a block never starts the
+        user's instance.  Raises that, StartFailedError (StartBackoffError while the user's
+        starts back off), CapacityTimeoutError or ShuttingDownError on entry.
         """
-        return _LeaseContext(self, user_id)
+        return _LeaseContext(self, user_id, check)
 
-    async def _ready_instance(self, user_id: str) -> tuple[Instance, bool]:
+    async def _ready_instance(
+        self, user_id: str, check: Callable[[], None] | None = None
+    ) -> tuple[Instance, bool]:
         deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
         while True:
             if self._closed:
                 raise ShuttingDownError("server is shutting down")
+            if check is not None:
+                check()
             hold = self._holds.get(user_id)
             if hold is not None:  # held (admin stop, backup): wait, bounded like the queue
                 remaining = deadline - self._clock()

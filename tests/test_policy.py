@@ -321,3 +321,32 @@ async def test_probe_asks_the_launcher_about_a_ready_instance_only(
         await asyncio.sleep(0.01)
     assert await sup.probe("u", pid, 1.0) is None
     await sup.close()
+
+
+async def test_a_request_waiting_through_a_block_never_starts_the_instance(
+    launcher: SleepLauncher,
+) -> None:
+    """The caller's check runs again after every wait inside acquire: a request waiting on a
+    hold when its user is blocked is refused when the hold ends, and starts nothing."""
+    sup = supervisor(launcher, queue_timeout_ms=10_000)
+    await lease_once(sup, "u")
+    blocked = False
+
+    def not_blocked() -> None:
+        if blocked:
+            raise PermissionError("blocked")
+
+    await sup.hold("u", drain_timeout_s=1)  # the instance is stopped; requests wait
+
+    async def request() -> None:
+        async with sup.acquire("u", not_blocked):
+            pass
+
+    waiting = asyncio.ensure_future(request())
+    await asyncio.sleep(0.05)
+    blocked = True
+    sup.release_hold("u")
+    with pytest.raises(PermissionError):
+        await asyncio.wait_for(waiting, 5)
+    assert launcher.launches == {"u": 1} and not sup.has_instance("u")
+    await sup.close()

@@ -4,7 +4,6 @@ learn, and what an admin call means.  Real ``stcs serve`` processes and real chr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 import requests
 
 from stcs.launcher import CHILD_ENV_ALLOWED
@@ -300,38 +300,58 @@ async def test_slow_auth_server_lookups_are_bounded_and_never_block_cached_token
     assert peak == 3
 
 
+# An interpreter another user can run (the venv's lives under /root): the system's.
+NOBODY_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+AS_NOBODY = pytest.mark.skipif(
+    os.geteuid() != 0 or NOBODY_PYTHON is None,
+    reason="needs root and a system python3 to run a process as another user",
+)
+
+SQUATTER = """
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        conn.settimeout(2)
+        try:
+            print(repr(conn.recv(65536)), flush=True)
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
+        except OSError:
+            pass
+"""
+
+
+@AS_NOBODY
 def test_a_process_squatting_the_childs_port_never_gets_a_request(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
-    """Another local process that binds the port stcs chose for a child (between stcs's check
-    that it is free and the child's bind) and answers the heartbeat is not taken for the child:
-    readiness also requires the listening socket to be the child's own (psutil)."""
+    """Another local user's process that binds the port stcs chose for a child (between stcs's
+    check that it is free and the child's bind) and answers the heartbeat is not taken for the
+    child: readiness also requires the port's listener to be of stcs's (or the child's) uid."""
     report = tmp_path / "port"
-    seen: list[bytes] = []
+    squatters: list[subprocess.Popen[str]] = []
     stop = threading.Event()
 
-    def squat() -> None:
+    def squat() -> None:  # as uid 65534 ("nobody"), once the child's port is known
         while not report.exists() or not report.read_text():
             if stop.wait(0.01):
                 return
-        with socket.socket() as srv:
-            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            srv.bind(("127.0.0.1", int(report.read_text())))
-            srv.listen()
-            srv.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    conn, _ = srv.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(2)
-                    with contextlib.suppress(OSError):
-                        seen.append(conn.recv(65536))
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        squatters.append(
+            subprocess.Popen(
+                [str(NOBODY_PYTHON), "-c", SQUATTER, report.read_text()],
+                stdout=subprocess.PIPE,
+                text=True,
+                user=65534,
+            )
+        )
 
-    squatter = threading.Thread(target=squat, daemon=True)
-    squatter.start()
+    watcher = threading.Thread(target=squat, daemon=True)
+    watcher.start()
     server = stcs(
         "--chromaCommand",
         f"{sys.executable} {Path(__file__).parent / 'upstreams' / 'portless.py'} {report}",
@@ -349,8 +369,38 @@ def test_a_process_squatting_the_childs_port_never_gets_a_request(
         )
     finally:
         stop.set()
-        squatter.join(5)
+        watcher.join(5)
+        for proc in squatters:
+            proc.kill()
+    seen = squatters[0].communicate(timeout=10)[0] if squatters else ""
     assert resp.status_code == 503, resp.text
-    assert seen, "the squatter was never probed: the test did not set up the race"
-    assert not any(b"private-notes" in s for s in seen), seen
-    assert all(s.startswith(b"GET /api/v2/heartbeat") for s in seen), seen
+    assert "heartbeat" in seen, f"the squatter was never probed (no race set up): {seen!r}"
+    assert "private-notes" not in seen, seen
+    assert server.events("instance port answered by another process")
+
+
+@AS_NOBODY
+def test_the_kernel_names_the_uid_listening_on_a_port() -> None:
+    """`sockdiag.listener_uids`: listeners only (a connection on the port is not one), with
+    their owner's uid, as the kernel reports them."""
+    from stcs.sockdiag import listener_uids
+
+    with socket.socket() as mine:
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        port = mine.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            assert listener_uids(port) == [0]
+    other = subprocess.Popen(
+        [str(NOBODY_PYTHON), "-c", SQUATTER, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=65534,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "listening"
+        assert listener_uids(port) == [65534]
+    finally:
+        other.kill()
+        other.wait(10)
+    assert listener_uids(port) == []
