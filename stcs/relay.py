@@ -312,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.pipeline: collections.deque[_Message] = collections.deque()
         self.backlog = b""  # read but not parsed yet (see FEED_SLICE); reading paused meanwhile
+        self.eof = False  # the client half-closed after complete requests: answer, then close
         self.feeding = False
         self.in_head = False
         self.head_bytes = 0
@@ -657,6 +658,9 @@ class ClientConnection(asyncio.Protocol):
         if self.pending_refusal is not None:  # a later request was refused while this one ran
             self._write(error_response(self.pending_refusal, close=True))
             self.close()
+            return
+        if self.eof and not self.pipeline and not self.backlog:
+            self._end_linger()  # nothing more can arrive: close once this answer is written
             return
         if close or not msg.keep_alive or not msg.complete or self.state.shutting_down:
             # An unread (or half-read) body leaves the stream unparseable: close.
@@ -1130,8 +1134,17 @@ class ClientConnection(asyncio.Protocol):
                 self.loop.call_later(self.relay.send_timeout, transport.abort)
 
     def eof_received(self) -> bool | None:
+        """The client half-closed.  After complete requests that is not a hang-up (RFC 9112
+        §9.6 leaves the connection to close after the answers): keep writing, answer what was
+        asked, then close.  Mid-request, or idle, the connection closes now."""
         if self.lingering:
             self._end_linger()
+            return None
+        active = self.active
+        asked = (active is not None and active.complete) or bool(self.pipeline)
+        if asked and self.msg is None and not self.closed:
+            self.eof = True
+            return True
         return None
 
     def abort(self) -> None:

@@ -934,3 +934,21 @@ def test_a_body_in_tiny_chunks_costs_its_size_not_an_object_per_chunk(
         for sock in socks:
             sock.close()
     assert grown < 30 * MB, grown  # ~70 MB before (one bytes object per 2-byte chunk)
+
+
+def test_a_client_that_half_closes_after_its_requests_gets_every_answer(
+    relay: StcsServer,
+) -> None:
+    """A half-close (``shutdown(SHUT_WR)``) after complete requests is not a hang-up: the
+    requests are answered, then the connection closes (as nginx and aiohttp do)."""
+    token = new_token()
+    for count in (1, 5):
+        with connect(relay) as sock:
+            sock.sendall(b"".join(head("GET", f"/echo/{i}", token) for i in range(count)))
+            sock.shutdown(socket.SHUT_WR)
+            answers = [read_response(sock) for _ in range(count)]
+            assert [a[0] for a in answers] == [200] * count
+            assert [json.loads(a[2])["path"] for a in answers] == [
+                f"/echo/{i}" for i in range(count)
+            ]
+            assert closed_by_peer(sock)
