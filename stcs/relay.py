@@ -711,14 +711,15 @@ class ClientConnection(asyncio.Protocol):
                 return await self._control(msg, info)
             return await self._proxy(msg, info)
         except RequestError as exc:
+            status = status_of(exc)
             if info.get("response_started"):
                 self._abort()
-                return status_of(exc), True
-            close = status_of(exc) in _STATUS_CLOSE or not msg.complete
+                return status, True
+            close = status in _STATUS_CLOSE or not msg.complete
             if isinstance(exc, ShuttingDownError) or self.state.shutting_down:
                 close = True
             self._write(error_response(exc, close=close))
-            return status_of(exc), close
+            return status, close
 
     def _health(self, msg: _Message) -> int:
         if self.state.shutting_down:

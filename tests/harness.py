@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,9 @@ from aiohttp import web
 from chromadb.config import Settings
 from prometheus_client.parser import text_string_to_metric_families
 
+from stcs.launcher import free_port as free_port  # re-exported: the one free-port probe
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def user_dirs(db: Path) -> list[str]:
@@ -105,10 +100,17 @@ class StcsServer:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line.get("event") == name]
 
-    def wait_event(self, name: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
-        """Wait until ``name`` was logged at least ``count`` times; return those lines."""
+    def wait_event(
+        self,
+        name: str,
+        count: int = 1,
+        timeout: float = 10,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``name`` was logged at least ``count`` times (only lines ``where``
+        accepts, when given); return those lines."""
         deadline = time.monotonic() + timeout
-        while len(found := self.events(name)) < count:
+        while len(found := [e for e in self.events(name) if where is None or where(e)]) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name!r} logged {len(found)} times, wanted {count}")
             time.sleep(0.02)

@@ -412,11 +412,8 @@ def test_client_leaving_mid_upload_is_499_not_502(relay: StcsServer) -> None:
     with connect(relay) as sock:
         sock.sendall(head("POST", "/echo/gone", token, f"Content-Length: {MB}") + b"x" * 200_000)
         time.sleep(0.3)
-    deadline = time.monotonic() + 10
-    while not (lines := [e for e in relay.events("request") if e["path"] == "/echo/gone"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert lines[0]["status"] == 499
+    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/gone")
+    assert line["status"] == 499
     assert not relay.events("upstream request failed")
 
 
@@ -726,11 +723,8 @@ def test_a_client_that_stops_reading_loses_its_lease_at_the_send_timeout(
                 break  # leased once, released at the 1 s sendTimeout
             assert time.monotonic() < deadline, listing.text
             time.sleep(0.1)
-    deadline = time.monotonic() + 10
-    while not (lines := [e for e in server.events("request") if e["path"] == "/big"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert lines[0]["status"] == 499
+    [line] = server.wait_event("request", where=lambda e: e["path"] == "/big")
+    assert line["status"] == 499
 
 
 def test_idle_connections_with_unread_answers_free_their_slots(relay: StcsServer) -> None:
