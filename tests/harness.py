@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import ssl
 import subprocess
@@ -33,6 +34,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from stcs.launcher import free_port as free_port  # re-exported: the one free-port probe
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_block(after: str, lang: str) -> str:
+    """The first fenced ``lang`` block of README.md after the line containing ``after``: tests
+    run the README's snippets as written, so the docs cannot drift from what works."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(after)
+    match = re.compile(rf"^```{lang}\n(.*?)^```$", re.MULTILINE | re.DOTALL).search(readme, start)
+    assert match, f"no {lang} block after {after!r} in README.md"
+    return match.group(1)
 
 
 def user_dirs(db: Path) -> list[str]:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import chromadb
 import pytest
 import requests
+from chromadb.api.async_fastapi import AsyncFastAPI
 from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
@@ -17,6 +26,7 @@ from tests.harness import (
     StcsServer,
     client_for,
     new_token,
+    readme_block,
     self_signed_cert,
     user_dirs,
     vectors,
@@ -243,3 +253,72 @@ def test_each_event_loop_serves_the_client(stcs: Callable[..., StcsServer], loop
     col.add(ids=[f"id-{i}" for i in range(300)], embeddings=embeddings)
     assert col.query(query_embeddings=[embeddings[7]], n_results=1)["ids"] == [["id-7"]]
     assert col.count() == 300
+
+
+# -- the README's other clients: async Python, JavaScript ---------------------------------------
+
+
+def test_async_clients_in_one_event_loop_share_the_first_token(server: StcsServer) -> None:
+    """chromadb's async client sends the first client's headers for every async client of one
+    event loop (chroma#6869): the README warns about it. When chroma fixes it, this test fails
+    and the warning in README.md's "From async Python code" can go."""
+    alice, bob = new_token(), new_token()
+    client_for(server, alice).create_collection("alices")
+
+    async def bobs_view() -> list[str]:
+        await chromadb.AsyncHttpClient(  # Alice's client, first in this loop
+            host="127.0.0.1", port=server.port, headers={"X-Chroma-Token": alice}
+        )
+        second = await chromadb.AsyncHttpClient(
+            host="127.0.0.1", port=server.port, headers={"X-Chroma-Token": bob}
+        )
+        try:
+            return [c.name for c in await second.list_collections()]
+        finally:  # the shared transports outlive their clients: close them with the loop
+            while AsyncFastAPI._clients:
+                await AsyncFastAPI._clients.popitem()[1].aclose()
+
+    assert asyncio.run(bobs_view()) == ["alices"]  # Bob's client read Alice's database
+
+
+def test_readme_async_multi_tenant_example_keeps_users_apart(server: StcsServer) -> None:
+    """The README's async example, as written but for the port: each user sees only their own
+    collections, from one event loop."""
+    code = readme_block("<!-- async multi-tenant example", "python")
+    assert code.count("port=8000") == 1
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace("port=8000", f"port={server.port}"), "README.md", "exec"), namespace)
+    alice, bob = new_token(), new_token()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        asyncio.run(namespace["main"](alice, bob))
+    assert out.getvalue().strip() == "[]"
+    assert [c.name for c in client_for(server, alice).list_collections()] == ["docs"]
+    assert client_for(server, bob).list_collections() == []
+    assert sorted(user_dirs(server.db)) == sorted([alice, bob])
+
+
+JS_MODULES = os.environ.get("STCS_JS_CLIENT_MODULES", "")
+
+
+@pytest.mark.skipif(
+    not (JS_MODULES and shutil.which("node")), reason="set STCS_JS_CLIENT_MODULES (and node)"
+)
+def test_readme_js_example_runs_with_the_js_client(server: StcsServer, tmp_path: Path) -> None:
+    """The README's JavaScript snippet, as written but for the port and the token, run by node
+    with the npm ``chromadb`` package: the document lands in that user's own chroma."""
+    code = readme_block("<!-- JS example", "js")
+    token = re.search(r'^const TOKEN = "([^"]+)";', code, flags=re.MULTILINE)
+    assert token and code.count("port: 8000") == 1
+    user = new_token()
+    script_dir = tmp_path / "js"
+    script_dir.mkdir()
+    (script_dir / "node_modules").symlink_to(JS_MODULES)  # `import "chromadb"` resolves here
+    script = script_dir / "example.mjs"
+    script.write_text(code.replace("port: 8000", f"port: {server.port}").replace(token[1], user))
+    done = subprocess.run(
+        ["node", str(script)], capture_output=True, text=True, timeout=120, cwd=script_dir
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    assert client_for(server, user).get_collection("docs").get()["documents"] == ["hello"]

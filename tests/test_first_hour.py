@@ -21,17 +21,7 @@ import chromadb
 import pytest
 import requests
 
-from tests.harness import ROOT, chroma_pids_under, free_port
-
-README = (ROOT / "README.md").read_text()
-
-
-def readme_block(after: str, lang: str) -> str:
-    """The first fenced ``lang`` block of README.md after the line containing ``after``."""
-    start = README.index(after)
-    match = re.compile(rf"^```{lang}\n(.*?)^```$", re.MULTILINE | re.DOTALL).search(README, start)
-    assert match, f"no {lang} block after {after!r} in README.md"
-    return match.group(1)
+from tests.harness import ROOT, chroma_pids_under, free_port, readme_block
 
 
 def clone_checkout(dest: Path) -> Path:
