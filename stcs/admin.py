@@ -120,7 +120,8 @@ async def admin_health(request: web.Request) -> web.Response:
     Shape: ``{"status": "ok", "instances": [{userId, port, pid, memKb, startedAt, lastActive,
     ready, requests, inFlight, status[, message], idleForMs, logFile}], "memory": {kbTotal,
     kbAvailable, kbAppUse, kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed,
-    nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n}``.  Memory in kB of 1000 bytes
+    nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n, "authServer": null in UUID
+    mode, else `AuthServerHealth.view`}``.  Memory in kB of 1000 bytes
     (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when the instance
     answered its heartbeat.
     """
@@ -170,6 +171,7 @@ async def admin_health(request: web.Request) -> web.Response:
             "memory": memory,
             "queueLength": snapshot.queue_length,
             "maxInstances": snapshot.max_instances,
+            "authServer": None if state.auth_server is None else state.auth_server.view(),
         }
     )
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from stcs import admin
 from stcs.answers import UNEXPECTED, ErrorAnswer, answer_for
 from stcs.auth import (
+    AuthServerHealth,
     AuthServerResolver,
     Blocklist,
     ExistingUsersResolver,
@@ -147,7 +148,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         )
-        resolver = await _resolver(settings, metrics, stack)
+        resolver, auth_server = await _resolver(settings, metrics, stack)
         upstream_pool = UpstreamPool()
         stack.callback(upstream_pool.close)
         chroma = ChromaLauncher(
@@ -186,6 +187,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             metrics=metrics,
             blocklist=blocklist,
             resolver=resolver,
+            auth_server=auth_server,
             supervisor=supervisor,
             quotas=quotas,
             upstream_pool=upstream_pool,
@@ -194,10 +196,12 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
 
 async def _resolver(
     settings: Settings, metrics: Metrics, stack: contextlib.AsyncExitStack
-) -> Resolver:
+) -> tuple[Resolver, AuthServerHealth | None]:
     """Token -> user id: the auth server's answer (its session closed by ``stack``), else the
-    token as a UUID; with ``autoCreateUsers: false`` only users whose directory exists."""
+    token as a UUID; with ``autoCreateUsers: false`` only users whose directory exists.  Also
+    the auth server's health (None in UUID mode)."""
     resolver: Resolver
+    health: AuthServerHealth | None = None
     if settings.auth_server_endpoint:
         auth_session = await stack.enter_async_context(
             aiohttp.ClientSession(
@@ -209,6 +213,7 @@ async def _resolver(
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         )
+        health = AuthServerHealth(settings.auth_server_endpoint)
         resolver = AuthServerResolver(
             auth_session,
             settings.auth_server_endpoint,
@@ -217,12 +222,13 @@ async def _resolver(
             timeout_ms=settings.auth_timeout,
             on_lookup=lambda result: metrics.auth_lookups.labels(result).inc(),
             max_concurrent=settings.auth_max_concurrent_lookups,
+            health=health,
         )
     else:
         resolver = UuidResolver()
     if not settings.auto_create_users:
         resolver = ExistingUsersResolver(resolver, settings.db_dir)
-    return resolver
+    return resolver, health
 
 
 _SETTINGS = web.AppKey("stcs_settings", Settings)

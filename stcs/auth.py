@@ -17,6 +17,7 @@ Tokens are never logged; the caches key on a SHA-256 digest of the token.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ import os
 import re
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -207,8 +209,10 @@ class AuthServerResolver:
         timeout_ms: int = 5000,
         on_lookup: Callable[[str], None] | None = None,
         max_concurrent: int = 32,
+        health: AuthServerHealth | None = None,
     ) -> None:
         self._session = session
+        self.health = health or AuthServerHealth(endpoint)
         self._on_lookup = on_lookup
         self._endpoint = endpoint
         self._api_key = api_key
@@ -296,13 +300,16 @@ class AuthServerResolver:
                 status = resp.status
                 body = await resp.read() if status == 200 else b""
         except asyncio.TimeoutError:
+            self.health.record(0)
             log.warning("auth server timed out", timeout_ms=int(self._timeout_s * 1000))
             raise AuthUnavailableError("auth server timed out") from None
         except aiohttp.ClientError as exc:
+            self.health.record(0)
             log.warning("auth server unreachable", error=type(exc).__name__)
             raise AuthUnavailableError("auth server unreachable") from None
         finally:
             self._slots.release()
+        self.health.record(status)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         if status in (401, 403):
             log.info("token rejected", auth_status=status, duration_ms=duration_ms)
@@ -338,6 +345,83 @@ def _user_id_from(body: bytes) -> str:
         if isinstance(user_id, str) and user_id:
             return user_id
     raise AuthUnavailableError("auth server answer has no string userId")
+
+
+class AuthServerHealth:
+    """What the auth server's recent answers say, for ``/admin-health`` and one warning.
+
+    A wrong ``authServerAPIKey`` looks like every user's token being bad: the auth server
+    refuses every lookup, and each refusal alone is an ordinary ``token rejected``.  So the last
+    `WINDOW` lookups' outcomes are kept (HTTP status; 0 when there was no answer), and when at
+    least `SUSPECT_MIN` of them are there, none was accepted and at least `SUSPECT_SHARE` were
+    refused with one status, the key is suspect: a warning naming ``authServerAPIKey``, at most
+    once per `WARN_EVERY_S` seconds.  ``clock`` is wall-clock seconds (`time.time`).
+    """
+
+    WINDOW = 50
+    SUSPECT_MIN = 20
+    SUSPECT_SHARE = 0.9
+    WARN_EVERY_S = 60.0
+
+    def __init__(self, endpoint: str, clock: Callable[[], float] = time.time) -> None:
+        self.endpoint = endpoint
+        self._clock = clock
+        self._recent: deque[int] = deque(maxlen=self.WINDOW)
+        self._last_ok: float | None = None
+        self._last_warned: float | None = None
+
+    def record(self, status: int) -> None:
+        """Count one lookup's outcome: the auth server's HTTP status, 0 for no answer."""
+        self._recent.append(status)
+        now = self._clock()
+        if status == 200:
+            self._last_ok = now
+            return
+        refused = self.suspect_status()
+        if refused is not None and (
+            self._last_warned is None or now - self._last_warned >= self.WARN_EVERY_S
+        ):
+            self._last_warned = now
+            log.warning(
+                "auth server refuses almost every token: check authServerAPIKey",
+                auth_status=refused,
+                refused=self._recent.count(refused),
+                lookups=len(self._recent),
+            )
+
+    def suspect_status(self) -> int | None:
+        """The status (401 or 403) nearly every recent lookup was refused with while none was
+        accepted, or None."""
+        if len(self._recent) < self.SUSPECT_MIN or 200 in self._recent:
+            return None
+        for status in (401, 403):
+            if self._recent.count(status) >= self.SUSPECT_SHARE * len(self._recent):
+                return status
+        return None
+
+    def view(self) -> dict[str, Any]:
+        """JSON for ``/admin-health``: ``{"endpoint", "lookups", "accepted", "refused",
+        "errors", "lastAcceptedAt" (ISO 8601 UTC or null), "suspectApiKey"}`` over the last
+        `WINDOW` lookups; ``errors`` counts timeouts, unreachable and other statuses."""
+        recent = list(self._recent)
+        accepted = recent.count(200)
+        refused = recent.count(401) + recent.count(403)
+        last_ok = (
+            None
+            if self._last_ok is None
+            else datetime.datetime.fromtimestamp(self._last_ok, datetime.timezone.utc)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z")
+        )
+        return {
+            "endpoint": self.endpoint,
+            "lookups": len(recent),
+            "accepted": accepted,
+            "refused": refused,
+            "errors": len(recent) - accepted - refused,
+            "lastAcceptedAt": last_ok,
+            "suspectApiKey": self.suspect_status() is not None,
+        }
 
 
 class Blocklist:

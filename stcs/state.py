@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from stcs.auth import Blocklist, Resolver
+from stcs.auth import AuthServerHealth, Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas
@@ -33,6 +33,7 @@ class State:
     metrics: Metrics
     blocklist: Blocklist
     resolver: Resolver
+    auth_server: AuthServerHealth | None  # the auth server's recent answers (None: UUID mode)
     supervisor: Supervisor
     quotas: Quotas  # per-user limits (the request path's admit/done hooks)
     upstream_pool: UpstreamPool  # the data plane's connections to children and control socket

@@ -200,12 +200,14 @@ class AuthServer:
 
     ``answers`` maps a bearer token to ``(status, body)``; unknown tokens get 401.
     ``calls`` counts lookups per token; ``api_keys`` records the ``x-api-key`` seen.
+    ``api_key`` set: a lookup with another ``x-api-key`` gets 403, whatever its token.
     """
 
     answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
     api_keys: list[str | None] = field(default_factory=list)
     delay: float = 0.0
+    api_key: str | None = None
     in_flight: int = 0  # lookups being answered now
     max_in_flight: int = 0  # most seen at once
     port: int = 0
@@ -230,6 +232,8 @@ class AuthServer:
                 await asyncio.sleep(self.delay)
         finally:
             self.in_flight -= 1
+        if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
+            return web.json_response({"message": "bad api key"}, status=403)
         status, body = self.answers.get(token, (401, {"message": "invalid"}))
         if isinstance(body, (bytes, str)):
             return web.Response(status=status, body=body)

@@ -8,9 +8,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 from multidict import CIMultiDict
 
-from stcs.auth import AuthServerResolver, UuidResolver, extract_token, validate_user_id
+from stcs.auth import (
+    AuthServerHealth,
+    AuthServerResolver,
+    UuidResolver,
+    extract_token,
+    validate_user_id,
+)
 from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
 from tests.harness import AuthServer, free_port
 
@@ -196,3 +203,46 @@ async def test_unsafe_user_id_is_refused_and_not_cached(
         with pytest.raises(InvalidUserIdError):
             await r.resolve("t")
     assert auth_server.calls["t"] == 2
+
+
+# -- a wrong authServerAPIKey is visible -------------------------------------------------------
+
+
+def test_health_suspects_the_api_key_when_nearly_every_lookup_is_refused() -> None:
+    now = [1000.0]
+    health = AuthServerHealth("http://auth/validate", clock=lambda: now[0])
+    for _ in range(AuthServerHealth.SUSPECT_MIN - 1):
+        health.record(403)
+    assert health.suspect_status() is None  # too few lookups to say
+    with structlog.testing.capture_logs() as logs:
+        health.record(403)
+        for _ in range(30):  # the same minute: one warning, not one per lookup
+            health.record(403)
+        now[0] += AuthServerHealth.WARN_EVERY_S
+        health.record(403)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 2
+    assert "authServerAPIKey" in warnings[0]["event"] and warnings[0]["auth_status"] == 403
+    view = health.view()
+    assert view["suspectApiKey"] and view["refused"] == view["lookups"] == AuthServerHealth.WINDOW
+    health.record(200)  # one accepted token: the key works
+    assert health.suspect_status() is None and health.view()["lastAcceptedAt"].endswith("Z")
+
+
+def test_ordinary_bad_tokens_beside_good_ones_raise_no_suspicion() -> None:
+    health = AuthServerHealth("http://auth/validate")
+    for i in range(AuthServerHealth.WINDOW):
+        health.record(200 if i % 10 == 0 else 401)
+    assert health.suspect_status() is None
+    assert health.view()["accepted"] == 5 and health.view()["refused"] == 45
+
+
+async def test_lookups_record_each_answer_in_the_health(
+    auth_server: AuthServer, session: aiohttp.ClientSession
+) -> None:
+    auth_server.api_key = "the-right-key"
+    r = resolver(session, auth_server.url)  # sends api_key "k": the auth server says 403
+    for i in range(AuthServerHealth.SUSPECT_MIN):
+        with pytest.raises(AuthError):
+            await r.resolve(f"token-{i}")
+    assert r.health.suspect_status() == 403

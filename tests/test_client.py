@@ -22,6 +22,8 @@ from chromadb.config import Settings
 from chromadb.errors import ChromaAuthError, InternalError, NotFoundError
 
 from tests.harness import (
+    ADMIN,
+    HDR,
     AuthServer,
     StcsServer,
     client_for,
@@ -138,6 +140,29 @@ def test_auth_server_rejection_raises_chroma_auth_error(
         with pytest.raises(ChromaAuthError):
             client_for(server, token).list_collections()
     assert user_dirs(server.db) == []
+
+
+def test_a_wrong_auth_server_api_key_is_named_in_a_warning_and_admin_health(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    """Every token refused because stcs's ``authServerAPIKey`` is wrong: the clients see 401 (as
+    for bad tokens), and the operator sees one warning naming the key and ``/admin-health``'s
+    ``authServer.suspectApiKey``."""
+    auth_server.api_key = "the-auth-servers-key"
+    auth_server.answers["good"] = (200, {"userId": "alice"})
+    server = stcs("--auth", auth_server.url, "--authServerAPIKey", "a-stale-key",
+                  "--adminAPIKey", ADMIN)  # fmt: skip
+    for i in range(25):
+        got = requests.get(
+            f"{server.url}/api/v2/heartbeat", headers={"X-Chroma-Token": f"t{i}"}, timeout=10
+        )
+        assert got.status_code == 401
+    warnings = [e for e in server.log_lines() if "authServerAPIKey" in e.get("event", "")]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
+    assert "a-stale-key" not in server.log_path.read_text()  # named, never shown
+    health = requests.get(f"{server.url}/admin-health", headers=HDR, timeout=10).json()
+    assert health["authServer"]["suspectApiKey"] is True
+    assert health["authServer"]["refused"] == 25 and health["authServer"]["accepted"] == 0
 
 
 def test_auth_server_down_is_503_not_401(
