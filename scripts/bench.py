@@ -454,24 +454,54 @@ CALLGRIND_CLIENT = 300  # requests counted, after 50 uncounted ones
 
 
 def _instructions(
-    argv: list[str], url: str, ready_url: str, headers: dict[str, str], workdir: Path
+    argv: list[str],
+    url: str,
+    ready_url: str,
+    headers: dict[str, str],
+    workdir: Path,
+    body: str | None = None,
+    prepare: Any = None,
 ) -> float:
-    """Instructions the server process ``argv`` executes per ``GET url`` (keep-alive, one at a
-    time), counted by valgrind's callgrind: repeatable whatever else the host is doing."""
+    """Instructions the server process ``argv`` executes per request to ``url`` (``GET``, or
+    ``POST body`` when given; keep-alive, one at a time), counted by valgrind's callgrind:
+    repeatable whatever else the host is doing.  ``prepare(session)`` runs once, uncounted."""
     out = workdir / f"callgrind-{free_port()}.out"
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
     with serving(valgrind, ready_url, ready_timeout=300) as proc:
         session = requests.Session()
+        if prepare is not None:
+            url = prepare(session) or url
+        method = "POST" if body is not None else "GET"
         for _ in range(50):
-            session.get(url, headers=headers, timeout=60).raise_for_status()
+            session.request(method, url, headers=headers, data=body, timeout=60).raise_for_status()
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         for _ in range(CALLGRIND_CLIENT):
-            session.get(url, headers=headers, timeout=60).raise_for_status()
+            session.request(method, url, headers=headers, data=body, timeout=60).raise_for_status()
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
     dumped = Path(f"{out}.1").read_text()
     total = re.search(r"^(?:summary|totals): (\d+)", dumped, flags=re.MULTILINE)
     assert total is not None, "no totals in the callgrind dump"
     return int(total.group(1)) / CALLGRIND_CLIENT
+
+
+def _query_collection(base: str, headers: dict[str, str]) -> Any:
+    """``prepare`` for `_instructions`: a 1,000 x 384 collection; returns its query URL."""
+
+    def prepare(session: requests.Session) -> str:
+        created = session.post(
+            f"{base}{API}", json={"name": "callgrind"}, headers=headers, timeout=600
+        )
+        created.raise_for_status()
+        coll = created.json()["id"]
+        rng = random.Random(2)
+        add = {
+            "ids": [str(i) for i in range(1000)],
+            "embeddings": [[rng.random() for _ in range(384)] for _ in range(1000)],
+        }
+        session.post(f"{base}{API}/{coll}/add", json=add, headers=headers, timeout=600)
+        return f"{base}{API}/{coll}/query"
+
+    return prepare
 
 
 def instructions(tmp: Path) -> list[str]:
@@ -485,11 +515,25 @@ def instructions(tmp: Path) -> list[str]:
     url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
     health = f"http://127.0.0.1:{port}/health"
     proxied = _instructions(stcs_argv, url, health, {"X-Chroma-Token": token}, tmp)
+    rng = random.Random(1)
+    query = json.dumps(  # 7.8 KB, the throughput section's query
+        {"query_embeddings": [[rng.random() for _ in range(384)]], "n_results": 10,
+         "include": ["distances"]}
+    )  # fmt: skip
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stcs_argv = [PY, "-m", "stcs", "serve", "--port", str(port), "--db", str(tmp / "cg-q")]
+    auth = {"X-Chroma-Token": token, "Content-Type": "application/json"}
+    queried = _instructions(
+        stcs_argv, base, f"{base}/health", auth, tmp, query, _query_collection(base, auth)
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
     constant = _instructions([PY, "-c", AIOHTTP_CONSTANT, str(port)], url, url, {}, tmp)
     for name, count in (
         ("stcs, proxied heartbeat", proxied),
+        (f"stcs, proxied top-10 query ({len(query) / 1000:.1f} KB body)", queried),
+        ("query - heartbeat", queried - proxied),
         ("aiohttp answering a constant (no proxying)", constant),
     ):
         rows.append(f"| {name} | {count / 1000:,.0f}k |")
