@@ -151,15 +151,15 @@ def classify(method: str, path: str) -> tuple[str | None, re.Match[str] | None]:
     return "write", m
 
 
-def count_ids(body: bytes) -> int | None:
-    """How many records an add/upsert body (chroma's ``{"ids": [...], ...}``) carries; None
-    when it is not such a JSON object (chroma refuses it too)."""
+def body_ids(body: bytes) -> list[Any] | None:
+    """The ids of an add/upsert body (chroma's ``{"ids": [...], ...}``); None when it is not
+    such a JSON object (chroma refuses it too)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     ids = doc.get("ids") if isinstance(doc, dict) else None
-    return len(ids) if isinstance(ids, list) else None
+    return ids if isinstance(ids, list) else None
 
 
 def collection_count(user_dir: Path) -> int | None:
@@ -726,7 +726,9 @@ class Quotas:
             # get_or_create of a collection that exists creates nothing: let it through.
             with contextlib.suppress(orjson.JSONDecodeError):
                 doc = orjson.loads(body)
-                name = doc.get("name") if isinstance(doc, dict) else None
+                if not isinstance(doc, dict):
+                    doc = {}
+                name = doc.get("name")
                 if doc.get("get_or_create") is True and isinstance(name, str):
                     tenant, database = match.group(1), match.group(2)
                     if await asyncio.to_thread(collection_exists, user_dir, tenant, database, name):
@@ -749,17 +751,18 @@ class Quotas:
         count = await self._count(f"{url}/count")
         if count is None:
             return
-        adding: int | None = 0  # no body: chroma refuses the request itself
+        ids: list[Any] | None = []  # no body: chroma refuses the request itself
         if body is not None and len(body) <= _PARSE_INLINE:
-            adding = count_ids(body)
+            ids = body_ids(body)
         elif body is not None:
             # Off the event loop; the parsed body costs a few times its size while counted,
             # one request per user at a time (the write lock).
-            adding = await asyncio.to_thread(count_ids, body)
-        if adding is None:
+            ids = await asyncio.to_thread(body_ids, body)
+        if ids is None:
             raise BadRequestError("the request body is not a JSON object with a list of ids")
-        if count + adding > limit and kind == "upsert" and body is not None:
-            adding -= await self._existing(url, body)  # upserting records that exist adds none
+        adding = len(ids)
+        if count + adding > limit and kind == "upsert":
+            adding -= await self._existing(url, ids)  # upserting records that exist adds none
         if count + adding > limit:
             self._reject("records")
             raise QuotaExceededError(
@@ -768,10 +771,9 @@ class Quotas:
                 f"records; this request adds {adding}",
             )
 
-    async def _existing(self, url: str, body: bytes) -> int:
-        """How many of an upsert body's ids the collection at ``url`` already holds (chroma's
-        ``get`` with ``include: []``); 0 when chroma cannot say."""
-        ids = orjson.loads(body).get("ids")
+    async def _existing(self, url: str, ids: list[Any]) -> int:
+        """How many of ``ids`` the collection at ``url`` already holds (chroma's ``get`` with
+        ``include: []``); 0 when chroma cannot say."""
         session = self._client()
         try:
             async with session.post(

@@ -345,6 +345,11 @@ def test_collections_are_counted_across_every_tenant_and_database_of_a_user(
                 except chromadb.errors.QuotaError as exc:
                     assert "userMaxCollections is 2" in str(exc)
                     refused += 1
+    # At the limit, get_or_create of an existing collection still works; a body that is not
+    # an object is chroma's to refuse (4xx), never stcs's 500.
+    assert tenant_client(server, token, "tenant-0", "db-0").get_or_create_collection("col-0")
+    odd = api.post(f"{base}/tenants/tenant-0/databases/db-0/collections", data=b"[1]", timeout=30)
+    assert 400 <= odd.status_code < 500, odd.text
     server.stop()
     on_disk = collections_on_disk(server, token)
     print(f"collections made {made}, refused {refused}, on disk {on_disk}")
