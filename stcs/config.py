@@ -338,24 +338,25 @@ class Settings:
         env="USER_MAX_DISK_MB",
         unit="MB",
         minimum=0,
-        help="A user's data directory size beyond which writes (collection create, add, upsert, "
-        "update, fork) get 422 `QuotaError`; reads and deletes still work. 0: no limit.",
+        help="A user's data directory size beyond which writes get 422 `QuotaError`: every request "
+        "that can store data (collection create and modify, add, upsert, update, fork, tenant "
+        "and database creation). Reads, queries and deletes still work. 0: no limit.",
     )
     user_max_collections: int = setting(
         0,
         key="userMaxCollections",
         env="USER_MAX_COLLECTIONS",
         minimum=0,
-        help="Collections per database of a user; creating (or forking) one more gets 422 "
-        "`QuotaError`. 0: no limit.",
+        help="Collections a user may have, counted in every tenant and database of their chroma; "
+        "creating (or forking) one more gets 422 `QuotaError`. 0: no limit.",
     )
     user_max_records_per_collection: int = setting(
         0,
         key="userMaxRecordsPerCollection",
         env="USER_MAX_RECORDS_PER_COLLECTION",
         minimum=0,
-        help="Records in one collection; add/upsert to a collection holding this many gets 422 "
-        "`QuotaError` (one batch may cross it). 0: no limit.",
+        help="Records in one collection; an add/upsert that would take a collection past it (its "
+        "ids counted) gets 422 `QuotaError`. 0: no limit.",
     )
     user_requests_per_second: int = setting(
         0,
@@ -370,8 +371,9 @@ class Settings:
         key="userRequestBurst",
         env="USER_REQUEST_BURST",
         minimum=0,
-        help="Size of a user's token bucket: requests sent at once after a quiet spell (in any "
-        "1 s: burst + userRequestsPerSecond at most). 0: the same as userRequestsPerSecond.",
+        help="Size of a user's token bucket: requests sent at once after a quiet spell (in any 1 "
+        "s: burst + userRequestsPerSecond at most). 0: the larger of userRequestsPerSecond "
+        "and 10 (a chromadb client costs 3 requests to construct, 6 to its first write).",
     )
     user_max_concurrent_requests: int = setting(
         0,

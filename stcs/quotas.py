@@ -2,19 +2,28 @@
 
 The limits (settings, 0 is off, each overridable per user):
 
-* ``userMaxDiskMB`` — a user's data directory size.  Writes (collection create, add, upsert,
-  update, fork) are refused with 422 ``QuotaError`` while the user is at or over it; reads and
-  deletes keep working, so a user can always get back under.  The size is measured off the event
-  loop (`data_size` in a thread) every ``userDiskCheckInterval`` ms and after each of the user's
-  writes and deletes; the request path only reads the cached number, so a write may pass while
-  a refresh is still running (the overshoot is about one request's data).
-* ``userMaxCollections``, ``userMaxRecordsPerCollection`` — checked against chroma's own counts
-  (``collections_count``, ``collections/{id}/count`` of the v2 API) when a collection is created
-  or forked, or records are added or upserted.
+* ``userMaxDiskMB`` — a user's data directory size.  Every request that can store data (see
+  `classify`: collection create and modify, add, upsert, update, fork, tenant and database
+  creation, and any route not known to be a read or a delete) is refused with 422
+  ``QuotaError`` while the user is at or over it; reads and deletes keep working, so a user can
+  always get back under.  The size is measured off the event loop (`data_size` in a thread)
+  every ``userDiskCheckInterval`` ms and after each of the user's writes and deletes.
+* ``userMaxCollections`` — collections in every tenant and database of the user's chroma
+  (its ``chroma.sqlite3``), checked when a collection is created or forked.
+* ``userMaxRecordsPerCollection`` — chroma's own count (``collections/{id}/count``) plus the ids
+  an add or upsert carries (its body is read whole and parsed to count them) must stay within it.
 * ``userRequestsPerSecond`` + ``userRequestBurst`` — a token bucket per user (not per
-  connection); beyond it 429 ``RateLimitError`` with ``Retry-After``.
+  connection); beyond it 429 ``RateLimitError`` with ``Retry-After``.  The bucket holds at least
+  `CLIENT_START_BURST` requests unless ``userRequestBurst`` says otherwise: a chromadb client
+  costs 3 requests to construct.
 * ``userMaxConcurrentRequests`` — a user's requests in flight; more wait up to
   ``userConcurrencyTimeout`` ms in FIFO order, then 429 ``RateLimitError``.
+
+While a disk, collection or record limit is on, one user's writes are serialised: each takes
+the user's write lock after its instance lease and holds it until it is answered, and is
+checked against a measurement taken after the write before it.  So concurrent writes cannot all
+pass one stale check: records and collections never pass their limits, and the disk passes
+its limit by at most what one write stores.  Reads and deletes never take the lock.
 
 The request path uses two hooks that take plain values (no aiohttp request objects), so any
 front end — today's aiohttp handler, a protocol-level relay — calls them the same way::
@@ -22,7 +31,8 @@ front end — today's aiohttp handler, a protocol-level relay — calls them the
     admission = await quotas.admit(user_id, method, path)   # before the instance lease
     try:
         ...lease the instance...
-        await admission.check_write(port)                   # after the lease, before forwarding
+        if admission.wants_body: body = ...the whole body...
+        await admission.check_write(port, body)             # after the lease, before forwarding
         ...forward...
     finally:
         admission.done(status)                              # exactly once
@@ -49,10 +59,11 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import structlog
 
 from stcs.config import Settings
-from stcs.errors import QuotaExceededError, UserRateLimitError
+from stcs.errors import BadRequestError, QuotaExceededError, UserRateLimitError
 from stcs.layout import Layout
 from stcs.metrics import Metrics
 
@@ -71,44 +82,124 @@ LIMIT_KEYS: dict[str, str] = {
 }
 
 
-# chroma 1.x v2 API routes (chromadb/api/fastapi.py: create_collection, _add, _upsert, _update,
-# _fork, _delete, delete_collection, delete_database).  Group 1: tenant, 2: database, 3: the
-# collection id (or name, for DELETE), 4: the action.
+# chroma 1.5's v2 API (its /openapi.json, `chroma run` 1.5.9), as quotas see it:
+#
+#   reads (None): every GET and HEAD (identity, heartbeat, version, pre-flight-checks,
+#     healthcheck, get tenant/database/collection, list, count, fork_count, indexing_status,
+#     attached functions), and POST .../collections/{id}/get | query | search (read-only
+#     bodies).
+#   deletes ("delete", measured again after): every DELETE (database, collection), POST
+#     .../collections/{id}/delete (records), POST /api/v2/reset.
+#   writes, checked against userMaxDiskMB: POST .../collections ("create": also
+#     userMaxCollections), POST .../{id}/add and /upsert ("add", "upsert": also
+#     userMaxRecordsPerCollection), POST .../{id}/fork ("fork": a new collection), and
+#     everything else ("write"): PUT .../collections/{id} (modify: name, metadata,
+#     configuration), POST .../{id}/update, POST /api/v2/tenants, PATCH /api/v2/tenants/{t},
+#     POST .../databases, POST .../functions/attach, .../attached_functions/{name}/detach, and
+#     any route a later chroma adds — unknown routes are writes, so a new way to store data is
+#     refused over the quota rather than missed.
+# Group 1: tenant, 2: database, 3: the collection id (or name, for DELETE), 4: the action.
 _COLLECTIONS_RE = re.compile(
     r"/api/v2/tenants/([^/]+)/databases/([^/]+)/collections(?:/([^/]+)(?:/([a-z_]+))?)?/?"
 )
-_DATABASE_RE = re.compile(r"/api/v2/tenants/[^/]+/databases/[^/]+/?")
-WRITES = frozenset(("create", "add", "upsert", "update", "fork"))
+_READ_ACTIONS = frozenset(("get", "query", "search"))
+_RESET = "/api/v2/reset"
+WRITES = frozenset(("create", "add", "upsert", "fork", "write"))
+_NEW_COLLECTION = frozenset(("create", "fork"))
+_NEW_RECORDS = frozenset(("add", "upsert"))
 
 _COUNT_TIMEOUT = aiohttp.ClientTimeout(total=5, connect=1)
+# Bound on a write's wait for the user's earlier writes (the write lock).  Generous: a 100 MB add
+# can take chroma tens of seconds; only the user's own writes queue here.
+WRITE_QUEUE_TIMEOUT_S = 120.0
+# Smallest token bucket unless userRequestBurst is set: a chromadb 1.5 client's start-up is 3
+# requests (auth/identity, tenant, database), get_or_create_collection 1, its first write 2
+# (pre-flight-checks, the write): 6, with room for a retry or a second client.
+CLIENT_START_BURST = 10
+# Bodies up to this size are parsed on the event loop (tens of µs); larger ones in a thread.
+_PARSE_INLINE = 64 * 1024
 
 
 def classify(method: str, path: str) -> tuple[str | None, re.Match[str] | None]:
-    """Which chroma operation ``method path`` is, as far as quotas care.
+    """Which chroma operation ``method path`` is, as far as quotas care (the table above).
 
-    Returns ``(kind, match)``: kind is "create" | "add" | "upsert" | "update" | "fork" (writes,
+    Returns ``(kind, match)``: kind is "create" | "add" | "upsert" | "fork" | "write" (writes,
     refused over ``userMaxDiskMB``), "delete" (frees space: the size is measured again after it)
-    or None (anything else: reads, heartbeats, ...).  ``path`` may carry a query string.
+    or None (reads).  ``match`` is the collections route's match, when it is one.  ``path`` may
+    carry a query string.
     """
     if method == "GET" or method == "HEAD":
         return None, None
+    if method == "DELETE":
+        return "delete", None
     path = path.partition("?")[0]
     m = _COLLECTIONS_RE.fullmatch(path)
     if m is None:
-        if method == "DELETE" and _DATABASE_RE.fullmatch(path):
+        if method == "POST" and path.rstrip("/") == _RESET:
             return "delete", None
-        return None, None
+        return "write", None
     collection, action = m.group(3), m.group(4)
     if method == "POST":
         if collection is None:
             return "create", m
-        if action in ("add", "upsert", "update", "fork"):
-            return action, m
+        if action in _READ_ACTIONS:
+            return None, None
         if action == "delete":
             return "delete", m
-    elif method == "DELETE" and collection is not None and action is None:
-        return "delete", m
-    return None, None
+        if action in ("add", "upsert", "fork"):
+            return action, m
+    return "write", m
+
+
+def body_ids(body: bytes) -> list[Any] | None:
+    """The ids of an add/upsert body (chroma's ``{"ids": [...], ...}``); None when it is not
+    such a JSON object (chroma refuses it too)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    ids = doc.get("ids") if isinstance(doc, dict) else None
+    return ids if isinstance(ids, list) else None
+
+
+def collection_count(user_dir: Path) -> int | None:
+    """Collections in every tenant and database of the chroma in ``user_dir`` (its
+    ``chroma.sqlite3``, read-only; blocking: run it in a thread).  None when it cannot be read."""
+    db_file = user_dir / "chroma.sqlite3"
+    if not db_file.is_file():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db_file))}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM collections").fetchone()[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+
+
+def collection_exists(user_dir: Path, tenant: str, database: str, name: str) -> bool:
+    """Whether ``tenant``/``database`` of the chroma in ``user_dir`` has a collection called
+    ``name`` (blocking).  False when it cannot be read."""
+    try:
+        con = sqlite3.connect(
+            f"file:{quote(str(user_dir / 'chroma.sqlite3'))}?mode=ro", uri=True, timeout=1
+        )
+    except sqlite3.Error:
+        return False
+    try:
+        row = con.execute(
+            "SELECT 1 FROM collections c JOIN databases d ON c.database_id = d.id "
+            "WHERE d.tenant_id = ? AND d.name = ? AND c.name = ?",
+            (tenant, database, name),
+        ).fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()
+    return row is not None
 
 
 @dataclass(frozen=True)
@@ -158,8 +249,9 @@ class Limits:
 
     @property
     def bucket_size(self) -> int:
-        """Tokens the bucket holds: ``userRequestBurst``, else ``userRequestsPerSecond``."""
-        return self.user_request_burst or self.user_requests_per_second
+        """Tokens the bucket holds: ``userRequestBurst``, else the larger of
+        ``userRequestsPerSecond`` and `CLIENT_START_BURST` (a client's start-up)."""
+        return self.user_request_burst or max(self.user_requests_per_second, CLIENT_START_BURST)
 
 
 # The largest override value (2**53 - 1: exact as a JSON number anywhere, and as a float in the
@@ -320,11 +412,14 @@ class _Slots:
 class Admission:
     """One admitted request's obligations (from `Quotas.admit`).
 
-    Call `check_write` after the instance lease (before forwarding) and `done` exactly once
-    when the request ends, whatever happened in between.
+    Call `check_write` after the instance lease (before forwarding; with the whole body when
+    `wants_body`) and `done` exactly once when the request ends, whatever happened in between.
     """
 
-    __slots__ = ("_done", "_kind", "_limits", "_match", "_quotas", "_slots", "_user_id")
+    __slots__ = (
+        "_checked", "_done", "_kind", "_limits", "_lock", "_match", "_quotas", "_slots",
+        "_user_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -342,20 +437,42 @@ class Admission:
         self._match = match
         self._slots = slots
         self._done = False
+        self._checked = False
+        self._lock: asyncio.Lock | None = None  # the user's write lock, while held
 
-    async def check_write(self, port: int) -> None:
-        """Check ``userMaxCollections`` / ``userMaxRecordsPerCollection`` against the counts of
-        the chroma instance on ``127.0.0.1:port`` (one local GET, only for a create, fork, add
-        or upsert with that limit on).  Raises QuotaExceededError.  When the count cannot be
-        read the request passes: chroma answers it (e.g. 404 for an unknown collection)."""
-        if self._kind is None or self._quotas is None:
+    @property
+    def wants_body(self) -> bool:
+        """Whether `check_write` needs the whole request body: an add/upsert under
+        ``userMaxRecordsPerCollection`` (its ids are counted), a collection create under
+        ``userMaxCollections`` (``get_or_create`` of an existing one creates nothing)."""
+        kind, limits = self._kind, self._limits
+        return (kind in _NEW_RECORDS and bool(limits.user_max_records_per_collection)) or (
+            kind == "create" and bool(limits.user_max_collections)
+        )
+
+    async def check_write(self, port: int, body: bytes | None = None) -> None:
+        """For a write of a user with a disk, collection or record limit: wait for the user's
+        write lock (held until `done`), then check ``userMaxDiskMB`` against a measurement
+        taken after the user's last write, ``userMaxCollections`` against the collections in
+        all the user's tenants and databases, ``userMaxRecordsPerCollection`` against chroma's
+        count (on ``127.0.0.1:port``) plus the ids in ``body``.  Raises QuotaExceededError,
+        BadRequestError (an add/upsert body whose ids cannot be counted), UserRateLimitError
+        (the user's earlier writes held the lock `WRITE_QUEUE_TIMEOUT_S`).  A count chroma
+        cannot give lets the request pass: chroma answers it (e.g. 404).  Once per request
+        (a retry on a fresh instance is not checked again)."""
+        if self._kind not in WRITES or self._quotas is None or self._checked:
             return
-        await self._quotas._check_counts(self._limits, self._kind, self._match, port)
+        self._checked = True
+        self._lock = await self._quotas._lock_writes(self._user_id)
+        await self._quotas._check_write(
+            self._user_id, self._limits, self._kind, self._match, port, body
+        )
 
     def done(self, status: int) -> None:
         """The request ended with HTTP ``status`` (0: no response): free its concurrency slot
         and, after a write or delete of a user with ``userMaxDiskMB``, measure the user's size
-        again (in a thread).  Idempotent."""
+        again (in a thread) — started before the write lock goes to the user's next write,
+        which waits for it.  Idempotent."""
         if self._done or self._quotas is None:
             return
         self._done = True
@@ -363,6 +480,9 @@ class Admission:
             self._quotas._release(self._slots)
         if self._kind is not None and self._limits.user_max_disk_mb:
             self._quotas.refresh_disk(self._user_id)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 NO_ADMISSION = Admission(None, "", Limits(), None, None, None)
@@ -395,6 +515,9 @@ class Quotas:
         self._slots: dict[str, _Slots] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
+        self._measured_at: dict[str, float] = {}  # user id -> when its last refresh began
+        self._write_locks: dict[str, asyncio.Lock] = {}  # user id -> its write lock
+        self._write_waiting: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []  # the initial measurement, the ticker
         self._merge_all()
@@ -533,41 +656,149 @@ class Quotas:
                 return
         slots.in_flight -= 1
 
-    async def _check_counts(
-        self, limits: Limits, kind: str, match: re.Match[str] | None, port: int
-    ) -> None:
-        if match is None:
-            return
-        tenant, database, collection = match.group(1), match.group(2), match.group(3)
-        base = f"http://127.0.0.1:{port}/api/v2/tenants/{tenant}/databases/{database}"
-        if kind in ("create", "fork") and limits.user_max_collections:
-            count = await self._count(f"{base}/collections_count")
-            if count is not None and count >= limits.user_max_collections:
-                self._reject("collections")
-                raise QuotaExceededError(
-                    "collections",
-                    f"userMaxCollections is {limits.user_max_collections} and this database "
-                    f"has {count} collections",
-                )
-        elif kind in ("add", "upsert") and limits.user_max_records_per_collection:
-            count = await self._count(f"{base}/collections/{collection}/count")
-            if count is not None and count >= limits.user_max_records_per_collection:
-                self._reject("records")
-                raise QuotaExceededError(
-                    "records",
-                    f"userMaxRecordsPerCollection is {limits.user_max_records_per_collection} "
-                    f"and this collection holds {count} records",
-                )
+    async def _lock_writes(self, user_id: str) -> asyncio.Lock:
+        """Take ``user_id``'s write lock (FIFO, `asyncio.Lock`); the caller releases it.  Raises
+        UserRateLimitError after `WRITE_QUEUE_TIMEOUT_S`."""
+        lock = self._write_locks.get(user_id)
+        if lock is None:
+            lock = self._write_locks[user_id] = asyncio.Lock()
+        self._write_waiting[user_id] += 1
+        try:
+            await asyncio.wait_for(lock.acquire(), WRITE_QUEUE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._reject("concurrency")
+            raise UserRateLimitError(
+                "concurrency",
+                f"this user's earlier writes took over {WRITE_QUEUE_TIMEOUT_S:.0f} s",
+                1,
+            ) from None
+        finally:
+            self._write_waiting[user_id] -= 1
+        return lock
 
-    async def _count(self, url: str) -> int | None:
-        """chroma's answer to a count endpoint (a JSON integer), None if there is none."""
+    async def _check_write(
+        self,
+        user_id: str,
+        limits: Limits,
+        kind: str,
+        match: re.Match[str] | None,
+        port: int,
+        body: bytes | None,
+    ) -> None:
+        """The checks of `Admission.check_write`, under the user's write lock."""
+        if limits.user_max_disk_mb:
+            used = await self._fresh_disk(user_id)
+            if used is not None and used >= limits.user_max_disk_mb * MB:
+                self._reject("disk")
+                raise QuotaExceededError(
+                    "disk",
+                    f"userMaxDiskMB is {limits.user_max_disk_mb} MB and this user's data takes "
+                    f"{used / MB:.1f} MB; delete records or collections to write again",
+                )
+        if kind in _NEW_COLLECTION and limits.user_max_collections:
+            await self._check_collections(user_id, limits.user_max_collections, kind, match, body)
+        elif kind in _NEW_RECORDS and limits.user_max_records_per_collection and match:
+            await self._check_records(limits.user_max_records_per_collection, kind, match, port,
+                                      body)  # fmt: skip
+
+    async def _fresh_disk(self, user_id: str) -> int | None:
+        """``user_id``'s size measured after their last write (waits for a measurement that is
+        running or, if there is none yet, takes one).  None if it cannot be measured."""
+        if user_id not in self.disk and user_id not in self._refreshing:
+            self.refresh_disk(user_id)
+        while (task := self._refreshing.get(user_id)) is not None:
+            await asyncio.shield(task)  # a cancelled request must not cancel the measurement
+        return self.disk.get(user_id)
+
+    async def _check_collections(
+        self,
+        user_id: str,
+        limit: int,
+        kind: str,
+        match: re.Match[str] | None,
+        body: bytes | None,
+    ) -> None:
+        user_dir = self.db_dir / user_id
+        count = await asyncio.to_thread(collection_count, user_dir)
+        if count is None or count < limit:
+            return
+        if kind == "create" and match is not None and body is not None:
+            # get_or_create of a collection that exists creates nothing: let it through.
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(body)
+                if not isinstance(doc, dict):
+                    doc = {}
+                name = doc.get("name")
+                if doc.get("get_or_create") is True and isinstance(name, str):
+                    tenant, database = match.group(1), match.group(2)
+                    if await asyncio.to_thread(collection_exists, user_dir, tenant, database, name):
+                        return
+        self._reject("collections")
+        raise QuotaExceededError(
+            "collections",
+            f"userMaxCollections is {limit} and this user has {count} collections "
+            "(in all their tenants and databases)",
+        )
+
+    async def _check_records(
+        self, limit: int, kind: str, match: re.Match[str], port: int, body: bytes | None
+    ) -> None:
+        tenant, database, collection = match.group(1), match.group(2), match.group(3)
+        url = (
+            f"http://127.0.0.1:{port}/api/v2/tenants/{tenant}/databases/{database}"
+            f"/collections/{collection}"
+        )
+        count = await self._count(f"{url}/count")
+        if count is None:
+            return
+        ids: list[Any] | None = []  # no body: chroma refuses the request itself
+        if body is not None and len(body) <= _PARSE_INLINE:
+            ids = body_ids(body)
+        elif body is not None:
+            # Off the event loop; the parsed body costs a few times its size while counted,
+            # one request per user at a time (the write lock).
+            ids = await asyncio.to_thread(body_ids, body)
+        if ids is None:
+            raise BadRequestError("the request body is not a JSON object with a list of ids")
+        adding = len(ids)
+        if count + adding > limit and kind == "upsert":
+            adding -= await self._existing(url, ids)  # upserting records that exist adds none
+        if count + adding > limit:
+            self._reject("records")
+            raise QuotaExceededError(
+                "records",
+                f"userMaxRecordsPerCollection is {limit} and this collection holds {count} "
+                f"records; this request adds {adding}",
+            )
+
+    async def _existing(self, url: str, ids: list[Any]) -> int:
+        """How many of ``ids`` the collection at ``url`` already holds (chroma's ``get`` with
+        ``include: []``); 0 when chroma cannot say."""
+        session = self._client()
+        try:
+            async with session.post(
+                f"{url}/get", json={"ids": ids, "include": []}, timeout=_COUNT_TIMEOUT
+            ) as resp:
+                if resp.status != 200:
+                    return 0
+                found = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return 0
+        got = found.get("ids") if isinstance(found, dict) else None
+        return len(got) if isinstance(got, list) else 0
+
+    def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+        return self._session
+
+    async def _count(self, url: str) -> int | None:
+        """chroma's answer to a count endpoint (a JSON integer), None if there is none."""
         try:
-            async with self._session.get(url, timeout=_COUNT_TIMEOUT) as resp:
+            async with self._client().get(url, timeout=_COUNT_TIMEOUT) as resp:
                 if resp.status != 200:
                     return None
                 value = await resp.json(content_type=None)
@@ -589,6 +820,7 @@ class Quotas:
         try:
             while True:
                 self._dirty.discard(user_id)
+                self._measured_at[user_id] = self.clock()
                 self.disk[user_id] = await asyncio.to_thread(data_size, self.db_dir / user_id)
                 if user_id not in self._dirty:
                     return
@@ -598,8 +830,14 @@ class Quotas:
             self._refreshing.pop(user_id, None)
 
     async def measure_all(self) -> None:
-        """Measure every user's data (in a thread) and replace the cached sizes."""
-        self.disk = await asyncio.to_thread(measure_all, self.db_dir)
+        """Measure every user's data (in a thread) and replace the cached sizes, except those
+        of users measured again since this began (the write lock relies on fresh ones)."""
+        began = self.clock()
+        sizes = await asyncio.to_thread(measure_all, self.db_dir)
+        for user_id, at in self._measured_at.items():
+            if (at >= began or user_id in self._refreshing) and user_id in self.disk:
+                sizes[user_id] = self.disk[user_id]
+        self.disk = sizes
 
     async def _tick(self) -> None:
         while True:
@@ -621,6 +859,11 @@ class Quotas:
         for user_id, slots in list(self._slots.items()):
             if not slots.in_flight and not slots.waiters:
                 del self._slots[user_id]
+        for user_id, lock in list(self._write_locks.items()):
+            if not lock.locked() and not self._write_waiting[user_id]:
+                del self._write_locks[user_id]
+                del self._write_waiting[user_id]
+        self._measured_at = {u: at for u, at in self._measured_at.items() if at >= now - 3600}
 
     async def start(self) -> None:
         """Measure every user's data once (awaited when a disk limit is set, so the quota holds

@@ -830,7 +830,10 @@ class ClientConnection(asyncio.Protocol):
             async with supervisor.acquire(user_id, not_blocked) as lease:
                 info["cold_start"] = info["cold_start"] or lease.cold_start
                 info["upstream_port"] = lease.port
-                await admission.check_write(lease.port)  # chroma's own counts, for quotas
+                if admission.wants_body and msg.has_body and not isinstance(body, bytes):
+                    body, small = await self._whole_body(msg), True  # quotas count its ids
+                # Quotas: the user's write lock, then disk and chroma's own counts.
+                await admission.check_write(lease.port, body if isinstance(body, bytes) else None)
                 if msg.has_body and not small:
                     body, chunked = await self._body_for_upstream(msg)
                 head = self._upstream_head(
@@ -899,6 +902,11 @@ class ClientConnection(asyncio.Protocol):
         ends with it complete).  Raises what `_prefetch` raises."""
         await self._prefetch(msg)
         return self._take_body(msg)
+
+    async def _whole_body(self, msg: _Message) -> bytes:
+        """The whole body of any request (up to ``maxBodySize``), read into memory.  Raises
+        what `_stream_body` raises."""
+        return b"".join([chunk async for chunk in self._stream_body(msg)])
 
     def _take_body(self, msg: _Message) -> bytes:
         data = b"".join(msg.body)

@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
 import chromadb.errors
 import pytest
 import requests
+from chromadb.config import Settings
 
 from stcs.config import load_settings
 from stcs.metrics import Metrics
-from stcs.quotas import Quotas, classify
+from stcs.quotas import Quotas, classify, data_size
 from tests.harness import (
     ROOT,
     StcsServer,
@@ -291,23 +295,232 @@ def test_status_shows_disk_usage_next_to_the_limit(stcs: Callable[..., StcsServe
     assert any(cell.endswith("/7") for cell in row)
 
 
+# -- hostile: every route, every concurrency (issue 18, items 2 and 7) -------------------------
+
+
+def collections_on_disk(server: StcsServer, user: str) -> int:
+    """Collections in every tenant and database of ``user``'s chroma (its ``chroma.sqlite3``,
+    read after the server stopped)."""
+    con = sqlite3.connect(f"file:{server.db / user / 'chroma.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM collections").fetchone()[0])
+    finally:
+        con.close()
+
+
+def tenant_client(server: StcsServer, token: str, tenant: str, database: str) -> Any:
+    return chromadb.HttpClient(
+        host="127.0.0.1",
+        port=server.port,
+        headers={"X-Chroma-Token": token},
+        tenant=tenant,
+        database=database,
+        settings=Settings(anonymized_telemetry=False),
+    )
+
+
+def test_collections_are_counted_across_every_tenant_and_database_of_a_user(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """Before: `userMaxCollections` 2 was counted per database, so new tenants and databases
+    each held 2 more (here 18 collections)."""
+    server = stcs("--userMaxCollections", "2")
+    token = new_token()
+    api = requests.Session()
+    api.headers["X-Chroma-Token"] = token
+    base = f"{server.url}/api/v2"
+    made, refused = 0, 0
+    for t in range(3):
+        tenant = f"tenant-{t}"
+        assert api.post(f"{base}/tenants", json={"name": tenant}, timeout=30).ok
+        for d in range(3):
+            database = f"db-{d}"
+            url = f"{base}/tenants/{tenant}/databases"
+            assert api.post(url, json={"name": database}, timeout=30).ok
+            client = tenant_client(server, token, tenant, database)
+            for c in range(2):
+                try:
+                    client.create_collection(f"col-{c}")
+                    made += 1
+                except chromadb.errors.QuotaError as exc:
+                    assert "userMaxCollections is 2" in str(exc)
+                    refused += 1
+    # At the limit, get_or_create of an existing collection still works; a body that is not
+    # an object is chroma's to refuse (4xx), never stcs's 500.
+    assert tenant_client(server, token, "tenant-0", "db-0").get_or_create_collection("col-0")
+    odd = api.post(f"{base}/tenants/tenant-0/databases/db-0/collections", data=b"[1]", timeout=30)
+    assert 400 <= odd.status_code < 500, odd.text
+    server.stop()
+    on_disk = collections_on_disk(server, token)
+    print(f"collections made {made}, refused {refused}, on disk {on_disk}")
+    assert made == on_disk == 2 and refused == 16
+
+
+def test_modify_tenant_and_database_creation_are_writes_under_the_disk_quota(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """Before: `PUT .../collections/{id}` (modify) was not a write: 8 modifies with 2 MB of
+    metadata each passed a 1 MB quota; tenant and database creation passed over it too."""
+    server = stcs("--userMaxDiskMB", "1", "--adminAPIKey", ADMIN)
+    token = new_token()
+    client = client_for(server, token)
+    col = client.create_collection("docs")
+    passed = 0
+    for n in range(8):
+        try:
+            col.modify(metadata={"blob": f"{n}-" + "x" * (2 * MB)})
+            passed += 1
+        except chromadb.errors.QuotaError as exc:
+            assert "userMaxDiskMB is 1 MB" in str(exc)
+    api = requests.Session()
+    api.headers["X-Chroma-Token"] = token
+    base = f"{server.url}/api/v2"
+    tenant = api.post(f"{base}/tenants", json={"name": "more-tenant"}, timeout=30)
+    database = api.post(
+        f"{base}/tenants/default_tenant/databases", json={"name": "more-db"}, timeout=30
+    )
+    used = data_size(server.db / token)
+    print(
+        f"modifies passed {passed} of 8; {used / MB:.1f} MB; tenant {tenant.status_code}, "
+        f"database {database.status_code}"
+    )
+    assert passed == 1 and used <= 3 * MB  # the limit plus one request's 2 MB
+    for resp in (tenant, database):
+        assert resp.status_code == 422 and resp.json()["error"] == "QuotaError", resp.text
+    # Reads and deletes still work over the quota.
+    assert client.get_collection("docs").metadata["blob"].startswith("0-")
+    client.delete_collection("docs")
+
+
+def test_concurrent_adds_never_cross_the_record_limit(stcs: Callable[..., StcsServer]) -> None:
+    """Before: each add was checked against the count before any of them landed: 8 concurrent
+    adds of 3,000 records (bodies over the relay's 64 KiB prefetch) under a 10,000 limit made
+    24,000 records."""
+    server = stcs("--userMaxRecordsPerCollection", "10000")
+    token = new_token()
+    client_for(server, token).create_collection("docs")
+    clients = [client_for(server, token).get_collection("docs") for _ in range(8)]
+    rng = random.Random(7)
+    batch = 3000
+
+    def add(n: int) -> str:
+        ids = [f"{n}-{i}" for i in range(batch)]
+        embeddings = [[rng.random(), rng.random()] for _ in range(batch)]
+        try:
+            clients[n].add(ids=ids, embeddings=embeddings)
+            return "ok"
+        except chromadb.errors.QuotaError:
+            return "quota"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(add, range(8)))
+    count = clients[0].count()
+    print(f"8 concurrent adds of {batch}: {outcomes.count('ok')} passed, {count} records")
+    assert count <= 10000
+    assert outcomes.count("ok") == 3 and count == 9000
+    # A small batch that fits still passes; one that would cross the limit does not.
+    clients[0].add(ids=[f"s-{i}" for i in range(1000)], embeddings=[[0.5, 0.5]] * 1000)
+    with pytest.raises(chromadb.errors.QuotaError, match="holds 10000 records"):
+        clients[0].add(ids=["one-more"], embeddings=[[0.5, 0.5]])
+    # An upsert of records already there adds none: it passes at the limit.
+    clients[0].upsert(ids=["s-1", "s-2"], embeddings=[[0.1, 0.1]] * 2)
+    assert clients[0].count() == 10000
+
+
+def test_concurrent_large_adds_overshoot_the_disk_quota_by_one_request_at_most(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """Before: 10 concurrent ~2 MB adds all passed a 1 MB quota checked against a cached size
+    (about 10 times one add's growth on disk)."""
+    server = stcs("--userMaxDiskMB", "1", "--adminAPIKey", ADMIN)
+    token, probe = new_token(), new_token()
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(8)) for _ in range(5000)]
+
+    def documents(n: int) -> list[str]:
+        return [" ".join(rng.choice(words) for _ in range(11_000)) for _ in range(n)]
+
+    # What one such add costs on disk, for another user alone.
+    probe_col = client_for(server, probe).create_collection("docs")
+    probe_col.add(ids=[str(i) for i in range(20)], embeddings=vectors(20, 1),
+                  documents=documents(20))  # fmt: skip
+    one_add = wait_disk(server, probe, lambda n: n > MB)
+    bodies = [documents(20) for _ in range(10)]
+    client_for(server, token).create_collection("docs")
+    clients = [client_for(server, token).get_collection("docs") for _ in range(10)]
+
+    def add(n: int) -> str:
+        try:
+            clients[n].add(ids=[f"{n}-{i}" for i in range(20)], embeddings=vectors(20, n),
+                           documents=bodies[n])  # fmt: skip
+            return "ok"
+        except chromadb.errors.QuotaError:
+            return "quota"
+
+    with ThreadPoolExecutor(10) as pool:
+        outcomes = list(pool.map(add, range(10)))
+    server.stop()
+    used = data_size(server.db / token)
+    print(
+        f"10 concurrent adds: {outcomes.count('ok')} passed; {used / MB:.1f} MB on disk "
+        f"(one add alone: {one_add / MB:.1f} MB)"
+    )
+    assert outcomes.count("ok") == 1
+    assert used <= MB + one_add * 1.2
+
+
+def test_a_client_starts_and_writes_under_a_low_rate_limit(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """Before: with `userRequestsPerSecond` 2 (burst defaulting to the rate), the client's
+    constructor (3 requests) raised RateLimitError."""
+    server = stcs("--userRequestsPerSecond", "2")
+    token = new_token()
+    client = client_for(server, token)  # identity, tenant, database
+    col = client.get_or_create_collection("docs")  # 1
+    col.add(ids=["a"], embeddings=vectors(1, 1))  # pre-flight checks, add
+    server.wait_event("request", where=lambda e: e.get("status") == 201)
+    starts = [e for e in server.events("request") if e.get("user_id")]
+    print(f"a client's start-up and first add: {len(starts)} requests")
+    assert len(starts) == 6
+
+
 # -- policy alone (no server) ------------------------------------------------------------------
 
 
 def test_routes_that_count_as_writes_and_deletes() -> None:
+    """Every route of chroma 1.5's /openapi.json that can store data is a write."""
     coll = f"{C}/3f2b8a4e-9c1d-4e5f-8a7b-6c5d4e3f2a1b"
     assert classify("POST", C)[0] == "create"
-    for action in ("add", "upsert", "update", "fork"):
+    for action in ("add", "upsert", "fork"):
         assert classify("POST", f"{coll}/{action}")[0] == action
-    assert classify("POST", f"{coll}/delete")[0] == "delete"
-    assert classify("DELETE", f"{C}/docs")[0] == "delete"
-    assert classify("DELETE", "/api/v2/tenants/t/databases/d")[0] == "delete"
+    for method, path in [
+        ("POST", f"{coll}/update"),
+        ("PUT", coll),  # modify: name, metadata, configuration
+        ("PUT", f"{C}/docs"),
+        ("POST", "/api/v2/tenants"),
+        ("PATCH", "/api/v2/tenants/t1"),
+        ("POST", "/api/v2/tenants/t1/databases"),
+        ("POST", f"{coll}/functions/attach"),
+        ("POST", f"{coll}/attached_functions/f/detach"),
+        ("POST", "/api/v2/some-route-of-a-later-chroma"),
+    ]:
+        assert classify(method, path)[0] == "write", (method, path)
+    for method, path in [
+        ("POST", f"{coll}/delete"),
+        ("DELETE", f"{C}/docs"),
+        ("DELETE", "/api/v2/tenants/t/databases/d"),
+        ("POST", "/api/v2/reset"),
+    ]:
+        assert classify(method, path)[0] == "delete", (method, path)
     for method, path in [
         ("GET", C),
         ("POST", f"{coll}/query"),
         ("POST", f"{coll}/get"),
+        ("POST", f"{coll}/search"),
         ("GET", f"{coll}/count"),
-        ("PUT", f"{C}/docs"),
+        ("GET", f"{coll}/indexing_status"),
+        ("HEAD", HEARTBEAT),
         ("GET", HEARTBEAT),
     ]:
         assert classify(method, path)[0] is None, (method, path)
