@@ -312,7 +312,9 @@ class AuthServerResolver:
         self.health.record(status)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         if status in (401, 403):
-            log.info("token rejected", auth_status=status, duration_ms=duration_ms)
+            # debug: one line per distinct bad token would let a client write lines at the
+            # auth server's pace; the request's own line (401) is within its address's budget.
+            log.debug("token rejected", auth_status=status, duration_ms=duration_ms)
             self._remember(key, None, self._reject_ttl)
             raise AuthError("invalid token")
         if status != 200:

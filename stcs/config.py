@@ -413,6 +413,24 @@ class Settings:
         choices=LOG_LEVELS,
         help="Least severity logged: trace, debug, info, warn, error or fatal.",
     )
+    log_refusals_per_second: int = setting(
+        5,
+        key="logRefusalsPerSecond",
+        env="LOG_REFUSALS_PER_SECOND",
+        minimum=0,
+        help="Lines a second logged per client address for requests refused before a user is "
+        "known (400, 401, 403, 408, 413, 431, ...; bursts of 4 x this, all addresses together "
+        "10 x); the others are counted in a `requests not logged` line. 0: log every one.",
+    )
+    log_refusals_summary_interval: int = setting(
+        10000,
+        key="logRefusalsSummaryInterval",
+        env="LOG_REFUSALS_SUMMARY_INTERVAL",
+        unit="ms",
+        minimum=100,
+        help="The `requests not logged` line (counts by client address and status) is written "
+        "this long after the first refusal it counts.",
+    )
     enable_ssl: bool = setting(
         False,
         key="enableSSL",

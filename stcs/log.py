@@ -9,16 +9,26 @@ In UUID mode (no ``authServerEndpoint``) a user id *is* the user's token, so it 
 logged either: `configure` then installs `hide_user_ids`, which replaces the ``user_id`` of every
 event (whoever logs it) with `user_ref` of it.  ``stcs user-ref ID`` prints the reference of an
 id, for an operator who wants that user's lines.
+
+A client must not be able to fill the disk through the log (docs/security.md, "Log
+flooding"): every value a client chooses (`CLIENT_KEYS`: path, client address from
+``X-Forwarded-For``, ...) is clipped to `CLIENT_VALUE_MAX` characters and escaped by
+`clip_client_values`, and the lines of requests refused before a user is known go through a
+per-address budget, `RefusalLog`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextvars
 import functools
 import hashlib
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -99,6 +109,44 @@ def hide_user_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, 
     return event
 
 
+# Event keys whose values a client chooses (relay and control plane): the request target's path,
+# the client address (an X-Forwarded-For entry, when the peer is a trusted proxy), the method
+# and a refusal's reason (parser messages).  Each maps to the key that carries the original
+# length when the value is clipped.
+CLIENT_KEYS = {key: f"{key}_len" for key in ("path", "client", "method", "reason")}
+CLIENT_VALUE_MAX = 256  # characters of a client-chosen value kept in a log line
+_CLIPPED = "\u2026"  # the marker ending a clipped value
+
+
+def clip_text(text: str, limit: int = CLIENT_VALUE_MAX) -> str:
+    """``text`` fit for one log line: characters a terminal or a line-oriented reader would act
+    on (controls, C1 controls, line and paragraph separators; `str.isprintable`) escaped as
+    Python's ``unicode_escape`` writes them (``\\n``, ``\\x1b``), then cut to ``limit``
+    characters with an ``…`` ending when longer."""
+    head = text[: limit + 1]  # escaping the first limit + 1 characters is all that can show
+    if not head.isprintable():
+        head = head.encode("unicode_escape").decode("ascii")
+    if len(head) > limit or len(text) > limit:
+        return head[:limit] + _CLIPPED
+    return head
+
+
+def clip_client_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: clip and escape each client-chosen value (`CLIENT_KEYS`) with
+    `clip_text`; a value longer than `CLIENT_VALUE_MAX` gets ``<key>_len``, its length in
+    characters (bytes, for the relay's Latin-1 decoded path).
+
+    On every line (the request line is on the hot path): a dict lookup, a length check and
+    ``isprintable`` per key in the common case."""
+    for key, length_key in CLIENT_KEYS.items():
+        value = event.get(key)
+        if value.__class__ is str and (len(value) > CLIENT_VALUE_MAX or not value.isprintable()):
+            event[key] = clip_text(value)
+            if len(value) > CLIENT_VALUE_MAX:
+                event[length_key] = len(value)
+    return event
+
+
 def configure(
     level: str = "info",
     log_file: str = "",
@@ -122,6 +170,7 @@ def configure(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         *([hide_user_ids] if user_ids_are_secret else []),
+        clip_client_values,  # after hide_user_ids: no id is cut in two, half of it shown
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         _timestamp,
@@ -163,7 +212,8 @@ class BadRequestFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             record.msg = "bad request from client: %s"
-            record.args = (exc.message.splitlines()[0] if exc.message else type(exc).__name__,)
+            first = exc.message.splitlines()[0] if exc.message else type(exc).__name__
+            record.args = (clip_text(first),)  # aiohttp quotes the offending bytes
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -212,3 +262,130 @@ def _dumps(obj: Any, **kw: Any) -> str:
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:
     return event
+
+
+class RefusalLog:
+    """How many lines the requests refused before a user is known may write: a token bucket
+    per client address (``per_second`` lines a second, bursts of `BURST_SECONDS` times that),
+    and one for all addresses together (`TOTAL_FACTOR` times the per-address one, so a client
+    with many addresses, IPv6 for one, gains nothing past it).
+
+    The buckets are kept for at most ``max_clients`` addresses (least recently refused first
+    out: an address that comes back starts with a full bucket, which the total bucket bounds).
+    A refusal not logged is counted, by address and status, and written as one ``requests not
+    logged`` line (level warning) ``interval_s`` after the first of them, when ``loop`` is
+    given, or at `flush`.  ``per_second`` 0 logs every refusal.  ``clock`` gives seconds
+    (monotonic).  Source of the rule: nginx ``limit_req`` logs rejections at its own rate;
+    issue 18 item 4 (≤ 1.5 KB of log per refused request).
+    """
+
+    BURST_SECONDS = 4  # a burst is this many seconds' worth of lines
+    TOTAL_FACTOR = 10  # all addresses together: this many addresses' worth
+    SUMMARY_CLIENTS = 20  # addresses listed by name in a summary line (most refusals first)
+    CLIENT_KEY_MAX = 64  # characters of an address kept as a key (an IPv6 address is ≤ 45)
+
+    def __init__(
+        self,
+        per_second: float,
+        interval_s: float,
+        *,
+        max_clients: int = 4096,
+        loop: asyncio.AbstractEventLoop | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second = per_second
+        self.burst = max(1.0, per_second * self.BURST_SECONDS)
+        self.interval_s = interval_s
+        self.max_clients = max_clients
+        self._loop = loop
+        self._clock = clock
+        # address -> [tokens, last refill (clock s)]; ordered least recently refused first
+        self._buckets: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self._total = [self.burst * self.TOTAL_FACTOR, clock()]
+        # address -> status -> lines not logged; at most max_clients addresses, then "other"
+        self._dropped: dict[str, collections.Counter[int]] = {}
+        self._dropped_since = 0.0
+        self._summary: asyncio.TimerHandle | None = None
+        self._log = structlog.get_logger("stcs.log")
+
+    def admit(self, client: str | None, status: int) -> bool:
+        """Whether the line of a refusal (``status``) for ``client`` (an address, None when
+        unknown) is to be written; when not, it is counted for the next summary."""
+        if not self.per_second:
+            return True
+        key = "-" if client is None else client[: self.CLIENT_KEY_MAX]
+        now = self._clock()
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_clients:
+                buckets.popitem(last=False)
+            bucket = buckets[key] = [self.burst, now]
+        else:
+            buckets.move_to_end(key)
+        total = self._total
+        if (
+            _refill(bucket, now, self.per_second, self.burst) >= 1
+            and _refill(
+                total, now, self.per_second * self.TOTAL_FACTOR, self.burst * self.TOTAL_FACTOR
+            )
+            >= 1
+        ):
+            bucket[0] -= 1
+            total[0] -= 1
+            return True
+        self._count(key, status, now)
+        return False
+
+    def _count(self, key: str, status: int, now: float) -> None:
+        dropped = self._dropped
+        if not dropped:
+            self._dropped_since = now
+            if self._loop is not None and self._summary is None:
+                # In a context of its own: not the refused request's (its request_id).
+                self._summary = self._loop.call_later(
+                    self.interval_s, self.flush, context=contextvars.Context()
+                )
+        counts = dropped.get(key)
+        if counts is None:
+            if len(dropped) >= self.max_clients:
+                key = "other"
+                counts = dropped.get(key)
+            if counts is None:
+                counts = dropped[key] = collections.Counter()
+        counts[status] += 1
+
+    def flush(self) -> None:
+        """Write the ``requests not logged`` line for what was counted, if anything:
+        ``count``, ``statuses`` (status -> count), ``clients`` (address -> status -> count,
+        the `SUMMARY_CLIENTS` addresses with most), ``other_clients`` (addresses not listed)
+        and ``since_s`` (seconds since the first of them)."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        dropped, self._dropped = self._dropped, {}
+        if not dropped:
+            return
+        totals = collections.Counter[int]()
+        for counts in dropped.values():
+            totals.update(counts)
+        top = sorted(dropped.items(), key=lambda item: -item[1].total())[: self.SUMMARY_CLIENTS]
+        self._log.warning(
+            "requests not logged",
+            count=totals.total(),
+            statuses={str(status): n for status, n in sorted(totals.items())},
+            clients={
+                clip_text(client): {str(status): n for status, n in sorted(counts.items())}
+                for client, counts in top
+            },
+            other_clients=len(dropped) - len(top),
+            since_s=round(self._clock() - self._dropped_since, 1),
+        )
+
+
+def _refill(bucket: list[float], now: float, rate: float, size: float) -> float:
+    """Refill a token bucket (``[tokens, last refill]``) at ``rate`` a second up to ``size``
+    for the time since its last refill; return its tokens."""
+    tokens = bucket[0] = min(size, bucket[0] + (now - bucket[1]) * rate)
+    bucket[1] = now
+    return tokens

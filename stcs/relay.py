@@ -14,7 +14,11 @@ connection, pipelined ones in order (reading pauses while one is served).
 Control-plane paths (``/admin-health``, ``/admin/*``, ``/metrics``, other methods on
 ``/health`` and ``/auth``) are relayed over a private unix socket to the aiohttp application
 (`stcs.app`), unchanged; ``GET /health`` and ``GET /auth`` are answered here (``/auth`` is on
-nginx's ``auth_request`` path, once per request in cluster mode).
+nginx's ``auth_request`` path, once per request in cluster mode).  A body is never asked for
+or read for a control path that would refuse it (no admin key, or a route that takes none).
+
+Log lines carry client-chosen values clipped (`stcs.log.clip_client_values`); the lines of
+requests refused before a user is known are limited per client address (`Relay.refusals`).
 
 The edge is bounded by settings (docs in README): ``headersTimeout`` (head, 408),
 ``bodyTimeout`` (pause in a body, 408, lease released), ``keepAliveTimeout``,
@@ -52,6 +56,7 @@ from stcs.errors import (
     UpstreamError,
     UserBlockedError,
 )
+from stcs.log import RefusalLog
 from stcs.quotas import Admission
 from stcs.state import State
 from stcs.upstream import UnixTarget, UnreachableError, UpstreamFailedError, UpstreamResponse
@@ -100,10 +105,16 @@ PIECE_GATHER = 4096
 LINGER_S = 2.0
 CONTROL_PATHS = (b"/admin-health", b"/metrics")
 _OWN_PATHS = (b"/health", b"/auth")  # other methods: the control plane answers 405
+# Own paths that take no request body, whatever the method (every route on them is GET), and
+# methods no admin route reads a body of (stcs.app, stcs.admin): such a body is refused (413)
+# before any of it is asked for or read.
+_BODILESS_PATHS = (*_OWN_PATHS, *CONTROL_PATHS)
+_BODILESS_METHODS = (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
 
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()  # this process's requests: unique across restarts
 _STATUS_CLOSE = {408, 413, 431, 400, 501}
+_FAULTS = (500, 502)  # never held back by the refusals' log budget
 
 
 def next_request_id() -> str:
@@ -282,6 +293,12 @@ class Relay:
         self.body_timeout = settings.body_timeout / 1000
         self.keepalive_timeout = settings.keep_alive_timeout / 1000
         self.trusted = settings.trusted_networks
+        # Lines of requests refused before a user is known: a budget per client address.
+        self.refusals = RefusalLog(
+            settings.log_refusals_per_second,
+            settings.log_refusals_summary_interval / 1000,
+            loop=asyncio.get_running_loop(),
+        )
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
@@ -296,6 +313,7 @@ class Relay:
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.abort()
+        self.refusals.flush()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -342,7 +360,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(error_response(exc, close=True))
             self.transport.close()
             self.closed = True
-            log.warning("connection refused", reason="maxConnections", client=self.peer)
+            if relay.refusals.admit(self.peer, 503):
+                log.warning("connection refused", reason="maxConnections", client=self.peer)
             return
         relay.connections.add(self)
         # Until the first byte, the head timeout applies (as nginx's client_header_timeout).
@@ -639,16 +658,25 @@ class ClientConnection(asyncio.Protocol):
             method = msg.method.decode("latin-1")
             state.metrics.observe_request(method, status, duration)
             info.pop("response_started", None)
-            log.info(
-                "request",
-                request_id=request_id,
-                method=method,
-                path=msg.url.partition(b"?")[0].decode("latin-1"),
-                status=status,
-                duration_ms=round(duration * 1000, 2),
-                client=client_address(self.peer, msg.forwarded, self.relay.trusted),
-                **info,
-            )
+            client = client_address(self.peer, msg.forwarded, self.relay.trusted)
+            # Refused before a user is known: within the address's line budget (log.RefusalLog).
+            # stcs's own faults (500, 502) are always written: the operator must see each one.
+            if (
+                info["user_id"] is not None
+                or status < 400
+                or status in _FAULTS
+                or self.relay.refusals.admit(client, status)
+            ):
+                log.info(
+                    "request",
+                    request_id=request_id,
+                    method=method,
+                    path=msg.url.partition(b"?")[0].decode("latin-1"),
+                    status=status,
+                    duration_ms=round(duration * 1000, 2),
+                    client=client,
+                    **info,
+                )
         self._send_held()
         self._done(msg, close)
 
@@ -702,9 +730,9 @@ class ClientConnection(asyncio.Protocol):
             return status_of(exc), True
         path = msg.url.partition(b"?")[0]
         method = msg.method
-        if path == b"/health" and method in (b"GET", b"HEAD"):
+        if path == b"/health" and method in (b"GET", b"HEAD") and not msg.has_body:
             return self._health(msg), False
-        if path == b"/auth" and method == b"GET":
+        if path == b"/auth" and method == b"GET" and not msg.has_body:
             return await self._auth(msg, info)
         try:
             if path in CONTROL_PATHS or path.startswith(b"/admin/") or path in _OWN_PATHS:
@@ -754,15 +782,21 @@ class ClientConnection(asyncio.Protocol):
         return 204, not msg.complete
 
     async def _control(self, msg: _Message, info: dict[str, Any]) -> tuple[int, bool]:
-        """Relay to the aiohttp control application over its unix socket, unchanged.  An admin
-        request with a body has its key checked first: no body is asked for (``100 Continue``)
-        or read without it."""
-        if msg.has_body and msg.url.partition(b"?")[0] not in _OWN_PATHS:
-            verify_admin_key(
-                self.relay.settings.admin_api_key,
-                msg.special.get(b"x-api-key"),
-                msg.special.get(b"authorization"),
-            )
+        """Relay to the aiohttp control application over its unix socket, unchanged.  A request
+        with a body is checked first, so no body is asked for (``100 Continue``) or read that
+        would be refused: the admin key (AdminForbiddenError), then whether the route takes a
+        body at all (BodyTooLargeError, 413: ``/health``, ``/auth``, ``/admin-health``,
+        ``/metrics``, and GET, HEAD, DELETE, OPTIONS on ``/admin/*``)."""
+        if msg.has_body:
+            path = msg.url.partition(b"?")[0]
+            if path not in _OWN_PATHS:
+                verify_admin_key(
+                    self.relay.settings.admin_api_key,
+                    msg.special.get(b"x-api-key"),
+                    msg.special.get(b"authorization"),
+                )
+            if path in _BODILESS_PATHS or msg.method in _BODILESS_METHODS:
+                raise BodyTooLargeError("this endpoint takes no request body")
         headers = filter_headers(msg.headers, CONTROL_DROP)
         body, chunked = await self._body_for_upstream(msg)
         head = self._upstream_head(msg, b"localhost", headers, body, chunked)
@@ -1049,7 +1083,9 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self.active is None:
             self._write(error_response(exc, close=True))
-            log.info("request refused", status=status_of(exc), reason=exc.message, client=self.peer)
+            status = status_of(exc)
+            if self.relay.refusals.admit(self.peer, status):
+                log.info("request refused", status=status, reason=exc.message, client=self.peer)
             self.close()
         else:
             self.pipeline.clear()

@@ -846,7 +846,14 @@ def test_a_pipelined_request_logs_under_its_own_user_not_the_one_before(
     """Log context is per request: behind a keep-alive front proxy, the next request on a
     connection is often another client's."""
     auth_server.answers["alice-token"] = (200, {"userId": "alice"})
-    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}", "--auth", auth_server.url)
+    server = stcs(
+        "--chromaCommand",
+        f"{sys.executable} {ECHO}",
+        "--auth",
+        auth_server.url,
+        "--logLevel",
+        "debug",  # "token rejected" is a debug line
+    )
     with connect(server) as sock:
         sock.sendall(
             head("GET", "/echo/a", "alice-token") + head("GET", "/echo/b", "mallory-token")
