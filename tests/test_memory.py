@@ -4,6 +4,7 @@ fake cgroup files in a temporary directory for the container's limit."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -17,7 +18,10 @@ import psutil
 import pytest
 import requests
 
-from stcs.memory import ContainerMemory, ProcessTable, pss_bytes
+from stcs.errors import MemoryLimitError
+from stcs.launcher import Child
+from stcs.memory import ContainerMemory, MemoryWatch, ProcessTable, pss_bytes
+from stcs.supervisor import Phase, Supervisor
 from tests.harness import ADMIN, HDR, StcsServer, client_for, new_token, scrape
 
 MB = 2**20
@@ -106,7 +110,7 @@ def test_tenant_over_its_memory_limit_is_stopped_and_told_while_others_are_serve
     )
     assert isinstance(error, chromadb.errors.QuotaError), repr(error)
     assert "userMaxMemoryMB is 64 MB" in str(error)
-    assert len(stopped) == 1 and over["pss_mb"] > 64 and over["rss_mb"] >= over["pss_mb"]
+    assert len(stopped) == 1 and over["pss_mb"] >= 64 and over["rss_mb"] >= over["pss_mb"]
     assert victim.failures == [] and victim.served > 10
     backoff = server.events("start backing off")
     assert backoff and backoff[0]["reason"] == "memory"
@@ -133,6 +137,82 @@ def test_admin_health_counts_instances_by_pss_not_rss(stcs: Callable[..., StcsSe
     assert memory["nMaxInstancesEstimate"] >= 2
     listed = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10).json()
     assert all(1000 < i["memKb"] < rss_kb[i["pid"]] for i in listed["instances"])
+
+
+# -- the policy, fast: real processes holding memory, an injected clock ------------------------
+
+HOG = "import sys, time; b = bytearray(int(sys.argv[1]) * 2**20); print('ready', flush=True); "
+HOG += "time.sleep(3600)"
+
+
+class HogLauncher:
+    """Starts, per user, a Python process holding ``mb[user]`` MB (a real process, no chroma).
+    A stop moves the injected clock on by ``stop_s`` (a chroma finishing its requests in
+    flight after SIGTERM) before it terminates the process."""
+
+    def __init__(self, mb: dict[str, int], clock: list[float], stop_s: float) -> None:
+        self.mb = mb
+        self.clock = clock
+        self.stop_s = stop_s
+        self.children: list[Child] = []
+
+    async def launch(self, user_id: str) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOG, str(self.mb[user_id]), stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None and await process.stdout.readline() == b"ready\n"
+        child = Child(user_id, 40000 + len(self.children), process, Path("/dev/null"), 0.0)
+        self.children.append(child)
+        return child
+
+    async def stop(self, child: Child) -> int:
+        self.clock[0] += self.stop_s
+        if child.returncode is None:
+            child.process.terminate()
+        return await child.wait()
+
+    def rotate_log(self, child: Child) -> None:
+        pass
+
+    async def probe(self, child: Child, timeout_s: float) -> bool:
+        return child.returncode is None
+
+    def kill(self, child: Child) -> None:
+        if child.returncode is None:
+            child.process.kill()
+
+
+async def test_the_watch_stops_only_the_instance_over_its_limit_and_backs_it_off() -> None:
+    """One sample: the user holding 60 MB under a 40 MB limit is stopped (reason memory), the
+    one holding 5 MB under no limit is untouched; the hog's requests get MemoryLimitError
+    naming the limit until the back-off, counted from the end of a slow (5 s) stop, is over."""
+    clock = [1000.0]
+    launcher = HogLauncher({"hog": 60, "small": 5}, clock, stop_s=5.0)
+    sup = Supervisor(
+        launcher, ttl_ms=600000, max_instances=5, queue_timeout_ms=1000, clock=lambda: clock[0]
+    )
+    watch = MemoryWatch(sup, lambda user: 40 if user == "hog" else 0, interval_ms=100)
+    try:
+        for user in ("hog", "small"):
+            async with sup.acquire(user):
+                pass
+        small_pid = sup.registry["small"].child.pid  # type: ignore[union-attr]
+        (over,) = await watch.sample()
+        assert over.user_id == "hog" and over.pss > 40 * MB and over.rss >= over.pss
+        await asyncio.wait_for(sup.registry["hog"].stopped.wait(), 10)
+        with pytest.raises(MemoryLimitError, match="userMaxMemoryMB is 40 MB") as refused:
+            async with sup.acquire("hog"):
+                pass
+        assert refused.value.retry_after_s == 1  # 1 s from the end of the stop, not its start
+        assert sup.metrics.stops.labels("memory")._value.get() == 1
+        assert sup.registry["small"].phase is Phase.READY
+        assert sup.registry["small"].child.pid == small_pid  # type: ignore[union-attr]
+        assert not sup.stop_for_memory("small", small_pid + 1, 99 * MB, 99 * MB, 1)  # stale pid
+        clock[0] += 1.1
+        async with sup.acquire("hog"):  # the back-off is over: it starts again
+            pass
+    finally:
+        await sup.close()
 
 
 # -- the process tree (real processes, no chroma) ----------------------------------------------
