@@ -150,7 +150,7 @@ def tree_pss(roots: Sequence[int]) -> dict[int, int | None]:
 def _read_int(path: Path) -> int | None:
     """The number in ``path``; None when it is missing, unreadable or ``max`` (no limit)."""
     try:
-        text = path.read_text().strip()
+        text = _read_proc(str(path)).strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None

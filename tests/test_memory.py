@@ -94,14 +94,15 @@ def test_tenant_over_its_memory_limit_is_stopped_and_told_while_others_are_serve
     )
     attacker = new_token()
     with Victim(server) as victim:
-        added, error = grow(client_for(server, attacker), seconds=60)
+        attacker_client = client_for(server, attacker)
+        added, error = grow(attacker_client, seconds=60)
+        # The same back-off as a crash loop: the next request is refused at once, named.
+        with pytest.raises(chromadb.errors.QuotaError, match="userMaxMemoryMB is 64 MB"):
+            attacker_client.heartbeat()
         stopped = server.wait_event(
             "instance stopped", where=lambda e: e.get("reason") == "memory", timeout=10
         )
         over = server.wait_event("instance over memory limit")[0]
-        # The same back-off as a crash loop: the next request is refused at once, named.
-        with pytest.raises(chromadb.errors.QuotaError, match="userMaxMemoryMB is 64 MB"):
-            client_for(server, attacker).heartbeat()
         time.sleep(0.5)  # the victim keeps going while the attacker is backed off
     print(
         f"attacker: {added} records of {DIM} dims before {type(error).__name__}; "
@@ -110,8 +111,9 @@ def test_tenant_over_its_memory_limit_is_stopped_and_told_while_others_are_serve
     )
     assert isinstance(error, chromadb.errors.QuotaError), repr(error)
     assert "userMaxMemoryMB is 64 MB" in str(error)
-    assert len(stopped) == 1 and over["pss_mb"] >= 64 and over["rss_mb"] >= over["pss_mb"]
-    assert victim.failures == [] and victim.served > 10
+    assert len(stopped) == 1, stopped
+    assert over["pss_mb"] >= 64 and over["rss_mb"] >= over["pss_mb"], over
+    assert victim.failures == [] and victim.served > 10, (victim.failures, victim.served)
     backoff = server.events("start backing off")
     assert backoff and backoff[0]["reason"] == "memory"
     metrics = scrape(server)
@@ -119,6 +121,42 @@ def test_tenant_over_its_memory_limit_is_stopped_and_told_while_others_are_serve
     # After the back-off the tenant is served again (its data is on disk; memory is idle again).
     time.sleep(1.5)
     assert client_for(server, attacker).heartbeat()
+
+
+def instances(server: StcsServer) -> list[dict[str, object]]:
+    resp = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10)
+    assert resp.status_code == 200, resp.text
+    listed: list[dict[str, object]] = resp.json()["instances"]
+    return listed
+
+
+def test_a_per_user_override_limits_that_user_only(stcs: Callable[..., StcsServer]) -> None:
+    """``PUT /admin/users/{id}/limits {"userMaxMemoryMB": 1}`` (below any chroma's PSS): that
+    user's running instance is stopped at the next sample, the other user's is untouched."""
+    server = stcs("--adminAPIKey", ADMIN, "--userMemoryCheckInterval", "200")
+    limited, other = new_token(), new_token()
+    client_for(server, limited).heartbeat()
+    other_client = client_for(server, other)
+    other_client.heartbeat()
+    pids = {i["userId"]: i["pid"] for i in instances(server)}
+    resp = requests.put(
+        f"{server.url}/admin/users/{limited}/limits",
+        json={"userMaxMemoryMB": 1},
+        headers=HDR,
+        timeout=10,
+    )
+    assert resp.status_code == 200 and resp.json()["limits"]["userMaxMemoryMB"] == 1
+    server.wait_event("instance stopped", where=lambda e: e.get("reason") == "memory")
+    # Refused while it backs off (on a slow machine the 1 s may pass first: then it starts,
+    # is stopped again at the next sample and backs off 2 s; bounded either way).
+    deadline = time.monotonic() + 15
+    with pytest.raises(chromadb.errors.QuotaError, match="userMaxMemoryMB is 1 MB"):
+        while time.monotonic() < deadline:
+            client_for(server, limited).heartbeat()
+            time.sleep(0.1)
+    assert other_client.heartbeat()
+    assert len(server.events("instance over memory limit")) >= 1
+    assert {i["userId"]: i["pid"] for i in instances(server)} == {other: pids[other]}
 
 
 def test_admin_health_counts_instances_by_pss_not_rss(stcs: Callable[..., StcsServer]) -> None:
