@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,6 +34,7 @@ from stcs.errors import (
     InvalidUserIdError,
     NoInstanceError,
 )
+from stcs.memory import system_memory, tree_pss
 from stcs.metrics import CONTENT_TYPE
 from stcs.quotas import Quotas, check_overrides
 from stcs.state import STATE, State
@@ -63,21 +65,22 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _rss_kb(pid: int) -> int | None:
-    """Resident set size of ``pid`` in kB (1000 bytes, as the Node.js server), None if gone."""
-    try:
-        return round(psutil.Process(pid).memory_info().rss / 1000)
-    except psutil.Error:
-        return None
+async def _mem_kb(views: Sequence[InstanceView]) -> dict[int, int | None]:
+    """pid -> the PSS of the instance's process tree in kB (1000 bytes, as the Node.js server;
+    None if gone): what the tenant costs, the figure ``userMaxMemoryMB`` limits (`stcs.memory`;
+    RSS would count the chroma library every child shares once per child).  Read in a thread:
+    the kernel walks each process's page tables (~0.3 ms for an idle child)."""
+    pss = await asyncio.to_thread(tree_pss, [v.pid for v in views if v.pid is not None])
+    return {pid: None if b is None else round(b / 1000) for pid, b in pss.items()}
 
 
-def instance_entry(view: InstanceView) -> dict[str, Any]:
-    """One instance as the admin endpoints show it."""
+def instance_entry(view: InstanceView, mem_kb: Mapping[int, int | None]) -> dict[str, Any]:
+    """One instance as the admin endpoints show it (``mem_kb``: `_mem_kb`)."""
     return {
         "userId": view.user_id,
         "port": view.port,
         "pid": view.pid,
-        "memKb": _rss_kb(view.pid) if view.pid is not None else None,
+        "memKb": mem_kb.get(view.pid) if view.pid is not None else None,
         "startedAt": _iso(view.started_at) if view.started_at is not None else None,
         "lastActive": _iso(view.last_active),
         "idleForMs": round(view.idle_for_s * 1000),
@@ -123,14 +126,18 @@ async def admin_health(request: web.Request) -> web.Response:
     nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n, "authServer": null in UUID
     mode, else `AuthServerHealth.view`}``.  Memory in kB of 1000 bytes
     (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when the instance
-    answered its heartbeat.
+    answered its heartbeat.  ``memKb`` (and so ``kbInstanceUse``, ``kbInstanceAverage``) is the
+    PSS of each instance's process tree (`_mem_kb`); ``kbTotal`` and ``kbAvailable`` are bounded
+    by stcs's cgroup memory limit when it has one (`stcs.memory.ContainerMemory`), as
+    ``dbMinFreeMemoryMB`` is.
     """
     state = _state(request)
     supervisor = state.supervisor
     snapshot = supervisor.snapshot()
+    mem_kb = await _mem_kb(snapshot.instances)
 
     async def describe(view: InstanceView) -> dict[str, Any]:
-        entry = instance_entry(view)
+        entry = instance_entry(view, mem_kb)
         if entry["ready"] and view.pid is not None:
             healthy = await supervisor.probe(view.user_id, view.pid, ADMIN_PROBE_TIMEOUT_S)
             if healthy is not None:  # None: it stopped meanwhile; its phase says so
@@ -141,20 +148,23 @@ async def admin_health(request: web.Request) -> web.Response:
 
     instances = await asyncio.gather(*(describe(v) for v in snapshot.instances))
     vm = psutil.virtual_memory()
+    container = system_memory()
+    limit = container.limit()
+    kb_total = round(vm.total / 1000 if limit is None else min(vm.total, limit) / 1000)
     kb_instances = sum(i["memKb"] or 0 for i in instances)
     counted = sum(1 for i in instances if i["memKb"])
     average = round(kb_instances / counted) if counted else None
     kb_app = round(psutil.Process(os.getpid()).memory_info().rss / 1000)
-    kb_available = round(vm.available / 1000)
+    kb_available = round(container.available() / 1000)
     kb_floor = snapshot.min_free_bytes / 1000
     memory = {
-        "kbTotal": round(vm.total / 1000),
+        "kbTotal": kb_total,
         "kbAvailable": kb_available,
         "kbAppUse": kb_app,
         "kbInstanceUse": kb_instances,
         "kbInstanceAverage": average,
         "kbUsedTotal": kb_app + kb_instances,
-        "kbPercUsed": round((kb_app + kb_instances) / (vm.total / 1000), 2),
+        "kbPercUsed": round((kb_app + kb_instances) / kb_total, 2),
         "nMaxInstancesEstimate": (
             min(
                 snapshot.max_instances,
@@ -190,9 +200,10 @@ async def list_instances(request: web.Request) -> web.Response:
     state = _state(request)
     quotas = state.quotas
     snapshot = state.supervisor.snapshot()
+    mem_kb = await _mem_kb(snapshot.instances)
     instances = []
     for view in snapshot.instances:
-        entry = instance_entry(view)
+        entry = instance_entry(view, mem_kb)
         entry["usage"] = quotas.usage(view.user_id)
         entry["limits"] = quotas.limits_for(view.user_id).as_keys()
         instances.append(entry)

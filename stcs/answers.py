@@ -14,8 +14,11 @@ Notes on the choices:
 * Auth server unavailable → 503, never 401: the token may well be valid.
 * Quotas → 422 ``QuotaError``: the Python client (chromadb 1.x) maps the name to ``QuotaError``;
   the JS client (``chromadb`` 3.x, ``chroma-fetch.ts``) maps a 422 whose message starts with
-  "Quota exceeded" to ``ChromaQuotaExceededError``.  Per-user rate/concurrency → 429: the JS
-  client maps the status to ``ChromaRateLimitError``.
+  "Quota exceeded" to ``ChromaQuotaExceededError``.  ``userMaxMemoryMB`` is such a quota
+  too (422 ``QuotaError``, with ``Retry-After``: the crash-loop back-off): the tenant's own
+  use stopped its chroma, so a 4xx (not a 503 that alerts on server faults and that retrying
+  clients and proxies treat as the server's) and the exception both clients raise for quotas.
+  Per-user rate/concurrency → 429: the JS client maps the status to ``ChromaRateLimitError``.
 * Admin endpoints without an ``adminAPIKey`` → 404, as the Node.js server.
 """
 
@@ -49,6 +52,7 @@ HTTP: dict[type, tuple[int, str]] = {
     e.UnsupportedCodingError: (501, "InvalidArgumentError"),
     e.TooManyConnectionsError: (503, "RateLimitError"),
     e.QuotaExceededError: (422, "QuotaError"),
+    e.MemoryLimitError: (422, "QuotaError"),
     e.UserRateLimitError: (429, "RateLimitError"),
     e.AdminDisabledError: (404, "NotFoundError"),
     e.AdminForbiddenError: (403, "AuthorizationError"),

@@ -41,6 +41,7 @@ from stcs.datadir import DbPathLock, stop_orphans
 from stcs.errors import RequestError, UserBlockedError
 from stcs.launcher import ChromaLauncher
 from stcs.layout import Layout
+from stcs.memory import MemoryWatch
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
@@ -124,7 +125,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
     Order: the ``dbPath`` lock (first: when another stcs holds it nothing else is made), leftover
     children of an earlier run stopped, the probe session, the auth-server session and resolver,
     the upstream pool, the launcher and the supervisor, the blocklist, quotas; then the
-    supervisor's loops start.  On exit: the
+    supervisor's loops start, then the memory watch (``userMaxMemoryMB``).  On exit: the
     supervisor stops every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), then quotas,
     pools and sessions close and the lock is released.
 
@@ -182,6 +183,13 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         stack.push_async_callback(quotas.close)
         supervisor.start()
         stack.push_async_callback(supervisor.close)
+        memory_watch = MemoryWatch(
+            supervisor,
+            lambda user_id: quotas.limits_for(user_id).user_max_memory_mb,
+            settings.user_memory_check_interval,
+        )
+        memory_watch.start()
+        stack.push_async_callback(memory_watch.close)  # closed before the supervisor
         yield State(
             settings=settings,
             metrics=metrics,

@@ -391,6 +391,26 @@ class Settings:
         minimum=0,
         help="Longest wait for one of the user's userMaxConcurrentRequests slots before 429.",
     )
+    user_max_memory_mb: int = setting(
+        0,
+        key="userMaxMemoryMB",
+        env="USER_MAX_MEMORY_MB",
+        unit="MB",
+        minimum=0,
+        help="Memory a user's chroma server may use, as the proportional set size (PSS) of its "
+        "process tree, sampled every userMemoryCheckInterval; over it the server is stopped, and "
+        "the user's requests get 422 `QuotaError` while their starts back off as after a crash. "
+        "0: no limit.",
+    )
+    user_memory_check_interval: int = setting(
+        1000,
+        key="userMemoryCheckInterval",
+        env="USER_MEMORY_CHECK_INTERVAL",
+        unit="ms",
+        minimum=100,
+        help="How often the memory of instances under a userMaxMemoryMB is sampled (off the "
+        "event loop); a user may grow by what their chroma allocates in this time.",
+    )
     user_disk_check_interval: int = setting(
         60000,
         key="userDiskCheckInterval",

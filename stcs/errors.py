@@ -142,6 +142,17 @@ class QuotaExceededError(RequestError):
         self.limit = limit
 
 
+class MemoryLimitError(QuotaExceededError):
+    """The user's chroma server used more memory than ``userMaxMemoryMB`` (PSS of its process
+    tree, `stcs.memory`) and was stopped: its requests in flight, and the user's requests
+    while their starts back off as after a crash (``retry_after_s``), get this.  The message
+    names the limit."""
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__("memory", message)
+        self.retry_after_s = None if retry_after_s is None else max(1, retry_after_s)
+
+
 class UserRateLimitError(RequestError):
     """A request refused by a per-user rate (``userRequestsPerSecond``) or concurrency
     (``userMaxConcurrentRequests``) limit; ``retry_after_s`` is set.  ``limit`` is "rate" or

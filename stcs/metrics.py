@@ -147,7 +147,16 @@ class Metrics:
         # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
         for result in ("ok", "failed"):
             self.starts.labels(result)
-        for reason in ("idle", "evicted", "crashed", "shutdown", "admin", "unreachable", "wedged"):
+        for reason in (
+            "idle",
+            "evicted",
+            "crashed",
+            "shutdown",
+            "admin",
+            "unreachable",
+            "wedged",
+            "memory",
+        ):
             self.stops.labels(reason)
         for result in ("ok", "rejected", "error", "saturated", "cache_hit"):
             self.auth_lookups.labels(result)

@@ -79,6 +79,7 @@ LIMIT_KEYS: dict[str, str] = {
     "userRequestsPerSecond": "user_requests_per_second",
     "userRequestBurst": "user_request_burst",
     "userMaxConcurrentRequests": "user_max_concurrent_requests",
+    "userMaxMemoryMB": "user_max_memory_mb",  # enforced by stcs.memory, not on the request path
 }
 
 
@@ -205,7 +206,7 @@ def collection_exists(user_dir: Path, tenant: str, database: str, name: str) -> 
 @dataclass(frozen=True)
 class Limits:
     """One user's effective limits (0: off).  Units: MB, collections, records, requests/s,
-    requests, requests in flight."""
+    requests, requests in flight, MB."""
 
     user_max_disk_mb: int = 0
     user_max_collections: int = 0
@@ -213,6 +214,7 @@ class Limits:
     user_requests_per_second: int = 0
     user_request_burst: int = 0
     user_max_concurrent_requests: int = 0
+    user_max_memory_mb: int = 0
     active: bool = field(init=False, default=False)  # any limit on
     needs_kind: bool = field(init=False, default=False)  # a limit that depends on the route
 

@@ -886,6 +886,8 @@ class ClientConnection(asyncio.Protocol):
                 except UpstreamFailedError as exc:
                     if msg.body_error is not None:
                         raise msg.body_error from None
+                    if lease.instance.stop_error is not None:  # stopped by policy (memory)
+                        raise lease.instance.stop_error from None
                     log.warning("upstream request failed", port=lease.port, error=str(exc))
                     raise UpstreamError(
                         "the user's chroma server failed during the request"

@@ -17,6 +17,9 @@
   user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests fail
   at once with StartBackoffError (seconds left as its retry-after), nothing is spawned.  An
   instance that stays up ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+* Memory (``userMaxMemoryMB``, `stcs.memory.MemoryWatch`): an instance whose process tree uses
+  more than its user's limit (PSS) is stopped (reason ``memory``) and the user backs off as
+  after a crash; meanwhile their requests fail with MemoryLimitError, which names the limit.
 * Liveness: an instance with requests in flight whose heartbeat has not answered for
   ``dbLivenessTimeout`` ms is wedged: it is killed (SIGKILL), so its requests fail instead
   of hanging for ever.  Idle instances are not probed (they cost nothing while wedged).
@@ -38,17 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
 from stcs.errors import (
     CapacityTimeoutError,
     DirectoryLockedError,
+    MemoryLimitError,
+    RequestError,
     ShuttingDownError,
     StartBackoffError,
     StartFailedError,
 )
 from stcs.launcher import Child, Launcher, describe_exit
+from stcs.memory import available_memory as _available_memory
 from stcs.metrics import Metrics
 
 log = structlog.get_logger("stcs.supervisor")
@@ -73,6 +78,12 @@ class Backoff:
 
     failures: int = 0
     until: float = 0.0
+    over_memory: str = ""  # the last failure was a memory stop: what it said (names the limit)
+
+    @property
+    def delay(self) -> float:
+        """Seconds of back-off after ``failures`` failures: 1, 2, 4, ... `BACKOFF_MAX_S`."""
+        return float(min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S))
 
 
 class Phase(enum.Enum):
@@ -108,6 +119,7 @@ class Instance:
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing in flight
     stop_task: asyncio.Future[None] | None = None
     start_task: asyncio.Task[None] | None = None
+    stop_error: RequestError | None = None  # why policy stopped it, for its requests in flight
 
     def idle_for(self, now: float) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""
@@ -198,8 +210,9 @@ class _LeaseContext:
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new processes (psutil ``virtual_memory().available``)."""
-    return int(psutil.virtual_memory().available)
+    """Bytes of memory available to new processes: the host's, bounded by stcs's own cgroup
+    limit when it has one (`stcs.memory.ContainerMemory`)."""
+    return _available_memory()
 
 
 class Supervisor:
@@ -502,17 +515,24 @@ class Supervisor:
         left = backoff.until - self._clock()
         if left > 0:
             self.metrics.backoff_refusals.inc()
+            if backoff.over_memory:
+                raise MemoryLimitError(
+                    f"{backoff.over_memory}; retry in {math.ceil(left)} s",
+                    retry_after_s=math.ceil(left),
+                )
             raise StartBackoffError(
                 "this user's chroma server failed to start recently; retry later",
                 retry_after_s=math.ceil(left),
             )
 
-    def _failed(self, user_id: str, reason: str) -> None:
-        """Record a failed start (or early crash) of ``user_id``: back off 1 s, 2 s, 4 s, ...
-        up to `BACKOFF_MAX_S`."""
+    def _failed(self, user_id: str, reason: str, over_memory: str = "") -> None:
+        """Record a failed start (or early crash, or memory stop: ``over_memory`` says what
+        its requests are told) of ``user_id``: back off 1 s, 2 s, 4 s, ... up to
+        `BACKOFF_MAX_S`."""
         backoff = self._backoff.setdefault(user_id, Backoff())
         backoff.failures += 1
-        delay = min(BACKOFF_FIRST_S * 2 ** (backoff.failures - 1), BACKOFF_MAX_S)
+        backoff.over_memory = over_memory
+        delay = backoff.delay
         backoff.until = self._clock() + delay
         self.metrics.start_backoffs.inc()
         log.warning(
@@ -566,6 +586,11 @@ class Supervisor:
                     stop_ms=round((time.monotonic() - started) * 1000, 1),
                 )
         finally:
+            backoff = self._backoff.get(inst.user_id)
+            if reason == "memory" and backoff is not None:
+                # From the end of the stop (a SIGTERM'd chroma finishes its requests in flight
+                # first), as a crash's counts from the exit: else a slow stop eats the back-off.
+                backoff.until = max(backoff.until, self._clock() + backoff.delay)
             self._finalize(inst)
 
     def _finalize(self, inst: Instance) -> None:
@@ -673,6 +698,43 @@ class Supervisor:
         if self._clock() - inst.ready_at < BACKOFF_STABLE_S:
             self._failed(inst.user_id, "wedged soon after start")
         self._stop_soon(inst, "wedged")
+
+    def stop_for_memory(
+        self, user_id: str, pid: int, pss_bytes: int, rss_bytes: int, limit_mb: int
+    ) -> bool:
+        """``user_id``'s ready instance, still the process ``pid``, used ``pss_bytes`` (PSS of
+        its process tree) over its ``userMaxMemoryMB`` of ``limit_mb``: stop it (reason
+        ``memory``; its requests in flight and the user's next ones get MemoryLimitError) and
+        back off as after a crash.  Returns whether it was stopped (False: gone meanwhile)."""
+        inst = self.registry.get(user_id)
+        child = inst.child if inst is not None else None
+        if inst is None or inst.phase is not Phase.READY or child is None or child.pid != pid:
+            return False
+        message = (
+            f"userMaxMemoryMB is {limit_mb} MB and this user's chroma server used "
+            f"{pss_bytes / MB:.0f} MB; it was stopped"
+        )
+        log.warning(
+            "instance over memory limit",
+            user_id=user_id,
+            pid=pid,
+            pss_mb=round(pss_bytes / MB, 1),
+            rss_mb=round(rss_bytes / MB, 1),
+            limit_mb=limit_mb,
+            requests_in_flight=inst.in_flight,
+        )
+        inst.stop_error = MemoryLimitError(message)
+        self._failed(user_id, "memory", over_memory=message)
+        self._stop_soon(inst, "memory")
+        return True
+
+    def ready_pids(self) -> list[tuple[str, int]]:
+        """``(user id, pid)`` of every ready instance (what `stcs.memory.MemoryWatch` samples)."""
+        return [
+            (inst.user_id, inst.child.pid)
+            for inst in self.registry.values()
+            if inst.phase is Phase.READY and inst.child is not None
+        ]
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
