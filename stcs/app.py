@@ -106,6 +106,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """``GET /ready``, as the relay answers it (`stcs.readiness`).  No auth."""
+    reason = request.app[STATE].readiness.reason()
+    if reason is None:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+
 async def auth_only(request: web.Request) -> web.Response:
     """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
     ``X-Stcs-User-Id``; 401/503/502 as the error table, 403 for a blocked user.  Starts no
@@ -262,6 +270,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_state_ctx)  # app[STATE]: built once at startup (`open_state`)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/health", health, allow_head=True)
+    app.router.add_get("/ready", ready, allow_head=True)
     admin.add_routes(app)
     app.router.add_get("/auth", auth_only, allow_head=False)
     return app

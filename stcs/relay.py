@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import httptools
+import orjson
 import structlog
 
 from stcs.answers import UNEXPECTED, ErrorAnswer, answer_for, status_of
@@ -104,7 +105,7 @@ PIECE_GATHER = 4096
 # After a refusal, how long stcs reads and discards what the client still sends before closing.
 LINGER_S = 2.0
 CONTROL_PATHS = (b"/admin-health", b"/metrics")
-_OWN_PATHS = (b"/health", b"/auth")  # other methods: the control plane answers 405
+_OWN_PATHS = (b"/health", b"/ready", b"/auth")  # other methods: the control plane answers 405
 # Own paths that take no request body, whatever the method (every route on them is GET), and
 # methods no admin route reads a body of (stcs.app, stcs.admin): such a body is refused (413)
 # before any of it is asked for or read.
@@ -732,6 +733,8 @@ class ClientConnection(asyncio.Protocol):
         method = msg.method
         if path == b"/health" and method in (b"GET", b"HEAD") and not msg.has_body:
             return self._health(msg), False
+        if path == b"/ready" and method in (b"GET", b"HEAD") and not msg.has_body:
+            return self._ready(msg), False
         if path == b"/auth" and method == b"GET" and not msg.has_body:
             return await self._auth(msg, info)
         try:
@@ -755,6 +758,19 @@ class ClientConnection(asyncio.Protocol):
         else:
             status, reason, body = 200, b"OK", b'{"status":"ok"}'
         head = json_response(status, reason, body, False)
+        self._write(head[: -len(body)] if msg.method == b"HEAD" else head)
+        return status
+
+    def _ready(self, msg: _Message) -> int:
+        """``GET /ready``: 200 ``{"status": "ready"}``, else 503 ``{"status": "not ready",
+        "reason": …}`` (`stcs.readiness`)."""
+        reason = self.state.readiness.reason()
+        if reason is None:
+            status, phrase, body = 200, b"OK", b'{"status":"ready"}'
+        else:
+            status, phrase = 503, b"Service Unavailable"
+            body = orjson.dumps({"status": "not ready", "reason": reason})
+        head = json_response(status, phrase, body, False)
         self._write(head[: -len(body)] if msg.method == b"HEAD" else head)
         return status
 

@@ -114,6 +114,7 @@ async def serve(
         server = await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)
         scheme = "https" if ssl_context else "http"
         log.info("listening", url=f"{scheme}://{host}:{port}")
+        state.readiness.mark_started()
         await stop.wait()
 
         state.begin_shutdown()

@@ -16,6 +16,7 @@ from stcs.auth import AuthServerHealth, Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas
+from stcs.readiness import Readiness
 from stcs.supervisor import Supervisor
 from stcs.upstream import UpstreamPool
 
@@ -40,9 +41,11 @@ class State:
     _shutting_down: bool = field(default=False, init=False)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    readiness: Readiness = field(init=False)  # ``/ready``: starting, draining, dbPath writable
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.readiness = Readiness(self.settings.db_dir, lambda: self._shutting_down)
 
     @property
     def shutting_down(self) -> bool:
