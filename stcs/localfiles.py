@@ -68,12 +68,9 @@ def _chain_problem(path: Path) -> str | None:
             return problem
         if stat.S_ISLNK(st.st_mode):
             continue  # a link's own mode means nothing; where it points is checked apart
-        if stat.S_ISDIR(st.st_mode):
-            if st.st_mode & stat.S_ISVTX:
-                continue  # sticky: only the (checked) owner of the next entry can swap it
-            problem = _write_problem(st, entry, f"chmod go-w {entry}")
-        else:
-            problem = _write_problem(st, entry, f"chmod go-w {entry}")
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+            continue  # sticky: only the (checked) owner of the next entry can swap it
+        problem = _write_problem(st, entry, f"chmod go-w {entry}")
         if problem:
             return problem
     return None
