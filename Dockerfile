@@ -14,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY stcs ./stcs
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin stcs \
-    && install -d -o stcs -g stcs -m 0750 /data
+    && install -d -o stcs -g stcs -m 0700 /data
 
 USER stcs
 VOLUME ["/data"]

@@ -144,10 +144,19 @@ if [ "$USE_DOCKER" = true ]; then
         exit 1
     fi
     run docker build -t "$IMAGE" "$ROOT"
+    # The container's stcs (uid 10001, Dockerfile) reads only a config file it or root could
+    # have written, and serves only a dbPath that is its own and 0700 (docs/security.md): a
+    # private copy of config.yml for it, and dbPath made its own.
+    write_file "$ETC/config.yml" 0600 < "$CONFIG"
+    run chown 10001 "$ETC/config.yml"
+    [ -d "$DB_PATH" ] || run install -d -m 0700 "$DB_PATH"
+    run chown 10001 "$DB_PATH"
+    run chmod 0700 "$DB_PATH"
     run docker rm -f "$CONTAINER"
     run docker run -d --name "$CONTAINER" --restart unless-stopped \
         -p "127.0.0.1:$APP_PORT:$APP_PORT" -v "$DB_PATH:/data" \
-        -v "$CONFIG:/etc/stcs/config.yml:ro" "$IMAGE" --config /etc/stcs/config.yml --db /data
+        -v "$ETC/config.yml:/etc/stcs/config.yml:ro" "$IMAGE" --config /etc/stcs/config.yml \
+        --db /data
     echo "setup.sh: done (Docker)"
     exit 0
 fi
@@ -182,6 +191,9 @@ for dir in "$WORKDIR" "$DB_PATH" ${LOG_DIR:+"$LOG_DIR"}; do
     [ -d "$dir" ] && note "exists: $dir" || run install -d -m 0750 "$dir"
     run chown "$SERVICE_USER:$SERVICE_USER" "$dir"
 done
+# dbPath is the service user's alone: in UUID mode its entries are tokens, and `stcs serve`
+# refuses a dbPath that group or others can enter (allowSharedDbPath).
+run chmod 0700 "$DB_PATH"
 
 # -- 6. web server ------------------------------------------------------------------------------
 render() { stcs_cli render --config "$CONFIG" "$@" --listen "$LISTEN" --tls-listen "$TLS_LISTEN"; }

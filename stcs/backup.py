@@ -9,13 +9,16 @@ lock is taken so none can start during the copy.  Either way the user's director
 them open.
 
 Archives are gzip tarballs holding ``data/...`` (the directory's contents), so they restore
-under any user id.  A backup is written to ``OUT.partial`` and renamed when complete; a restore
-extracts beside the user's directory and swaps it in, so a failure never leaves half a database.
+under any user id.  A backup is written 0600 to a new temporary file beside ``OUT`` and renamed
+when complete (`stcs.localfiles.private_partial`: an archive holds a tenant's whole database);
+a restore extracts beside the user's directory, with no group or other permission whatever the
+archive says, and swaps it in, so a failure never leaves half a database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -37,6 +40,7 @@ from stcs.config import Settings
 from stcs.datadir import DbPathLock, lock_file
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.layout import Layout
+from stcs.localfiles import private_partial, publish
 
 ARCHIVE_ROOT = "data"
 HOLD_TTL_S = 3600  # a hold this process forgot to release ends by itself
@@ -109,7 +113,7 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
 
     Yields "server" or "offline".  Raises OperationError.
     """
-    settings.db_dir.mkdir(parents=True, exist_ok=True)
+    settings.db_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db_lock = DbPathLock(settings.db_dir)
     try:
         db_lock.acquire()
@@ -121,7 +125,7 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
         client.request("POST", f"/admin/users/{user_id}/hold?ttl={HOLD_TTL_S}")
     try:
         layout = Layout(settings.db_dir)
-        layout.locks_dir.mkdir(parents=True, exist_ok=True)
+        layout.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = lock_file(layout.user_lock(user_id))
         except BlockingIOError:
@@ -160,10 +164,11 @@ def backup(
     force: bool = False,
     progress: bool | None = None,
 ) -> Report:
-    """Write ``user_id``'s directory to the gzip tarball ``out``.
+    """Write ``user_id``'s directory to the gzip tarball ``out`` (mode 0600; never readable by
+    others, not even while partial).
 
-    Raises OperationError: unknown user, ``out`` exists without ``force``, hold refused.
-    ``progress`` None shows a bar on a terminal.
+    Raises OperationError: unknown user, ``out`` exists without ``force``, hold refused,
+    ``out``'s directory not writable.  ``progress`` None shows a bar on a terminal.
     """
     user_id = _normalized(settings, user_id)
     src = _user_dir(settings, user_id)
@@ -172,13 +177,16 @@ def backup(
     if out.exists() and not force:
         raise OperationError(f"{out} exists (use --force to replace it)")
     started = time.monotonic()
-    partial = out.with_name(out.name + ".partial")
     with held(settings, user_id):
         sizes = {f: f.stat().st_size for f in _files(src)}
         total = sum(sizes.values())
+        try:
+            partial, raw = private_partial(out)
+        except OSError as exc:
+            raise OperationError(f"cannot write beside {out}: {exc.strerror}") from None
         bar = _progress(total, f"backup {user_id}", progress)
         try:
-            with tarfile.open(partial, "w:gz") as tar:
+            with raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 tar.add(src, arcname=ARCHIVE_ROOT, recursive=False)
                 dirs_added: set[Path] = set()
                 for path, size in sizes.items():
@@ -195,7 +203,10 @@ def backup(
             raise
         finally:
             bar.close()
-    partial.replace(out)
+    try:
+        publish(partial, out, replace=force)
+    except FileExistsError:
+        raise OperationError(f"{out} exists (use --force to replace it)") from None
     return Report(files=len(sizes), bytes=total, seconds=time.monotonic() - started)
 
 
@@ -213,6 +224,14 @@ def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         ):
             raise OperationError(f"not an stcs backup: unexpected member {m.name!r}")
     return members
+
+
+def _private(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``member`` with its group and other permission bits cleared: a tenant's files are
+    stcs's alone, whatever umask or tool made the archive."""
+    private = copy.copy(member)
+    private.mode &= 0o700
+    return private
 
 
 def restore(
@@ -246,7 +265,7 @@ def restore(
         bar = _progress(total, f"restore {user_id}", progress)
         try:
             with tarfile.open(src, "r:gz") as tar:
-                for member in members:  # already checked by _check_members
+                for member in map(_private, members):  # already checked by _check_members
                     if sys.version_info >= (3, 12):
                         tar.extract(member, staging, filter="data")
                     else:

@@ -22,6 +22,7 @@ from stcs import __version__
 from stcs.config import BY_KEY, SETTINGS, Resolved, load_settings
 from stcs.deploy import KINDS, RenderOptions, render
 from stcs.errors import ConfigError, LockHeldError
+from stcs.localfiles import PRIVATE_UMASK, check_private_db_path
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shows u- + the first 16 hex digits of its SHA-256 instead; this prints it for ID "
         "(a UUID in any case means its lowercase form).",
     )
-    ref.add_argument("user", metavar="ID")
+    _user_arguments(ref, "ID")
     users = sub.add_parser(
         "users",
         parents=[settings],
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ID is served when autoCreateUsers is false.",
     )
     users.add_argument("action", choices=["add"])
-    users.add_argument("user", metavar="ID")
+    _user_arguments(users, "ID")
     for name, verb in (
         ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
         ("restore", "replace USER's database with ARCHIVE"),
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"{verb[0].upper()}{verb[1:]}; consistent while stcs runs (the user is "
             "held: their chroma stops and their requests wait for the copy).",
         )
-        cmd.add_argument("user", metavar="USER")
+        _user_arguments(cmd, "USER")
         cmd.add_argument("archive", metavar="ARCHIVE")
         cmd.add_argument(
             "--force",
@@ -137,6 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _user_arguments(parser: argparse.ArgumentParser, metavar: str) -> None:
+    """The user id as a positional argument or ``--user-file``: in UUID mode the id is a token,
+    and a command line is shown by ``ps`` to every local user and kept in shell history."""
+    parser.add_argument("user", metavar=metavar, nargs="?", help="the user id")
+    parser.add_argument(
+        "--user-file",
+        metavar="FILE",
+        help=f"read {metavar} from the first line of FILE ('-': standard input) instead, so "
+        "that a token (UUID mode) stays off the command line",
+    )
+
+
+def _read_user_arg(args: argparse.Namespace) -> str | None:
+    """``args.user`` from the command line or ``--user-file``; None (after saying why on
+    stderr) when neither or both are given or the file names no id."""
+    source = getattr(args, "user_file", None)
+    if (args.user is None) == (source is None):
+        print(
+            f"stcs {args.command}: give the user id or --user-file FILE (one of them)",
+            file=sys.stderr,
+        )
+        return None
+    if source is None:
+        return str(args.user)
+    try:
+        if source == "-":
+            line = sys.stdin.readline()
+        else:
+            with open(source, encoding="utf-8") as handle:
+                line = handle.readline()
+    except OSError as exc:
+        print(f"stcs {args.command}: --user-file {source}: {exc.strerror}", file=sys.stderr)
+        return None
+    if not line.strip():
+        print(f"stcs {args.command}: --user-file {source}: no user id in it", file=sys.stderr)
+        return None
+    return line.strip()
 
 
 def _resolve(args: argparse.Namespace) -> Resolved:
@@ -174,10 +214,12 @@ def _serve(resolved: Resolved) -> int:
     from stcs.server import serve
 
     settings = resolved.settings
-    # Everything stcs creates — dbPath, .stcs, logs, user directories, blocked.json, logFile,
-    # children's files — is private to its uid (docs/security.md, "Who is trusted"): in UUID
-    # mode a directory or file name is a token.  Inherited by the children (chroma's own files).
-    os.umask(0o077)
+    if not settings.allow_shared_db_path:
+        try:
+            check_private_db_path(settings.db_dir)
+        except ConfigError as exc:
+            print(f"stcs: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         log_mod.configure(
             settings.log_level,
@@ -268,7 +310,17 @@ def _event_loop(choice: str) -> tuple[str, Callable[[Coroutine[Any, Any, None]],
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stcs`` console script; returns the exit code."""
+    # Everything stcs creates, from any subcommand — dbPath, .stcs, logs, user directories,
+    # locks, blocked.json, logFile, archives, and the children's own files (they inherit it) —
+    # is private to its uid whatever the shell's umask (docs/security.md, "A local user"): in
+    # UUID mode a directory or file name is a token.  `stcs render -o` chooses its own mode.
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "user_file"):
+        user = _read_user_arg(args)
+        if user is None:
+            return EXIT_USAGE
+        args.user = user
     if args.command == "user-ref":
         return _user_ref(args.user)
     try:
@@ -282,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
+    if args.command in ("users", "restore") and not resolved.settings.allow_shared_db_path:
+        try:  # they make a directory named by the user id (a token in UUID mode)
+            check_private_db_path(resolved.settings.db_dir, owner_too=False)
+        except ConfigError as exc:
+            print(f"stcs {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "users":
         return _users_add(resolved, args.user)
     if args.command in ("status", "backup", "restore"):
@@ -404,7 +462,14 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
         print(f"stcs: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.output:
-        Path(args.output).write_text(text)
+        # 0644 whatever the umask: a rendered site, unit or ruleset holds no secret (paths,
+        # host names, ports; keys stay in config.yml), and programs other than its writer read
+        # it — nginx/Apache workers for `include`d files, `systemctl cat`, `nginx -t` run by a
+        # non-root operator, configuration management.  As /etc's own files are.
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
     else:
         sys.stdout.write(text)
     return EXIT_OK

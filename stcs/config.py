@@ -142,6 +142,14 @@ class Settings:
         aliases=("--db",),
         help="Directory holding one chroma data directory per user (`<dbPath>/<userId>`).",
     )
+    allow_shared_db_path: bool = setting(
+        False,
+        key="allowSharedDbPath",
+        env="ALLOW_SHARED_DB_PATH",
+        help="Serve a dbPath that group or others can read or enter (or that another uid "
+        "owns). false: `stcs serve` refuses one (exit 2): in UUID mode its directory names "
+        "are tokens.",
+    )
     db_ttl: int = setting(
         180000,
         key="dbTTL",
@@ -721,12 +729,16 @@ def _check_yaml_value(info: SettingInfo, value: Any, where: str) -> Any:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a YAML config file into a mapping.
 
-    Raises ConfigError when the file cannot be read, is not valid YAML, or is not a mapping.
+    The file is read only if nobody but the invoking user or root could have written it
+    (`stcs.localfiles.read_trusted_text`: a ``./config.yml`` planted in a shared directory
+    would otherwise point ``stcs status`` and its admin key at another user's port).
+
+    Raises ConfigError when the file is not trusted, cannot be read, is not valid YAML, or is
+    not a mapping.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    from stcs.localfiles import read_trusted_text
+
+    text = read_trusted_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -413,12 +413,15 @@ def stcs_cli(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     check: bool = False,
+    stdin_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m stcs ARGS`` as a subprocess, text output captured."""
+    """``python -m stcs ARGS`` as a subprocess, text output captured; ``stdin_text`` is its
+    standard input (None: inherited)."""
     return subprocess.run(
         [sys.executable, "-m", "stcs", *args],
         cwd=cwd,
         env=env,
+        input=stdin_text,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -83,7 +83,8 @@ def test_stale_chroma_on_a_user_directory_is_stopped_at_startup(
 ) -> None:
     db = tmp_path / "db"
     token = new_token()
-    (db / token).mkdir(parents=True)
+    db.mkdir(mode=0o700)  # stcs serves only a private dbPath
+    (db / token).mkdir()
     port = free_port()
     stale = subprocess.Popen(
         [CHROMA, "run", "--path", str(db / token), "--port", str(port)],
