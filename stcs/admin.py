@@ -120,9 +120,10 @@ async def admin_health(request: web.Request) -> web.Response:
     Shape: ``{"status": "ok", "instances": [{userId, port, pid, memKb, startedAt, lastActive,
     ready, requests, inFlight, status[, message], idleForMs, logFile}], "memory": {kbTotal,
     kbAvailable, kbAppUse, kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed,
-    nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n}``.  Memory in kB of 1000 bytes
-    (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when the instance
-    answered its heartbeat.
+    nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n, "childPorts": {size, held, lent,
+    foreign}}``.  Memory in kB of 1000 bytes (as the Node.js server); times ISO 8601 UTC.
+    ``status`` is ``healthy`` when the instance answered its heartbeat.  ``childPorts``:
+    `ports.PortCounts` (``foreign``: ports of childPortRange another process holds).
     """
     state = _state(request)
     supervisor = state.supervisor
@@ -170,6 +171,7 @@ async def admin_health(request: web.Request) -> web.Response:
             "memory": memory,
             "queueLength": snapshot.queue_length,
             "maxInstances": snapshot.max_instances,
+            "childPorts": state.ports.counts().as_json() if state.ports else None,
         }
     )
 

@@ -163,6 +163,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             port_range=settings.child_ports,
             create_dirs=settings.auto_create_users,
         )
+        stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -172,8 +173,10 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             metrics=metrics,
             on_instance_gone=upstream_pool.forget,
             liveness_timeout_ms=settings.db_liveness_timeout,
+            housekeeping=chroma.housekeeping,
         )
         metrics.bind(supervisor.snapshot)
+        metrics.bind_ports(chroma.ports.counts)
         blocklist = Blocklist(Layout(db_dir).blocklist)
         quotas = Quotas(settings, db_dir, metrics)
         metrics.bind_disk(quotas.sizes)
@@ -189,6 +192,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             supervisor=supervisor,
             quotas=quotas,
             upstream_pool=upstream_pool,
+            ports=chroma.ports,
         )
 
 
