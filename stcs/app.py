@@ -162,6 +162,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             user_ids_are_secret=settings.user_ids_are_secret,
             port_range=settings.child_ports,
             create_dirs=settings.auto_create_users,
+            log_retention_ms=settings.child_log_retention,
         )
         stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
         supervisor = Supervisor(

@@ -14,9 +14,11 @@ event-loop thread, never from an executor.
 
 Per child, under ``<dbPath>/.stcs/`` (`stcs.layout`; the ``dbPath`` lock and leftover children
 of an earlier run are `stcs.datadir`'s): ``locks/<userId>.lock`` (held for the life of
-that user's child, and inherited by it, so even an orphaned child keeps its directory locked) and
-``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe;
-``logs/<user ref>.log`` in UUID mode, where the user id is a token: see `stcs.log.user_ref`).
+that user's child, and inherited by it, so even an orphaned child keeps its directory locked;
+removed when the child is released: `datadir.unlock_file`) and ``logs/<userId>.log`` (the
+child's output, truncated at each start; never an unread pipe; ``logs/<user ref>.log`` in UUID
+mode, where the user id is a token: see `stcs.log.user_ref`; removed by the housekeeping once
+older than ``childLogRetention``).
 
 Files and directories stcs creates are private to its uid: directories 0700, files 0600
 (`datadir.private_dir`; ``stcs serve`` also runs with umask 077).  A child runs in its data
@@ -31,8 +33,10 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +48,7 @@ import aiohttp
 import psutil
 import structlog
 
-from stcs.datadir import lock_file, private_dir
+from stcs.datadir import lock_file, private_dir, unlock_file
 from stcs.errors import DirectoryLockedError, StartFailedError, UnknownUserError
 from stcs.layout import Layout
 from stcs.log import user_ref
@@ -55,6 +59,10 @@ log = structlog.get_logger("stcs.launcher")
 
 HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
 READY_PROBE_TIMEOUT_S = 1.0  # one heartbeat of the readiness poll
+LOG_PRUNE_MAX_S = 60.0  # child logs are looked at for removal this often at most
+# What a child's output file is called (`ChromaLauncher.log_path`: a user id or `user_ref`, then
+# `rotate_log`'s ".1"): nothing else in the logs directory is ever removed.
+_CHILD_LOG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\.log(\.1)?$")
 LOG_TAIL_BYTES = 2000
 
 # argv: [python, -S, -c, BOOTSTRAP, <stcs pid>, <site dir>, <port hold fd | -1>,
@@ -147,6 +155,7 @@ class Child:
     start_ms: float = 0.0
     leases: int = 0
     _lock_fd: int | None = field(default=None, repr=False)
+    _lock_path: Path | None = field(default=None, repr=False)
     _release_port: Callable[[], None] | None = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
 
@@ -179,7 +188,10 @@ class Child:
             raise RuntimeError(f"child {self.pid} is still running")
         self._released = True
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            if self._lock_path is not None:  # removed: it exists only while a child may run
+                unlock_file(self._lock_fd, self._lock_path)
+            else:
+                os.close(self._lock_fd)
             self._lock_fd = None
         if not self.leases:
             self._give_back_port()
@@ -279,6 +291,7 @@ class ChromaLauncher:
         user_ids_are_secret: bool = False,
         port_range: tuple[int, int] | None = None,
         create_dirs: bool = True,
+        log_retention_ms: int = 0,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -294,6 +307,8 @@ class ChromaLauncher:
         # childPortRange (inclusive; None: any free port), held while no child uses a port.
         # Raises ConfigError when the range needs more open files than the hard limit.
         self.ports = PortHold(port_range)
+        self._log_retention = log_retention_ms / 1000  # childLogRetention; 0: for ever
+        self._next_prune = 0.0  # monotonic s
         # autoCreateUsers: make a missing user directory (False: a missing one fails the start)
         self._create_dirs = create_dirs
 
@@ -345,7 +360,8 @@ class ChromaLauncher:
         private_dir(self._layout.locks_dir)
         private_dir(self._logs_dir)
         try:
-            lock_fd = lock_file(self._layout.user_lock(user_id))
+            lock_path = self._layout.user_lock(user_id)
+            lock_fd = lock_file(lock_path)
         except BlockingIOError:
             log.error("data directory locked", user_id=user_id)
             raise DirectoryLockedError(
@@ -367,7 +383,7 @@ class ChromaLauncher:
                     self.ports.give_back(child.port)
                     raise
                 if code is None:
-                    child._lock_fd, lock_fd = lock_fd, -1
+                    child._lock_fd, child._lock_path, lock_fd = lock_fd, lock_path, -1
                     child._release_port = functools.partial(self.ports.give_back, child.port)
                     return child
                 self.ports.give_back(child.port)
@@ -382,7 +398,7 @@ class ChromaLauncher:
             raise StartFailedError("the user's chroma server failed to start")
         finally:
             if lock_fd >= 0:
-                os.close(lock_fd)
+                unlock_file(lock_fd, lock_path)
 
     async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
         port, hold = self.ports.lend()
@@ -466,6 +482,46 @@ class ChromaLauncher:
         the ports of ``childPortRange`` let go by others (`PortHold.refill`).  ``active``: the
         users with an instance."""
         self.ports.refill()
+        if self._log_retention and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + min(LOG_PRUNE_MAX_S, self._log_retention / 2)
+            self.prune_logs(active)
+
+    def prune_logs(self, active: frozenset[str], now: float | None = None) -> int:
+        """Remove the children's output files (``<name>.log`` and ``<name>.log.1``, nothing
+        else) last written more than ``childLogRetention`` before ``now`` (wall-clock s), except
+        those of the ``active`` users.  Returns how many were removed; nothing with no
+        retention.  Blocking (one stat per file, ~2 µs): the housekeeping's, never a request's.
+        """
+        if not self._log_retention:
+            return 0
+        now = time.time() if now is None else now
+        keep: set[str] = set()
+        for user_id in active:  # a user's file may be old (RUST_LOG=warn writes little)
+            name = self.log_path(user_id).name
+            keep.update((name, f"{name}.1"))
+        removed = 0
+        try:
+            entries = os.scandir(self._logs_dir)
+        except FileNotFoundError:
+            return 0
+        with entries:
+            for entry in entries:
+                if entry.name in keep or not _CHILD_LOG_RE.match(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode) and now - info.st_mtime > self._log_retention:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        if removed:
+            log.info(
+                "child logs removed",
+                count=removed,
+                retention_ms=int(self._log_retention * 1000),
+            )
+        return removed
 
     def rotate_log(self, child: Child) -> None:
         """Bound a child's output file: past ``log_max_bytes``, its last half moves to
