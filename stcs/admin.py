@@ -124,12 +124,13 @@ async def admin_health(request: web.Request) -> web.Response:
     ready, requests, inFlight, status[, message], idleForMs, logFile}], "memory": {kbTotal,
     kbAvailable, kbAppUse, kbInstanceUse, kbInstanceAverage, kbUsedTotal, kbPercUsed,
     nMaxInstancesEstimate}, "queueLength": n, "maxInstances": n, "authServer": null in UUID
-    mode, else `AuthServerHealth.view`}``.  Memory in kB of 1000 bytes
-    (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when the instance
-    answered its heartbeat.  ``memKb`` (and so ``kbInstanceUse``, ``kbInstanceAverage``) is the
-    PSS of each instance's process tree (`_mem_kb`); ``kbTotal`` and ``kbAvailable`` are bounded
-    by stcs's cgroup memory limit when it has one (`stcs.memory.ContainerMemory`), as
-    ``dbMinFreeMemoryMB`` is.
+    mode, else `AuthServerHealth.view`, "childPorts": {size, held, lent, foreign}}``.  Memory in
+    kB of 1000 bytes (as the Node.js server); times ISO 8601 UTC.  ``status`` is ``healthy`` when
+    the instance answered its heartbeat.  ``memKb`` (and so ``kbInstanceUse``,
+    ``kbInstanceAverage``) is the PSS of each instance's process tree (`_mem_kb`); ``kbTotal``
+    and ``kbAvailable`` are bounded by stcs's cgroup memory limit when it has one
+    (`stcs.memory.ContainerMemory`), as ``dbMinFreeMemoryMB`` is.  ``childPorts``:
+    `ports.PortCounts` (``foreign``: ports of childPortRange another process holds).
     """
     state = _state(request)
     supervisor = state.supervisor
@@ -182,6 +183,7 @@ async def admin_health(request: web.Request) -> web.Response:
             "queueLength": snapshot.queue_length,
             "maxInstances": snapshot.max_instances,
             "authServer": None if state.auth_server is None else state.auth_server.view(),
+            "childPorts": state.ports.counts().as_json() if state.ports else None,
         }
     )
 

@@ -172,7 +172,9 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             user_ids_are_secret=settings.user_ids_are_secret,
             port_range=settings.child_ports,
             create_dirs=settings.auto_create_users,
+            log_retention_ms=settings.child_log_retention,
         )
+        stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -182,8 +184,10 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             metrics=metrics,
             on_instance_gone=upstream_pool.forget,
             liveness_timeout_ms=settings.db_liveness_timeout,
+            housekeeping=chroma.housekeeping,
         )
         metrics.bind(supervisor.snapshot)
+        metrics.bind_ports(chroma.ports.counts)
         blocklist = Blocklist(Layout(db_dir).blocklist)
         quotas = Quotas(settings, db_dir, metrics)
         metrics.bind_disk(quotas.sizes)
@@ -207,6 +211,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             supervisor=supervisor,
             quotas=quotas,
             upstream_pool=upstream_pool,
+            ports=chroma.ports,
         )
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from stcs.auth import normalize_user_id
 from stcs.config import Settings
-from stcs.datadir import DbPathLock, lock_file
+from stcs.datadir import DbPathLock, lock_file, unlock_file
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.layout import Layout
 from stcs.localfiles import private_partial, publish
@@ -133,7 +133,7 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
         try:
             yield mode
         finally:
-            os.close(fd)
+            unlock_file(fd, layout.user_lock(user_id))
     finally:
         if mode == "server":
             client.request("DELETE", f"/admin/users/{user_id}/hold")

@@ -274,7 +274,7 @@ def _serve(resolved: Resolved) -> int:
                 grace_s=SHUTDOWN_GRACE_S,
             )
         )
-    except LockHeldError as exc:
+    except (LockHeldError, ConfigError) as exc:  # ConfigError: childPortRange vs open files
         log.error("cannot start", reason=str(exc))
         print(f"stcs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -252,6 +252,16 @@ class Settings:
         minimum=1024,
         help="A user's chroma output file is cut back to its last half when it passes this.",
     )
+    child_log_retention: int = setting(
+        7 * 24 * 3600 * 1000,
+        key="childLogRetention",
+        env="CHILD_LOG_RETENTION",
+        unit="ms",
+        minimum=0,
+        help="A user's chroma output file (and its .1) is removed once this long has passed "
+        "since its last write and the user has no instance (checked by the housekeeping, at "
+        "most every minute). 0: kept for ever.",
+    )
     auth_cache_ttl: int = setting(
         60000,
         key="authCacheTTL",

@@ -31,19 +31,56 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def lock_file(path: Path) -> int:
-    """Open ``path`` and take an exclusive non-blocking `flock` on it; return the fd.
+LOCK_TRIES = 10  # opens of a lock file unlinked under us before giving up (each is ~10 µs)
 
-    Raises BlockingIOError when another open file description holds it.  The fd is
-    close-on-exec; closing it releases the lock.
+
+def lock_file(path: Path) -> int:
+    """Open (creating) ``path`` and take an exclusive non-blocking `flock` on it; return the fd.
+
+    Lock files are removed by whoever holds them when done (`unlock_file`), so that one file
+    per user exists only while that user's chroma may run.  That opens the classic race of
+    flock on a file that gets unlinked: we open ``path`` (inode A), the holder unlinks it and
+    closes, our flock on A then succeeds — but A is no longer ``path``, and a third process can
+    create a new ``path`` (inode B) and lock it too: two holders.  So after the flock succeeds
+    we check that ``path`` still names the inode we locked (fstat against stat, as Debian's
+    lockfile-progs and the ``flock(1)`` idiom do) and start again if not.  The holder unlinks
+    only while it holds the lock, so once the check passes the file is ours until we unlock.
+
+    Raises BlockingIOError when another open file description holds it (or, after
+    `LOCK_TRIES` files unlinked under us, as if it did).  The fd is close-on-exec; closing it
+    releases the lock.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for _ in range(LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # unlinked (or replaced) between our open and our flock: again
+    raise BlockingIOError(f"lock file {path} keeps being replaced")
+
+
+def unlock_file(fd: int, path: Path) -> None:
+    """Remove the lock file ``path`` and release its lock ``fd`` (from `lock_file`), in that
+    order: unlinked while still locked, so no one can lock the old inode and believe it is
+    ``path`` (see `lock_file`).  A file that is no longer our inode is left alone."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
+        held = os.fstat(fd)
+        named = os.stat(path)
+        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass  # already gone: nothing to remove
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 class DbPathLock:

@@ -8,8 +8,10 @@ point there) and use ``{{name}}`` placeholders: nginx and Apache both use ``$`` 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -76,7 +78,8 @@ def _apache_address(listen: str) -> str:
 def render(kind: str, settings: Settings, options: RenderOptions | None = None) -> str:
     """Render deployment file ``kind`` (a key of `KINDS`) for ``settings``.
 
-    Raises ConfigError when what the kind needs is missing (TLS files, cluster nodes).
+    Raises ConfigError when what the kind needs is missing (TLS files, cluster nodes), or when
+    a value it substitutes is not what its target allows there (`check_values`).
     """
     opts = options or RenderOptions()
     if kind not in KINDS:
@@ -116,10 +119,14 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         "port_last": str(ports[1]) if ports else "",
         "uid": _nft_uid(opts.user),
     }
+    template = (TEMPLATES / KINDS[kind]).read_text()
     if kind in ("nginx", "nginx-tls", "apache", "apache-tls"):
         block = "apache/proxy-block.conf" if apache else "nginx/proxy-block.conf"
-        values["proxy_block"] = _Template((TEMPLATES / block).read_text()).substitute(values)
-    return _Template((TEMPLATES / KINDS[kind]).read_text()).substitute(values)
+        block_text = (TEMPLATES / block).read_text()
+        check_values(block_text, settings, opts)
+        values["proxy_block"] = _Template(block_text).substitute(values)
+    check_values(template, settings, opts)
+    return _Template(template).substitute(values)
 
 
 def _nft_uid(user: str) -> str:
@@ -135,3 +142,132 @@ def read_write_paths(settings: Settings, options: RenderOptions) -> list[str]:
     if settings.log_file:
         paths.append((base / Path(settings.log_file).expanduser()).parent)
     return [str(p) for p in paths]
+
+
+# -- what each substituted value may be ----------------------------------------------------------
+#
+# The templates are nginx, Apache, systemd and nft files: a newline, ``;``, ``{``, a quote or a
+# space in a value would end the directive it sits in and start another (a newline in appName
+# added an ``ExecStartPre=`` line to the unit; a ``;`` in webServerHost an nginx directive).  No
+# escaping is attempted (each format quotes differently, and systemd expands ``%`` even inside
+# quotes): every value is checked against what its place allows, and anything else is refused
+# naming its key (`render` → exit 2).
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+# RFC 1123 host name, optionally a leading "*." (an nginx/Apache wildcard server name).
+_HOST_RE = re.compile(rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
+# What appName may hold: it lands in comments and in systemd's Description= (where "%" is a
+# specifier and "\\" an escape), so letters, digits, space, ".", "_", "-" only.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+# An absolute path every target takes as one word: no space, quote, ";", "%", "$", "\\", "#".
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._/@+=,:-]*$")
+# A user name as useradd(8) accepts it (Debian's NAME_REGEX, without the trailing "$"), or a uid.
+_USER_RE = re.compile(r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")
+
+
+def _host(value: str) -> bool:
+    """A host name (`_HOST_RE`), an IPv4 address, or an IPv6 address in brackets."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            ipaddress.IPv6Address(value[1:-1])
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST_RE.match(value)) and len(value) <= 253
+
+
+def _port(value: str) -> bool:
+    return value.isdigit() and len(value) <= 5 and 1 <= int(value) <= 65535
+
+
+def _host_port(value: str) -> bool:
+    """``HOST:PORT`` (HOST as `_host`)."""
+    host, sep, port = value.rpartition(":")
+    return bool(sep) and _host(host) and _port(port)
+
+
+def _listen(value: str) -> bool:
+    """``PORT`` or ``HOST:PORT``; HOST may be ``*`` (all addresses, as both servers write it)."""
+    if _port(value):
+        return True
+    host, _, port = value.rpartition(":")
+    return (host == "*" and _port(port)) or _host_port(value)
+
+
+def _path(value: str) -> bool:
+    return bool(_PATH_RE.match(value)) and "/../" not in f"{value}/"
+
+
+_PATH_RULE = "an absolute path of letters, digits and ._/@+=,:-"
+_USER_RULE = "a user name (useradd's rules) or a numeric uid"
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One substituted value: the ``key`` (setting or option) it comes from, the rule it must
+    meet (``ok``, said in words as ``allowed``) and the placeholders it fills."""
+
+    key: str
+    value: str
+    ok: Callable[[str], bool]
+    allowed: str
+    placeholders: tuple[str, ...]
+
+
+def _checks(settings: Settings, opts: RenderOptions) -> list[_Check]:
+    paths = read_write_paths(settings, opts)
+    checks = [
+        _Check(
+            "appName",
+            settings.app_name,
+            lambda v: bool(_NAME_RE.match(v)),
+            "1-64 letters, digits, spaces, '.', '_' or '-'",
+            ("app_name",),
+        ),
+        _Check("--listen", opts.listen, _listen, "PORT or HOST:PORT", ("listen",)),
+        _Check("--tls-listen", opts.tls_listen, _listen, "PORT or HOST:PORT", ("tls_listen",)),
+        _Check("sslCertFile", settings.ssl_cert_file, _path, _PATH_RULE, ("ssl_cert_file",)),
+        _Check(
+            "sslCertKeyFile",
+            settings.ssl_cert_key_file,
+            _path,
+            _PATH_RULE,
+            ("ssl_cert_key_file",),
+        ),
+        _Check("--user", opts.user, lambda v: bool(_USER_RE.match(v)), _USER_RULE, ("user", "uid")),
+        _Check("--stcs-bin", opts.stcs_bin, _path, _PATH_RULE, ("stcs_bin",)),
+        _Check("--config-path", opts.config_path, _path, _PATH_RULE, ("config_path",)),
+        _Check("--working-dir", opts.working_dir, _path, _PATH_RULE, ("working_dir",)),
+        _Check("--source-dir", opts.source_dir, _path, _PATH_RULE, ("source_dir",)),
+        _Check("dbPath", paths[0], _path, _PATH_RULE, ("read_write_paths",)),
+    ]
+    if settings.web_server_host:
+        checks.append(
+            _Check(
+                "webServerHost",
+                settings.web_server_host,
+                _host,
+                "one host name (RFC 1123, optionally '*.'), IPv4 address or [IPv6] address",
+                ("server_name",),
+            )
+        )
+    if len(paths) > 1:
+        checks.append(_Check("logFile", paths[1], _path, _PATH_RULE, ("read_write_paths",)))
+    checks += [
+        _Check("--node", node, _host_port, "HOST:PORT", ("auth_servers", "data_servers"))
+        for node in opts.nodes
+    ]
+    return checks
+
+
+def check_values(template: str, settings: Settings, opts: RenderOptions) -> None:
+    """Check every value ``template`` substitutes against what its place allows.
+
+    Raises ConfigError naming the key (setting or ``render`` option) of the first that fails.
+    """
+    used = set(re.findall(r"\{\{([a-z_]+)\}\}", template))
+    for check in _checks(settings, opts):
+        if used.intersection(check.placeholders) and not check.ok(check.value):
+            raise ConfigError(
+                f"{check.key}: {check.value!r} cannot go into this file: expected {check.allowed}"
+            )

@@ -14,9 +14,11 @@ event-loop thread, never from an executor.
 
 Per child, under ``<dbPath>/.stcs/`` (`stcs.layout`; the ``dbPath`` lock and leftover children
 of an earlier run are `stcs.datadir`'s): ``locks/<userId>.lock`` (held for the life of
-that user's child, and inherited by it, so even an orphaned child keeps its directory locked) and
-``logs/<userId>.log`` (the child's output, truncated at each start; never an unread pipe;
-``logs/<user ref>.log`` in UUID mode, where the user id is a token: see `stcs.log.user_ref`).
+that user's child, and inherited by it, so even an orphaned child keeps its directory locked;
+removed when the child is released: `datadir.unlock_file`) and ``logs/<userId>.log`` (the
+child's output, truncated at each start; never an unread pipe; ``logs/<user ref>.log`` in UUID
+mode, where the user id is a token: see `stcs.log.user_ref`; removed by the housekeeping once
+older than ``childLogRetention``).
 
 Files and directories stcs creates are private to its uid: directories 0700, files 0600
 (`datadir.private_dir`; ``stcs serve`` also runs with umask 077).  A child runs in its data
@@ -31,9 +33,10 @@ import contextlib
 import functools
 import importlib.util
 import os
-import random
+import re
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,32 +48,45 @@ import aiohttp
 import psutil
 import structlog
 
-from stcs.datadir import lock_file, private_dir
+from stcs.datadir import lock_file, private_dir, unlock_file
 from stcs.errors import DirectoryLockedError, StartFailedError, UnknownUserError
 from stcs.layout import Layout
 from stcs.log import user_ref
+from stcs.ports import PortHold
 from stcs.sockdiag import listener_uids
 
 log = structlog.get_logger("stcs.launcher")
 
 HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
 READY_PROBE_TIMEOUT_S = 1.0  # one heartbeat of the readiness poll
+LOG_PRUNE_MAX_S = 60.0  # child logs are looked at for removal this often at most
+# What a child's output file is called (`ChromaLauncher.log_path`: a user id or `user_ref`, then
+# `rotate_log`'s ".1"): nothing else in the logs directory is ever removed.
+_CHILD_LOG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\.log(\.1)?$")
 LOG_TAIL_BYTES = 2000
 
-# argv: [python, -S, -c, BOOTSTRAP, <stcs pid>, <site dir>, ("--exec", program, ...args) |
-#        chroma CLI args]
+# argv: [python, -S, -c, BOOTSTRAP, <stcs pid>, <site dir>, <port hold fd | -1>,
+#        ("--exec", program, ...args) | chroma CLI args]
 # Run with ``python -S``: no site processing (.pth files, editable-install finders: ~15 ms);
 # the one directory chroma's extension lives in is put on sys.path instead.
+# The port hold (`stcs.ports`) is closed as late as can be: right before chroma (or the
+# chromaCommand) starts and binds the port, so that another process has only chroma's own
+# start-up to take it in.
 BOOTSTRAP = """\
 import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(70)  # stcs died before prctl took effect
 sys.path.insert(0, sys.argv[2])
-args = sys.argv[3:]
+hold = int(sys.argv[3])
+args = sys.argv[4:]
 if args[0] == "--exec":
+    if hold >= 0:
+        os.close(hold)
     os.execvp(args[1], args[1:])
 import chromadb_rust_bindings
+if hold >= 0:
+    os.close(hold)
 chromadb_rust_bindings.cli(["chroma", *args])
 """
 
@@ -118,22 +134,6 @@ def free_port() -> int:
         return port
 
 
-def free_port_in(first: int, last: int, taken: set[int], tries: int = 200) -> int | None:
-    """A port of ``first..last`` (inclusive) free on 127.0.0.1 right now and not in ``taken``
-    (random probes, at most ``tries``), or None."""
-    span = range(first, last + 1)
-    for port in random.sample(span, min(tries, len(span))):
-        if port in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    return None
-
-
 @dataclass(eq=False)
 class Child:
     """One chroma server *incarnation* (a process on a port).  ``started_at`` is wall-clock
@@ -155,6 +155,7 @@ class Child:
     start_ms: float = 0.0
     leases: int = 0
     _lock_fd: int | None = field(default=None, repr=False)
+    _lock_path: Path | None = field(default=None, repr=False)
     _release_port: Callable[[], None] | None = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
 
@@ -187,7 +188,10 @@ class Child:
             raise RuntimeError(f"child {self.pid} is still running")
         self._released = True
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            if self._lock_path is not None:  # removed: it exists only while a child may run
+                unlock_file(self._lock_fd, self._lock_path)
+            else:
+                os.close(self._lock_fd)
             self._lock_fd = None
         if not self.leases:
             self._give_back_port()
@@ -266,8 +270,10 @@ class ChromaLauncher:
 
     ``command`` is ``chromaCommand`` split into argv (empty: the lean launcher).  Times in ms.
     The ``session`` carries the heartbeat probes (`probe`: readiness, liveness,
-    ``/admin-health``).  Per child it also picks the port (``port_range``) and bounds the
-    output file (`rotate_log`): mechanism of one child, never a decision about when.
+    ``/admin-health``).  Per child it also lends the port (``port_range``, held between
+    children by `stcs.ports.PortHold`) and bounds the output file (`rotate_log`): mechanism of
+    one child, never a decision about when.  Raises ConfigError when ``port_range`` needs more
+    open files than the hard limit allows.
     """
 
     def __init__(
@@ -285,6 +291,7 @@ class ChromaLauncher:
         user_ids_are_secret: bool = False,
         port_range: tuple[int, int] | None = None,
         create_dirs: bool = True,
+        log_retention_ms: int = 0,
     ) -> None:
         self.db_dir = db_dir
         self._session = session
@@ -297,27 +304,13 @@ class ChromaLauncher:
         self._logs_dir = logs_dir or self._layout.logs_dir
         self._log_max_bytes = log_max_bytes
         self._user_ids_are_secret = user_ids_are_secret
-        self._port_range = port_range  # childPortRange (inclusive); None: any free port
+        # childPortRange (inclusive; None: any free port), held while no child uses a port.
+        # Raises ConfigError when the range needs more open files than the hard limit.
+        self.ports = PortHold(port_range)
+        self._log_retention = log_retention_ms / 1000  # childLogRetention; 0: for ever
+        self._next_prune = 0.0  # monotonic s
         # autoCreateUsers: make a missing user directory (False: a missing one fails the start)
         self._create_dirs = create_dirs
-        # Ports handed to children that have not been released yet (see `Child.release`).
-        self._ports: set[int] = set()
-
-    def _reserve_port(self) -> int:
-        """A port free on 127.0.0.1 (in ``childPortRange`` if set) and not held by any
-        unreleased child of ours.  Raises StartFailedError when none is found."""
-        if self._port_range is not None:
-            port = free_port_in(*self._port_range, self._ports)
-            if port is None:
-                raise StartFailedError("no free port for the user's chroma server")
-            self._ports.add(port)
-            return port
-        for _ in range(100):
-            port = free_port()
-            if port not in self._ports:
-                self._ports.add(port)
-                return port
-        raise StartFailedError("no free port for the user's chroma server")
 
     def log_path(self, user_id: str) -> Path:
         """Where ``user_id``'s chroma output goes: ``<logs>/<userId>.log``, or
@@ -325,12 +318,16 @@ class ChromaLauncher:
         name = user_ref(user_id) if self._user_ids_are_secret else user_id
         return self._logs_dir / f"{name}.log"
 
-    def argv(self, port: int) -> list[str]:
-        """The child's full argv for ``port``.  It runs in its data directory (``cwd``) and is
-        told ``--path .``: ``/proc/<pid>/cmdline`` is world-readable, and in UUID mode the
-        directory name is the user's token."""
+    def argv(self, port: int, hold_fd: int = -1) -> list[str]:
+        """The child's full argv for ``port`` (``hold_fd``: the inherited socket holding it,
+        closed by the child right before chroma binds; -1: none).  It runs in its data
+        directory (``cwd``) and is told ``--path .``: ``/proc/<pid>/cmdline`` is
+        world-readable, and in UUID mode the directory name is the user's token."""
         run = ["run", "--host", "127.0.0.1", "--path", ".", "--port", str(port)]
-        head = [sys.executable, "-S", "-c", BOOTSTRAP, str(os.getpid()), _chroma_site_dir()]
+        head = [
+            *(sys.executable, "-S", "-c", BOOTSTRAP),
+            *(str(os.getpid()), _chroma_site_dir(), str(hold_fd)),
+        ]
         if self._command:
             return [*head, "--exec", *self._command, *run]
         return [*head, *run]
@@ -363,7 +360,8 @@ class ChromaLauncher:
         private_dir(self._layout.locks_dir)
         private_dir(self._logs_dir)
         try:
-            lock_fd = lock_file(self._layout.user_lock(user_id))
+            lock_path = self._layout.user_lock(user_id)
+            lock_fd = lock_file(lock_path)
         except BlockingIOError:
             log.error("data directory locked", user_id=user_id)
             raise DirectoryLockedError(
@@ -382,13 +380,13 @@ class ChromaLauncher:
                 except BaseException:  # cancelled or timed out: never leave a child behind
                     if child.returncode is None:
                         await self.stop(child)
-                    self._ports.discard(child.port)
+                    self.ports.give_back(child.port)
                     raise
                 if code is None:
-                    child._lock_fd, lock_fd = lock_fd, -1
-                    child._release_port = functools.partial(self._ports.discard, child.port)
+                    child._lock_fd, child._lock_path, lock_fd = lock_fd, lock_path, -1
+                    child._release_port = functools.partial(self.ports.give_back, child.port)
                     return child
-                self._ports.discard(child.port)
+                self.ports.give_back(child.port)
                 log.warning(
                     "instance exited before ready",
                     user_id=user_id,
@@ -400,27 +398,34 @@ class ChromaLauncher:
             raise StartFailedError("the user's chroma server failed to start")
         finally:
             if lock_fd >= 0:
-                os.close(lock_fd)
+                unlock_file(lock_fd, lock_path)
 
     async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
-        port = self._reserve_port()
-        # Truncated at each start; append mode so that when rotate_log cuts the file back,
-        # the child's next write lands at the new end instead of leaving a hole of zeros.
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        port, hold = self.ports.lend()
         try:
-            # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
-            process = await asyncio.create_subprocess_exec(
-                *self.argv(port),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self._env,
-                cwd=str(data_dir),
-                start_new_session=True,
-                pass_fds=(lock_fd,),
-            )
-        finally:
-            os.close(out)
+            # Truncated at each start; append mode so that when rotate_log cuts the file back,
+            # the child's next write lands at the new end instead of leaving a hole of zeros.
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            try:
+                # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
+                process = await asyncio.create_subprocess_exec(
+                    *self.argv(port, hold.fileno()),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self._env,
+                    cwd=str(data_dir),
+                    start_new_session=True,
+                    pass_fds=(lock_fd, hold.fileno()),
+                )
+            finally:
+                os.close(out)
+        except BaseException:
+            hold.close()
+            self.ports.give_back(port)
+            raise
+        # The child has its own copy of the hold and closes it just before chroma binds.
+        hold.close()
         return Child(
             user_id=user_id, port=port, process=process, log_path=log_path, started_at=time.time()
         )
@@ -471,6 +476,52 @@ class ChromaLauncher:
             log_tail=read_tail(child.log_path)[-500:],
         )
         raise StartFailedError("the user's chroma server did not become ready in time")
+
+    def housekeeping(self, active: frozenset[str]) -> None:
+        """Periodic chores (`Supervisor.housekeeping`, never on a request's path): hold again
+        the ports of ``childPortRange`` let go by others (`PortHold.refill`).  ``active``: the
+        users with an instance."""
+        self.ports.refill()
+        if self._log_retention and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + min(LOG_PRUNE_MAX_S, self._log_retention / 2)
+            self.prune_logs(active)
+
+    def prune_logs(self, active: frozenset[str], now: float | None = None) -> int:
+        """Remove the children's output files (``<name>.log`` and ``<name>.log.1``, nothing
+        else) last written more than ``childLogRetention`` before ``now`` (wall-clock s), except
+        those of the ``active`` users.  Returns how many were removed; nothing with no
+        retention.  Blocking (one stat per file, ~2 µs): the housekeeping's, never a request's.
+        """
+        if not self._log_retention:
+            return 0
+        now = time.time() if now is None else now
+        keep: set[str] = set()
+        for user_id in active:  # a user's file may be old (RUST_LOG=warn writes little)
+            name = self.log_path(user_id).name
+            keep.update((name, f"{name}.1"))
+        removed = 0
+        try:
+            entries = os.scandir(self._logs_dir)
+        except FileNotFoundError:
+            return 0
+        with entries:
+            for entry in entries:
+                if entry.name in keep or not _CHILD_LOG_RE.match(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode) and now - info.st_mtime > self._log_retention:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        if removed:
+            log.info(
+                "child logs removed",
+                count=removed,
+                retention_ms=int(self._log_retention * 1000),
+            )
+        return removed
 
     def rotate_log(self, child: Child) -> None:
         """Bound a child's output file: past ``log_max_bytes``, its last half moves to

@@ -8,8 +8,10 @@ dot, `stcs.auth.USER_ID_RE`)::
       <userId>/                  chroma's data for that user (0700)
       .stcs/                     stcs's state (0700)
         stcs.lock                held by the serving stcs process (`datadir.DbPathLock`)
-        locks/<userId>.lock      held for the life of that user's chroma (and by backup/restore)
-        logs/<ref>.log           each child's output, unless childLogDir says elsewhere
+        locks/<userId>.lock      held for the life of that user's chroma (and by backup/restore);
+                                 removed by its holder when done (`datadir.unlock_file`)
+        logs/<ref>.log           each child's output, unless childLogDir says elsewhere; removed
+                                 after childLogRetention without an instance
         blocked.json             the admin blocklist
         limits.json              per-user limit overrides
         restore-<userId>-<pid>/  a restore being staged; replaced-<userId>-<pid>/ what it replaced

@@ -8,6 +8,7 @@ users.  Times are seconds, sizes bytes (Prometheus base units).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # the supervisor imports this module
+    from stcs.ports import PortCounts
     from stcs.supervisor import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,6 +31,10 @@ _DISK_BUCKETS = tuple(n * _MB for n in (1, 10, 100, 1024, 10 * 1024, 100 * 1024)
 
 # `limit` label values of stcs_quota_rejections (the limits of stcs.quotas).
 QUOTA_LIMITS = ("disk", "collections", "records", "rate", "concurrency")
+
+
+def _count_of(counts: Callable[[], PortCounts], name: str) -> float:
+    return float(getattr(counts(), name))
 
 
 class _DiskCollector(Collector):
@@ -166,6 +172,20 @@ class Metrics:
     def bind(self, snapshot: Callable[[], Snapshot]) -> None:
         """Register the scrape-time values, read from ``snapshot()`` (`Supervisor.snapshot`)."""
         self.registry.register(_LiveCollector(snapshot))
+
+    def bind_ports(self, counts: Callable[[], PortCounts]) -> None:
+        """Register ``stcs_child_ports_*`` (held, lent, foreign), read from ``counts()``
+        (`ports.PortHold.counts`)."""
+        for name, doc in (
+            ("held", "Ports of childPortRange stcs holds (bound, not listening) for children."),
+            ("lent", "Ports given to chroma children (with or without childPortRange)."),
+            (
+                "foreign",
+                "Ports of childPortRange bound by another process: no child can start on them.",
+            ),
+        ):
+            gauge = Gauge(f"stcs_child_ports_{name}", doc, registry=self.registry)
+            gauge.set_function(functools.partial(_count_of, counts, name))
 
     def bind_disk(self, sizes: Callable[[], Iterable[int]]) -> None:
         """Register the users' data sizes (bytes, one per user) for ``stcs_user_disk_bytes``."""

@@ -46,11 +46,12 @@ HANDLER_CLOSE_TIMEOUT_S = 1.0
 FD_RESERVE = 1024
 
 
-def raise_fd_limit(max_connections: int) -> int:
-    """Raise the soft open-files limit towards what ``max_connections`` needs (never past the
-    hard limit); return the soft limit now in force."""
+def raise_fd_limit(max_connections: int, held_ports: int = 0) -> int:
+    """Raise the soft open-files limit towards what ``max_connections`` and ``held_ports``
+    (one socket per port of childPortRange, `stcs.ports`) need (never past the hard limit);
+    return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * max_connections + FD_RESERVE
+    want = 2 * max_connections + FD_RESERVE + held_ports
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)
     if want > soft:
@@ -59,7 +60,7 @@ def raise_fd_limit(max_connections: int) -> int:
             soft = want
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit", wanted=want, error=str(exc))
-    if soft < 2 * max_connections + FD_RESERVE:
+    if soft < 2 * max_connections + FD_RESERVE + held_ports:
         log.warning(
             "open-files limit lower than maxConnections needs",
             limit=soft,
@@ -109,7 +110,9 @@ async def serve(
         await runner.setup()  # builds the State (`app.open_state`): dbPath lock, ..., supervisor
         await web.UnixSite(runner, control_socket).start()
         state = app[STATE]
-        raise_fd_limit(state.settings.max_connections)
+        raise_fd_limit(
+            state.settings.max_connections, state.ports.counts().size if state.ports else 0
+        )
         relay = Relay(state, control_socket)
         server = await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)
         scheme = "https" if ssl_context else "http"

@@ -15,6 +15,7 @@ from aiohttp import web
 from stcs.auth import AuthServerHealth, Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
+from stcs.ports import PortHold
 from stcs.quotas import Quotas
 from stcs.readiness import Readiness
 from stcs.supervisor import Supervisor
@@ -38,6 +39,7 @@ class State:
     supervisor: Supervisor
     quotas: Quotas  # per-user limits (the request path's admit/done hooks)
     upstream_pool: UpstreamPool  # the data plane's connections to children and control socket
+    ports: PortHold | None = None  # childPortRange as held and lent (/admin-health)
     _shutting_down: bool = field(default=False, init=False)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)

