@@ -163,6 +163,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             port_range=settings.child_ports,
             create_dirs=settings.auto_create_users,
         )
+        layout = Layout(db_dir)
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -172,9 +173,11 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             metrics=metrics,
             on_instance_gone=upstream_pool.forget,
             liveness_timeout_ms=settings.db_liveness_timeout,
+            new_users_per_minute=settings.address_new_users_per_minute,
+            is_new_user=lambda user_id: not layout.user_dir(user_id).is_dir(),
         )
         metrics.bind(supervisor.snapshot)
-        blocklist = Blocklist(Layout(db_dir).blocklist)
+        blocklist = Blocklist(layout.blocklist)
         quotas = Quotas(settings, db_dir, metrics)
         metrics.bind_disk(quotas.sizes)
         await quotas.start()
@@ -217,6 +220,7 @@ async def _resolver(
             timeout_ms=settings.auth_timeout,
             on_lookup=lambda result: metrics.auth_lookups.labels(result).inc(),
             max_concurrent=settings.auth_max_concurrent_lookups,
+            max_per_address=settings.auth_max_lookups_per_address,
         )
     else:
         resolver = UuidResolver()
