@@ -128,6 +128,25 @@ def test_closed_requests_take_no_instance_slot_from_other_users(
             assert seconds < 5.0, (name, answers)
 
 
+def test_a_half_closed_client_whose_start_queues_still_gets_its_answer(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """A half-close (``shutdown(SHUT_WR)``) is not a hang-up, even when the request's start must
+    queue: the client is sent an interim ``100 Continue`` (how stcs tells it from a closed
+    socket), then its answer once a slot frees (here: the other user's instance, evictable
+    after ``min(30 s, dbTTL)`` = 3 s)."""
+    server = stcs("--dbMaxInstances", "1", "--dbTTL", "3000", "--queueTimeout", "15000")
+    assert timed_get(f"{server.url}/api/v2/heartbeat", new_token())[0] == 200  # the one slot
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(request_bytes("/api/v2/heartbeat", new_token()))
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), data[:200]
+    assert b"nanosecond heartbeat" in data
+
+
 # -- 3. token lookups --------------------------------------------------------------------------
 
 
