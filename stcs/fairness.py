@@ -133,10 +133,6 @@ class StartQueue:
         for places in self._by_address.values():
             yield from places
 
-    def count(self, address: str | None) -> int:
-        places = self._by_address.get(address)
-        return len(places) if places else 0
-
     def add(self, place: QueuePlace) -> None:
         places = self._by_address.get(place.address)
         if places is None:
