@@ -40,6 +40,8 @@ HTTP: dict[type, tuple[int, str]] = {
     e.InvalidUserIdError: (502, "InternalError"),
     e.UserBlockedError: (403, "AuthorizationError"),
     e.CapacityTimeoutError: (503, "RateLimitError"),
+    e.NewUsersRateLimitError: (429, "RateLimitError"),
+    e.LookupsPerAddressError: (429, "RateLimitError"),
     e.StartFailedError: (503, "InternalError"),
     e.DirectoryLockedError: (503, "InternalError"),
     e.StartBackoffError: (503, "InternalError"),

@@ -175,6 +175,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             log_retention_ms=settings.child_log_retention,
         )
         stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
+        layout = Layout(db_dir)
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -185,10 +186,12 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             on_instance_gone=upstream_pool.forget,
             liveness_timeout_ms=settings.db_liveness_timeout,
             housekeeping=chroma.housekeeping,
+            new_users_per_minute=settings.address_new_users_per_minute,
+            is_new_user=lambda user_id: not layout.user_dir(user_id).is_dir(),
         )
         metrics.bind(supervisor.snapshot)
         metrics.bind_ports(chroma.ports.counts)
-        blocklist = Blocklist(Layout(db_dir).blocklist)
+        blocklist = Blocklist(layout.blocklist)
         quotas = Quotas(settings, db_dir, metrics)
         metrics.bind_disk(quotas.sizes)
         await quotas.start()
@@ -244,6 +247,7 @@ async def _resolver(
             on_lookup=lambda result: metrics.auth_lookups.labels(result).inc(),
             max_concurrent=settings.auth_max_concurrent_lookups,
             health=health,
+            max_per_address=settings.auth_max_lookups_per_address,
         )
     else:
         resolver = UuidResolver()

@@ -6,8 +6,9 @@ Two modes, as the Node.js single-tenant-chroma-server:
   ``Authorization: Bearer <token>`` and ``x-api-key: <authServerAPIKey>``; it answers
   ``{"userId": ...}`` or ``{"data": {"userId": ...}}``.  Positive answers are cached for
   ``authCacheTTL`` ms, rejections (401/403) briefly; concurrent lookups of one token share one
-  call (single-flight).  An answer that is not a clear yes or no is `AuthUnavailableError` (503),
-  never a 401 and never cached.
+  call (single-flight), cancelled when its last waiter leaves; one client address has at most
+  ``authMaxLookupsPerAddress`` lookups in flight.  An answer that is not a clear yes or no is
+  `AuthUnavailableError` (503), never a 401 and never cached.
 * `UuidResolver` (no endpoint): the token must be a UUID; the user id is its lowercase form.
 
 Either way the user id becomes a directory name and must pass `validate_user_id`.
@@ -39,9 +40,11 @@ from stcs.errors import (
     AuthError,
     AuthUnavailableError,
     InvalidUserIdError,
+    LookupsPerAddressError,
     LookupsSaturatedError,
     UnknownUserError,
 )
+from stcs.fairness import AddressCounts, Client
 
 log = structlog.get_logger("stcs.auth")
 
@@ -127,15 +130,16 @@ def normalize_user_id(user_id: str, *, uuid_mode: bool) -> str:
 
 
 class Resolver(Protocol):
-    """Resolves a token to a user id.  Raises AuthError or AuthUnavailableError."""
+    """Resolves a token to a user id.  Raises AuthError or AuthUnavailableError.  ``client``
+    (the request's client, for per-address limits) is optional."""
 
-    async def resolve(self, token: str) -> str: ...
+    async def resolve(self, token: str, client: Client | None = None) -> str: ...
 
 
 class UuidResolver:
     """No auth server: the token itself is the user's UUID (pre-validated by the application)."""
 
-    async def resolve(self, token: str) -> str:
+    async def resolve(self, token: str, client: Client | None = None) -> str:
         """Return the lowercase UUID; raise AuthError if ``token`` is not a UUID."""
         if not UUID_RE.fullmatch(token):
             raise AuthError("invalid token: expected a UUID")
@@ -156,10 +160,10 @@ class ExistingUsersResolver:
         self._inner = inner
         self._db_dir = str(db_dir)
 
-    async def resolve(self, token: str) -> str:
+    async def resolve(self, token: str, client: Client | None = None) -> str:
         """The user id of ``token`` if that user exists.  Raises what ``inner`` raises, and
         AuthError for a user with no directory."""
-        user_id = validate_user_id(await self._inner.resolve(token))  # a name before a stat
+        user_id = validate_user_id(await self._inner.resolve(token, client))  # a name before a stat
         # One stat of a local directory (~1 µs): cheaper inline than any hand-off to a thread.
         if not os.path.isdir(os.path.join(self._db_dir, user_id)):  # noqa: ASYNC240
             log.debug("unknown user refused", user_id=user_id)
@@ -188,14 +192,32 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+class _Lookup:
+    """One token's lookup in flight: its task, how many requests wait for it, and the client
+    address it is counted against (the address of the request that began it)."""
+
+    __slots__ = ("address", "task", "waiters")
+
+    def __init__(self, task: asyncio.Task[str], address: str | None) -> None:
+        self.task = task
+        self.address = address
+        self.waiters = 0
+
+
 class AuthServerResolver:
     """Resolve tokens through an HTTP auth server, with a cache and single-flight lookups.
 
     ``cache_ttl_ms`` 0 disables the positive cache.  ``timeout_ms`` bounds one lookup, the
     wait for a lookup slot included.  At most ``max_concurrent`` lookups are in flight
     (``authMaxConcurrentLookups``): a slow auth server costs a bounded number of sockets, and
-    beyond it lookups wait; cache hits never do.  ``on_lookup`` (optional) is called with "ok" |
-    "rejected" | "error" | "saturated" | "cache_hit" for metrics and tests.
+    beyond it lookups wait; cache hits never do.  A lookup is cancelled (its slot freed) when
+    the last request waiting for it leaves (its client closed the connection).  One client
+    address may have begun at most ``max_per_address`` of the lookups in flight
+    (``authMaxLookupsPerAddress``, 0: no bound): beyond, LookupsPerAddressError (429) at once —
+    refused rather than queued, so a flood from one address costs neither a queue nor a wait
+    and tells a well-behaved client to retry in 1 s.  ``on_lookup`` (optional) is called with
+    "ok" | "rejected" | "error" | "saturated" | "cache_hit" | "abandoned" | "per_address" for
+    metrics and tests.
     """
 
     MAX_CACHE_ENTRIES = 100_000
@@ -210,6 +232,7 @@ class AuthServerResolver:
         on_lookup: Callable[[str], None] | None = None,
         max_concurrent: int = 32,
         health: AuthServerHealth | None = None,
+        max_per_address: int = 0,
     ) -> None:
         self._session = session
         self.health = health or AuthServerHealth(endpoint)
@@ -222,13 +245,16 @@ class AuthServerResolver:
         self._slots = asyncio.Semaphore(max_concurrent)
         # digest -> (user id or None for rejected, expiry on the monotonic clock)
         self._cache: dict[bytes, tuple[str | None, float]] = {}
-        self._inflight: dict[bytes, asyncio.Future[str]] = {}
+        self._inflight: dict[bytes, _Lookup] = {}
+        self._max_per_address = max_per_address
+        self._by_address = AddressCounts()  # lookups in flight per client address
 
-    async def resolve(self, token: str) -> str:
+    async def resolve(self, token: str, client: Client | None = None) -> str:
         """Return the user id for ``token``.
 
         Raises AuthError (401/403 from the auth server), AuthUnavailableError (no usable
-        answer) or InvalidUserIdError (an answer unusable as a directory name).
+        answer), InvalidUserIdError (an answer unusable as a directory name) or
+        LookupsPerAddressError (``client``'s address has its share of lookups in flight).
         """
         key = _digest(token)
         hit = self._cache.get(key)
@@ -240,14 +266,45 @@ class AuthServerResolver:
                     raise AuthError("invalid token")
                 return user_id
             del self._cache[key]
-        task = self._inflight.get(key)
-        if task is None:
-            # The lookup runs as its own task: a caller that disconnects (is cancelled) does
-            # not cancel the lookup the other callers of the same token are waiting for.
-            task = asyncio.ensure_future(self._counted_lookup(token, key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        return await asyncio.shield(task)
+        lookup = self._inflight.get(key)
+        if lookup is None:
+            lookup = self._begin(token, key, client)
+        # The lookup runs as its own task, shared: a caller that disconnects (is cancelled)
+        # leaves it to the others, and the last one to leave cancels it.
+        lookup.waiters += 1
+        try:
+            return await asyncio.shield(lookup.task)
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters and not lookup.task.done():
+                if self._inflight.get(key) is lookup:
+                    del self._inflight[key]
+                lookup.task.cancel()
+                self._count("abandoned")
+
+    def _begin(self, token: str, key: bytes, client: Client | None) -> _Lookup:
+        """Start ``token``'s lookup, counted against ``client``'s address.  Raises
+        LookupsPerAddressError when that address has its share in flight."""
+        address = client.address if client is not None else None
+        if self._max_per_address and self._by_address.get(address) >= self._max_per_address:
+            self._count("per_address")
+            raise LookupsPerAddressError(
+                "too many token lookups in flight from this address; retry later",
+                retry_after_s=1,
+            )
+        lookup = _Lookup(asyncio.ensure_future(self._counted_lookup(token, key)), address)
+        self._inflight[key] = lookup
+        self._by_address.add(address)
+
+        def finished(task: asyncio.Task[str]) -> None:
+            self._by_address.remove(address)
+            if self._inflight.get(key) is lookup:
+                del self._inflight[key]
+            if not task.cancelled():
+                task.exception()  # retrieved: the waiters (if any) re-raise it
+
+        lookup.task.add_done_callback(finished)
+        return lookup
 
     def _count(self, result: str) -> None:
         if self._on_lookup is not None:

@@ -120,6 +120,15 @@ class Settings:
         help="Most auth-server lookups in flight at once; beyond, a lookup waits (within "
         "authTimeout, then 503). Cached tokens, /health and admin calls never wait.",
     )
+    auth_max_lookups_per_address: int = setting(
+        8,
+        key="authMaxLookupsPerAddress",
+        env="AUTH_MAX_LOOKUPS_PER_ADDRESS",
+        minimum=0,
+        help="Most auth-server lookups in flight begun by one client address (the "
+        "`trustedProxies` rule); beyond, 429 `RateLimitError` with `Retry-After: 1` at once. "
+        "0: no limit.",
+    )
     auto_create_users: bool = setting(
         True,
         key="autoCreateUsers",
@@ -174,6 +183,15 @@ class Settings:
         unit="ms",
         minimum=0,
         help="Longest wait for a free instance slot before 503 with `Retry-After`.",
+    )
+    address_new_users_per_minute: int = setting(
+        10,
+        key="addressNewUsersPerMinute",
+        env="ADDRESS_NEW_USERS_PER_MINUTE",
+        minimum=0,
+        help="Starts of never-seen users (no data directory yet) per client address (the "
+        "`trustedProxies` rule): a token bucket of this size refilled at this rate; beyond, "
+        "429 `RateLimitError` with `Retry-After`, nothing created. 0: no limit.",
     )
     db_max_retries: int = setting(
         2,
@@ -493,7 +511,8 @@ class Settings:
         key="trustedProxies",
         env="TRUSTED_PROXIES",
         help="Comma-separated addresses or networks (CIDR) of front proxies whose "
-        "X-Forwarded-For is believed for the client address in the logs, e.g. `127.0.0.1`.",
+        "X-Forwarded-For is believed for the client address (logs, per-address limits), e.g. "
+        "`127.0.0.1`.",
     )
     web_server_type: str = setting(
         "",

@@ -96,6 +96,17 @@ class UpstreamError(RequestError):
     """The user's chroma server died mid-request or answered with a broken response."""
 
 
+class NewUsersRateLimitError(RequestError):
+    """A never-seen user's start refused: the client address started
+    ``addressNewUsersPerMinute`` new users already (its bucket is empty); ``retry_after_s`` is
+    set."""
+
+
+class LookupsPerAddressError(RequestError):
+    """A token lookup refused: the client address already has ``authMaxLookupsPerAddress``
+    lookups in flight; ``retry_after_s`` is set."""
+
+
 # -- the request itself (refused at the edge) -------------------------------------------------
 
 

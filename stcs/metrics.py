@@ -134,9 +134,16 @@ class Metrics:
             "Requests answered 503 at once because their user's starts back off.",
             registry=r,
         )
+        self.new_user_refusals = Counter(
+            "stcs_new_user_refusals",
+            "New users' starts refused (429) by addressNewUsersPerMinute.",
+            registry=r,
+        )
         self.auth_lookups = Counter(
             "stcs_auth_lookups",
-            "Token resolutions by result (ok, rejected, error, saturated, cache_hit).",
+            "Token resolutions by result (ok, rejected, error, saturated, cache_hit, "
+            "abandoned: nobody waited any more, per_address: refused by "
+            "authMaxLookupsPerAddress).",
             ["result"],
             registry=r,
         )
@@ -151,7 +158,7 @@ class Metrics:
         self.info = Gauge("stcs_up", "1 while stcs serves.", registry=r)
         self.info.set(1)
         # Pre-create the label sets alerts refer to, so they exist (at 0) from the start.
-        for result in ("ok", "failed"):
+        for result in ("ok", "failed", "abandoned"):
             self.starts.labels(result)
         for reason in (
             "idle",
@@ -164,7 +171,15 @@ class Metrics:
             "memory",
         ):
             self.stops.labels(reason)
-        for result in ("ok", "rejected", "error", "saturated", "cache_hit"):
+        for result in (
+            "ok",
+            "rejected",
+            "error",
+            "saturated",
+            "cache_hit",
+            "abandoned",
+            "per_address",
+        ):
             self.auth_lookups.labels(result)
         for limit in QUOTA_LIMITS:
             self.quota_rejections.labels(limit)

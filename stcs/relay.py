@@ -33,6 +33,7 @@ import collections
 import ipaddress
 import itertools
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -333,6 +334,7 @@ class ClientConnection(asyncio.Protocol):
         self.pipeline: collections.deque[_Message] = collections.deque()
         self.backlog = b""  # read but not parsed yet (see FEED_SLICE); reading paused meanwhile
         self.eof = False  # the client half-closed after complete requests: answer, then close
+        self.probed = False  # after the half-close, an interim answer was sent (`check_gone`)
         self.feeding = False
         self.in_head = False
         self.head_bytes = 0
@@ -780,7 +782,7 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         try:
             token = extract_token(msg.special)
-            user_id = validate_user_id(await state.resolver.resolve(token))
+            user_id = validate_user_id(await state.resolver.resolve(token, self))
             info["user_id"] = user_id
             if user_id in state.blocklist:
                 raise UserBlockedError("this user is blocked")
@@ -831,7 +833,7 @@ class ClientConnection(asyncio.Protocol):
         if state.shutting_down:
             raise ShuttingDownError("server is shutting down")
         token = extract_token(msg.special)
-        user_id = validate_user_id(await resolver.resolve(token))
+        user_id = validate_user_id(await resolver.resolve(token, self))
         info["user_id"] = user_id
         structlog.contextvars.bind_contextvars(user_id=user_id)
         if user_id in state.blocklist:
@@ -877,7 +879,7 @@ class ClientConnection(asyncio.Protocol):
                 raise UserBlockedError("this user is blocked")
 
         for attempt in (1, 2):
-            async with supervisor.acquire(user_id, not_blocked) as lease:
+            async with supervisor.acquire(user_id, not_blocked, self) as lease:
                 info["cold_start"] = info["cold_start"] or lease.cold_start
                 info["upstream_port"] = lease.port
                 if admission.wants_body and msg.has_body and not isinstance(body, bytes):
@@ -1199,6 +1201,43 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             if transport.get_write_buffer_size():
                 self.loop.call_later(self.relay.send_timeout, transport.abort)
+
+    # -- the client as the supervisor and resolver see it (`supervisor.Requester`) ------------
+
+    @property
+    def address(self) -> str | None:
+        """The client address of the request being served (`client_address`)."""
+        msg = self.active
+        return client_address(self.peer, msg.forwarded if msg else [], self.relay.trusted)
+
+    def check_gone(self) -> None:
+        """After a half-close, find out whether the client is still there (asked by the
+        supervisor while the request waits in the start queue, a few times a second).
+
+        TCP cannot tell a half-close (``shutdown(SHUT_WR)``, still reading) from a close: the
+        difference shows only when something is sent, which a closed socket answers with a
+        reset.  So the first call sends an interim ``100 Continue`` (HTTP/1.1 clients accept
+        1xx answers at any time, RFC 9110 §15.2); the later ones read the socket's error
+        (``SO_ERROR``, set by the reset) and, if it is set, abort the connection: its request is
+        cancelled as if the client had reset it.  Not for HTTP/1.0 clients (no 1xx for them).
+        """
+        transport = self.transport
+        msg = self.active
+        if self.closed or not self.eof or transport is None or msg is None:
+            return
+        if not self.probed:
+            self.probed = True
+            if msg.version == "1.1":
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock else 0
+        except OSError:
+            error = 0
+        if error:
+            log.info("client gone", client=self.address, error=os.strerror(error))
+            self._abort()
 
     def eof_received(self) -> bool | None:
         """The client half-closed.  After complete requests that is not a hang-up (RFC 9112

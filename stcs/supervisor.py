@@ -6,9 +6,21 @@
 * Idle cull: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
 * Capacity: at most ``dbMaxInstances`` children, and none started while less than
   ``dbMinFreeMemoryMB`` is available.  When full, the least recently used instance idle for at
-  least ``min(30 s, dbTTL)`` is evicted; otherwise the start waits in a FIFO queue until
-  ``queueTimeout`` ms after the request arrived, then fails with CapacityTimeoutError (and a
-  retry-after).
+  least ``min(30 s, dbTTL)`` is evicted (an *unclaimed* one at once, below); otherwise the start
+  waits in the start queue until ``queueTimeout`` ms after the request arrived, then fails with
+  CapacityTimeoutError (and a retry-after).
+* Fair queue (issue 18): the queue is served round-robin between client addresses, FIFO within
+  one (`fairness.StartQueue`): however many places one address holds, each other address's
+  start waits for at most one of its grants.  Starts are single-flight: one user, one place.
+* Nothing for nobody: a start's waiters are counted; when the last one leaves (its client closed
+  the connection) before the child is spawned, the start is abandoned (its queue place freed,
+  nothing spawned).  A start that has spawned finishes, but an instance nobody came for, or whose
+  last request's client had hung up (half-closed mid-request), is *unclaimed*: evictable at once.
+  Queued starts whose clients have half-closed ask them (`Requester.check_gone`) whether they
+  are still there, and yield their turn to starts someone surely waits for.
+* New users per address: starting a user with no data directory yet takes a token from the
+  client address's bucket (``addressNewUsersPerMinute``); an empty bucket is
+  NewUsersRateLimitError (429, retry-after) before anything is created.
 * Crashes: a child that exits on its own leaves the registry at once (exit code or signal
   logged); the next request starts it again.
 * Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start (one that spawned), or a
@@ -35,11 +47,10 @@ import enum
 import math
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -47,11 +58,13 @@ from stcs.errors import (
     CapacityTimeoutError,
     DirectoryLockedError,
     MemoryLimitError,
+    NewUsersRateLimitError,
     RequestError,
     ShuttingDownError,
     StartBackoffError,
     StartFailedError,
 )
+from stcs.fairness import AddressBuckets, Client, QueuePlace, StartQueue
 from stcs.launcher import Child, Launcher, describe_exit
 from stcs.memory import available_memory as _available_memory
 from stcs.metrics import Metrics
@@ -70,6 +83,23 @@ BACKOFF_FORGET_S = 600.0  # a back-off over this long ago with no start since is
 # Deaths that come from outside (an operator's kill, the OOM killer, a shutdown): an occasional
 # one is not a crash loop, and the next request restarts the instance at once.
 EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+class Requester(Client, Protocol):
+    """The client a request is for, as the supervisor's fairness rules need it (the relay's
+    client connection).
+
+    ``eof``: the client half-closed after its request — it may have hung up, or may be waiting
+    for the answer with its sending side shut (TCP cannot tell which until something is sent).
+    ``address``: the client address (behind a trusted proxy, from ``X-Forwarded-For``).
+    ``check_gone()``: find out whether a half-closed client is still there (the relay sends an
+    interim ``100 Continue`` and looks for the reset); if it is gone, its request is cancelled
+    (soon, not within the call).
+    """
+
+    eof: bool
+
+    def check_gone(self) -> None: ...
 
 
 @dataclass
@@ -113,6 +143,12 @@ class Instance:
     ready_at: float = 0.0  # the supervisor's clock when the instance became ready
     alive_at: float = 0.0  # monotonic s: last good heartbeat, or last seen with nothing in flight
     has_slot: bool = False
+    spawning: bool = False  # the start has a slot and is launching: it is let finish
+    unclaimed: bool = False  # nobody came for it, or its last client hung up: evict at once
+    address: str | None = None  # client address of the request that began the start
+    # Requests awaiting the start (None: a caller with no client, e.g. a test); the start is
+    # abandoned when the last one leaves before the spawn.
+    waiting: list[Requester | None] = field(default_factory=list)
     started: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -178,19 +214,26 @@ class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
     every request's path)."""
 
-    __slots__ = ("_check", "_child", "_inst", "_supervisor", "_user_id")
+    __slots__ = ("_check", "_child", "_inst", "_requester", "_supervisor", "_user_id")
 
     def __init__(
-        self, supervisor: Supervisor, user_id: str, check: Callable[[], None] | None
+        self,
+        supervisor: Supervisor,
+        user_id: str,
+        check: Callable[[], None] | None,
+        requester: Requester | None,
     ) -> None:
         self._supervisor = supervisor
         self._user_id = user_id
         self._check = check
+        self._requester = requester
         self._inst: Instance | None = None
         self._child: Child | None = None
 
     async def __aenter__(self) -> Lease:
-        inst, cold = await self._supervisor._ready_instance(self._user_id, self._check)
+        inst, cold = await self._supervisor._ready_instance(
+            self._user_id, self._check, self._requester
+        )
         child = inst.child
         assert child is not None
         child.lease()
@@ -206,6 +249,10 @@ class _LeaseContext:
         inst.in_flight -= 1
         inst.last_active = self._supervisor._clock()
         inst.last_active_wall = time.time()
+        if self._requester is not None:
+            # A client that hung up mid-request is not between two requests: its instance is
+            # not kept from others for min(30 s, dbTTL).
+            inst.unclaimed = self._requester.eof
         if not inst.in_flight:
             inst.drained.set()
 
@@ -233,6 +280,8 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         liveness_timeout_ms: int = 0,
         housekeeping: Callable[[frozenset[str]], None] | None = None,
+        new_users_per_minute: int = 0,
+        is_new_user: Callable[[str], bool] = lambda _user_id: False,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -243,7 +292,7 @@ class Supervisor:
         self._memory = memory
         self.registry: dict[str, Instance] = {}
         self._slots_used = 0
-        self._queue: deque[asyncio.Event] = deque()
+        self._queue = StartQueue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._culler: asyncio.Task[None] | None = None
         self._rotator: asyncio.Task[None] | None = None
@@ -263,6 +312,13 @@ class Supervisor:
         # The launcher's periodic chores (`launcher.ChromaLauncher.housekeeping`), given the
         # users with an instance (starting, ready or stopping): never on a request's path.
         self._housekeeping = housekeeping
+        # addressNewUsersPerMinute: a bucket per client address of never-seen users' starts.
+        self._is_new_user = is_new_user
+        self._new_users = (
+            AddressBuckets(new_users_per_minute / 60, new_users_per_minute, clock)
+            if new_users_per_minute > 0
+            else None
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -300,20 +356,30 @@ class Supervisor:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def acquire(self, user_id: str, check: Callable[[], None] | None = None) -> _LeaseContext:
+    def acquire(
+        self,
+        user_id: str,
+        check: Callable[[], None] | None = None,
+        requester: Requester | None = None,
+    ) -> _LeaseContext:
         """``async with supervisor.acquire(user_id) as lease``: lease ``user_id``'s ready
-        instance for one request, starting it if needed.
+        instance for one request, starting it if needed.  ``requester`` is the request's
+        client (its address for the per-address rules; whether it hung up).
 
         ``check`` (the caller's admission rule, e.g. the blocklist) is called before each
         attempt — first, and again after every wait (a hold, a start, a stop) — and whatever it
         raises ends the acquire: a request that waited through a block never starts the
         user's instance.  Raises that, StartFailedError (StartBackoffError while the user's
-        starts back off), CapacityTimeoutError or ShuttingDownError on entry.
+        starts back off), NewUsersRateLimitError, CapacityTimeoutError or ShuttingDownError
+        on entry.
         """
-        return _LeaseContext(self, user_id, check)
+        return _LeaseContext(self, user_id, check, requester)
 
     async def _ready_instance(
-        self, user_id: str, check: Callable[[], None] | None = None
+        self,
+        user_id: str,
+        check: Callable[[], None] | None = None,
+        requester: Requester | None = None,
     ) -> tuple[Instance, bool]:
         deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
@@ -336,7 +402,10 @@ class Supervisor:
             inst = self.registry.get(user_id)
             if inst is None:
                 self._check_backoff(user_id)
-                inst = Instance(user_id, last_active=self._clock())
+                address = requester.address if requester is not None else None
+                if self._new_users is not None and self._is_new_user(user_id):
+                    self._take_new_user(user_id, address)
+                inst = Instance(user_id, last_active=self._clock(), address=address)
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
             if inst.phase is Phase.READY:
@@ -348,9 +417,54 @@ class Supervisor:
                 return inst, cold
             cold = True
             if inst.phase is Phase.STARTING:
-                await asyncio.shield(inst.started)
+                await self._await_start(inst, requester)
             else:
                 await inst.stopped.wait()
+
+    async def _await_start(self, inst: Instance, requester: Requester | None) -> None:
+        """Wait for ``inst``'s start as one of its waiters; the last waiter to leave before
+        the spawn abandons the start."""
+        waiting = inst.waiting
+        waiting.append(requester)
+        try:
+            await asyncio.shield(inst.started)
+        finally:
+            waiting.remove(requester)
+            if not waiting and inst.phase is Phase.STARTING and not inst.spawning:
+                self._abandon(inst)
+
+    def _abandon(self, inst: Instance) -> None:
+        """Nobody waits for ``inst``'s start any more and it has not spawned: cancel it (its
+        queue place is freed); a new request for the user begins a new start."""
+        if self.registry.get(inst.user_id) is inst:
+            del self.registry[inst.user_id]
+        if inst.start_task is not None:
+            inst.start_task.cancel()
+        self.metrics.starts.labels("abandoned").inc()
+        log.info("start abandoned", user_id=inst.user_id, reason="nobody waits")
+
+    def _take_new_user(self, user_id: str, address: str | None) -> None:
+        """Charge a never-seen user's start to ``address``'s bucket.  Raises
+        NewUsersRateLimitError when it is empty."""
+        assert self._new_users is not None
+        wait = self._new_users.take(address)
+        if wait > 0:
+            self.metrics.new_user_refusals.inc()
+            log.info("new user refused", user_id=user_id, client=address, reason="rate")
+            raise NewUsersRateLimitError(
+                "too many new users from this address; retry later",
+                retry_after_s=math.ceil(wait),
+            )
+
+    def _live(self, inst: Instance) -> bool:
+        """Whether a client surely waits for ``inst``'s start (one that has not half-closed,
+        or a caller with no client)."""
+        return any(r is None or not r.eof for r in inst.waiting)
+
+    def _ask_half_closed(self, inst: Instance) -> None:
+        for requester in inst.waiting:
+            if requester is not None and requester.eof:
+                requester.check_gone()
 
     def mark_unreachable(self, inst: Instance) -> None:
         """The proxy could not connect to ``inst``: stop it so the next acquire starts anew."""
@@ -367,6 +481,7 @@ class Supervisor:
     async def _start(self, inst: Instance, deadline: float) -> None:
         try:
             await self._reserve_slot(inst, deadline)
+            inst.spawning = True
             child = await self.launcher.launch(inst.user_id)
         except BaseException as exc:
             self._finalize(inst)
@@ -389,6 +504,9 @@ class Supervisor:
         inst.alive_at = self._clock()
         inst.last_active = self._clock()
         inst.last_active_wall = time.time()
+        if not inst.waiting:
+            inst.unclaimed = True  # every client left while it started: evictable at once
+            log.info("instance unclaimed", user_id=inst.user_id, pid=child.pid)
         inst.started.set_result(None)
         self.metrics.starts.labels("ok").inc()
         self.metrics.start_duration.observe(child.start_ms / 1000)
@@ -403,23 +521,29 @@ class Supervisor:
         self._spawn_task(self._watch(inst, child))
 
     async def _reserve_slot(self, inst: Instance, deadline: float) -> None:
-        """Take an instance slot: evict an idle instance or queue (FIFO) if none is free.
+        """Take an instance slot: evict an idle instance or queue if none is free (the start
+        queue: round-robin between client addresses, starts someone surely waits for first).
+        While queued, half-closed clients waiting for this start are asked whether they are
+        still there (`Requester.check_gone`).
 
         Raises CapacityTimeoutError at ``deadline`` (monotonic s), ShuttingDownError on close.
         """
-        waiter: asyncio.Event | None = None
+        place: QueuePlace | None = None
         queued_at = 0.0
         try:
             while True:
                 if self._closed:
                     raise ShuttingDownError("server is shutting down")
-                at_head = not self._queue or self._queue[0] is waiter
+                at_head = not self._queue or self._queue.head() is place
                 full = self._slots_used >= self.max_instances
                 low_memory = self._memory() < self.min_free_bytes
                 if at_head and not full and not low_memory:
                     self._slots_used += 1
                     inst.has_slot = True
-                    if waiter is not None:
+                    if place is not None:
+                        self._queue.granted(place)
+                        place = None
+                        self._wake_queue()  # the next in turn looks again
                         self.metrics.queue_wait.observe(time.monotonic() - queued_at)
                     return
                 if at_head:
@@ -427,9 +551,9 @@ class Supervisor:
                     if victim is not None:
                         await self._stop(victim, "evicted")
                         continue
-                if waiter is None:
-                    waiter = asyncio.Event()
-                    self._queue.append(waiter)
+                if place is None:
+                    place = QueuePlace(inst.address, lambda: self._live(inst))
+                    self._queue.add(place)
                     queued_at = time.monotonic()
                     if low_memory and not full:
                         self.metrics.memory_floor.inc()
@@ -439,6 +563,7 @@ class Supervisor:
                         queue_length=len(self._queue),
                         reason="memory" if low_memory and not full else "max instances",
                     )
+                self._ask_half_closed(inst)
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.metrics.queue_timeouts.inc()
@@ -455,29 +580,28 @@ class Supervisor:
                         retry_after_s=retry_after,
                     )
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), min(remaining, QUEUE_POLL_S))
-                waiter.clear()
+                    await asyncio.wait_for(place.event.wait(), min(remaining, QUEUE_POLL_S))
+                place.event.clear()
         finally:
-            if waiter is not None:
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(waiter)
+            if place is not None:
+                self._queue.remove(place)
                 self._wake_queue()
 
     def _pick_victim(self) -> Instance | None:
-        """The least recently used ready instance idle for at least ``min(30 s, dbTTL)``."""
+        """An unclaimed idle instance (nobody came for it, or its last client hung up), else
+        the least recently used ready instance idle for at least ``min(30 s, dbTTL)``."""
         now = self._clock()
         idle = [
             i
             for i in self.registry.values()
             if i.phase is Phase.READY
             and i.in_flight == 0
-            and now - i.last_active >= self.evict_min_idle
+            and (i.unclaimed or now - i.last_active >= self.evict_min_idle)
         ]
-        return min(idle, key=lambda i: i.last_active, default=None)
+        return min(idle, key=lambda i: (not i.unclaimed, i.last_active), default=None)
 
     def _wake_queue(self) -> None:
-        for waiter in self._queue:
-            waiter.set()
+        self._queue.wake_all()
 
     # -- stopping ---------------------------------------------------------------------------
 

@@ -18,7 +18,12 @@ from stcs.auth import (
     extract_token,
     validate_user_id,
 )
-from stcs.errors import AuthError, AuthUnavailableError, InvalidUserIdError
+from stcs.errors import (
+    AuthError,
+    AuthUnavailableError,
+    InvalidUserIdError,
+    LookupsPerAddressError,
+)
 from tests.harness import AuthServer, free_port
 
 
@@ -246,3 +251,53 @@ async def test_lookups_record_each_answer_in_the_health(
         with pytest.raises(AuthError):
             await r.resolve(f"token-{i}")
     assert r.health.suspect_status() == 403
+
+
+class From:
+    """A request's client as the resolver sees it: its address."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+
+async def test_a_lookup_is_cancelled_when_its_last_waiter_leaves(
+    session: aiohttp.ClientSession, auth_server: AuthServer
+) -> None:
+    """Its lookup slot is freed at once: a lookup nobody waits for does not hold one of the
+    ``authMaxConcurrentLookups`` for the auth server's whole answer."""
+    auth_server.delay = 1.0
+    auth_server.answers["valid"] = (200, {"userId": "u1"})
+    results: list[str] = []
+    r = resolver(session, auth_server.url, max_concurrent=1, on_lookup=results.append)
+    gone = [asyncio.ensure_future(r.resolve("bad")) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    for waiter in gone:
+        waiter.cancel()
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    auth_server.delay = 0.1
+    assert await r.resolve("valid") == "u1"
+    assert asyncio.get_running_loop().time() - started < 0.8  # not behind the 1 s lookup
+    assert results.count("abandoned") == 1  # two waiters, one shared lookup
+
+
+async def test_lookups_in_flight_are_bounded_per_client_address(
+    session: aiohttp.ClientSession, auth_server: AuthServer
+) -> None:
+    auth_server.delay = 0.3
+    auth_server.answers["valid"] = (200, {"userId": "u1"})
+    r = resolver(session, auth_server.url, max_concurrent=8, max_per_address=2)
+    attacker = From("127.0.0.2")
+    first = [asyncio.ensure_future(r.resolve(f"bad-{i}", attacker)) for i in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(LookupsPerAddressError) as caught:
+        await r.resolve("bad-3", attacker)
+    assert caught.value.retry_after_s == 1
+    shared = asyncio.ensure_future(r.resolve("bad-0", attacker))  # joins a lookup: no new one
+    assert await r.resolve("valid", From("127.0.0.1")) == "u1"  # another address
+    for waiter in [*first, shared]:
+        with pytest.raises(AuthError):
+            await waiter
+    with pytest.raises(AuthError):  # the address's lookups ended: it may look up again
+        await r.resolve("bad-3", attacker)
+    assert "bad-3" in auth_server.calls

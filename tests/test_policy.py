@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stcs.errors import CapacityTimeoutError, ShuttingDownError
+from stcs.errors import CapacityTimeoutError, NewUsersRateLimitError, ShuttingDownError
 from stcs.launcher import Child
 from stcs.supervisor import Phase, Supervisor
 
@@ -349,4 +349,152 @@ async def test_a_request_waiting_through_a_block_never_starts_the_instance(
     with pytest.raises(PermissionError):
         await asyncio.wait_for(waiting, 5)
     assert launcher.launches == {"u": 1} and not sup.has_instance("u")
+    await sup.close()
+
+
+# -- fair share (issue 18): nothing for nobody, new users per address, round-robin queue --------
+
+
+class Client:
+    """A request's client as the supervisor sees it (`supervisor.Requester`): its address,
+    whether it half-closed, and how often it was asked whether it is still there."""
+
+    def __init__(self, address: str, eof: bool = False) -> None:
+        self.address = address
+        self.eof = eof
+        self.asked = 0
+
+    def check_gone(self) -> None:
+        self.asked += 1
+
+
+async def test_a_start_nobody_waits_for_any_more_is_abandoned_before_it_spawns(
+    launcher: SleepLauncher,
+) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=1, queue_timeout_ms=10_000, clock=clock)
+    async with sup.acquire("a"):  # in flight: "b" must queue
+        queued = asyncio.ensure_future(lease_once(sup, "b"))
+        await asyncio.sleep(0.05)
+        assert sup.snapshot().queue_length == 1
+        queued.cancel()  # its client closed the connection
+        await asyncio.sleep(0.05)
+        assert sup.snapshot().queue_length == 0
+        assert not sup.has_instance("b")
+    clock.now += 31  # "a" is evictable
+    await lease_once(sup, "c")  # nothing queued ahead of "c"
+    assert "b" not in launcher.launches
+    assert sup.metrics.starts.labels("abandoned")._value.get() == 1
+    await sup.close()
+
+
+async def test_an_instance_spawned_for_nobody_is_evicted_first(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=2, clock=clock)
+    await lease_once(sup, "recent")
+    launcher.gate = asyncio.Event()
+    waiting = asyncio.ensure_future(lease_once(sup, "left"))
+    await asyncio.sleep(0.05)  # spawning: let finish, not cancelled
+    waiting.cancel()
+    launcher.gate.set()
+    await asyncio.sleep(0.1)
+    assert sup.registry["left"].phase is Phase.READY
+    assert sup.registry["left"].unclaimed
+    await lease_once(sup, "new")  # "recent" (idle 0 s) is kept, "left" evicted at once
+    assert launcher.stops == ["left"]
+    assert set(sup.registry) == {"recent", "new"}
+    await sup.close()
+
+
+async def test_an_instance_whose_client_hung_up_mid_request_is_evicted_at_once(
+    launcher: SleepLauncher,
+) -> None:
+    sup = supervisor(launcher, max_instances=1)
+    async with sup.acquire("hung-up", requester=Client("127.0.0.2", eof=True)):
+        pass
+    await lease_once(sup, "next")  # not kept from "next" for min(30 s, dbTTL)
+    assert launcher.stops == ["hung-up"]
+    async with sup.acquire("next", requester=Client("127.0.0.1")):
+        pass
+    assert not sup.registry["next"].unclaimed
+    await sup.close()
+
+
+async def test_new_users_are_bounded_per_client_address(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(
+        launcher, clock=clock, new_users_per_minute=2, is_new_user=lambda user: user != "old"
+    )
+    attacker, victim = Client("127.0.0.2"), Client("127.0.0.1")
+    for user in ("n1", "n2"):
+        async with sup.acquire(user, requester=attacker):
+            pass
+    with pytest.raises(NewUsersRateLimitError) as caught:
+        async with sup.acquire("n3", requester=attacker):
+            pass
+    assert caught.value.retry_after_s == 30  # one token every 30 s
+    assert "n3" not in launcher.launches
+    async with sup.acquire("old", requester=attacker):  # a known user is no new user
+        pass
+    async with sup.acquire("v1", requester=victim):  # another address: its own bucket
+        pass
+    clock.now += 30
+    async with sup.acquire("n3", requester=attacker):
+        pass
+    assert sup.metrics.new_user_refusals._value.get() == 1
+    await sup.close()
+
+
+async def test_the_start_queue_takes_addresses_in_turn(launcher: SleepLauncher) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=1, queue_timeout_ms=60_000, ttl_ms=1000, clock=clock)
+    order: list[str] = []
+
+    async def one(user: str, client: Client) -> None:
+        async with sup.acquire(user, requester=client):
+            order.append(user)
+
+    async def time_passes() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            clock.now += 0.5
+
+    busy, other = Client("127.0.0.2"), Client("127.0.0.1")
+    async with sup.acquire("a"):
+        queued = []
+        for user, client in (("x1", busy), ("x2", busy), ("x3", busy), ("y1", other)):
+            queued.append(asyncio.ensure_future(one(user, client)))
+            await asyncio.sleep(0.02)
+    ticking = asyncio.ensure_future(time_passes())
+    await asyncio.wait_for(asyncio.gather(*queued), 10)
+    ticking.cancel()
+    assert order == ["x1", "y1", "x2", "x3"]  # FIFO would have been x1, x2, x3, y1
+    await sup.close()
+
+
+async def test_queued_half_closed_clients_are_asked_and_yield_to_waiting_ones(
+    launcher: SleepLauncher,
+) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, max_instances=1, queue_timeout_ms=60_000, ttl_ms=1000, clock=clock)
+    order: list[str] = []
+    half_closed = Client("127.0.0.2", eof=True)
+
+    async def one(user: str, client: Client) -> None:
+        async with sup.acquire(user, requester=client):
+            order.append(user)
+
+    async with sup.acquire("a"):
+        first = asyncio.ensure_future(one("maybe-gone", half_closed))
+        await asyncio.sleep(0.25)  # queued: asked now and at each poll
+        assert half_closed.asked >= 2
+        second = asyncio.ensure_future(one("waited-for", Client("127.0.0.1")))
+        await asyncio.sleep(0.05)
+    clock.now += 1  # "a" is evictable
+    await asyncio.wait_for(second, 5)
+    assert order == ["waited-for"]
+    first.cancel()  # the check found it gone: its request is cancelled, its start abandoned
+    await asyncio.sleep(0.05)
+    assert not sup.has_instance("maybe-gone")
+    assert "maybe-gone" not in launcher.launches
     await sup.close()
