@@ -5,7 +5,7 @@ middleware (`app.request_middleware`).  The body is chroma's error shape ``{"err
 "message": TEXT}``; the names are keys of ``chromadb.errors.error_types``, so the unmodified
 Python client raises the matching exception (``ChromaAuthError`` for ``AuthError``,
 ``RateLimitError``, ``QuotaError``, ``InternalError``, ...).  The README's error table lists
-the same rows (tests/test_answers.py checks it).
+the same rows (tests/unit/test_answers.py checks it).
 
 Notes on the choices:
 
@@ -31,7 +31,7 @@ import orjson
 from stcs import errors as e
 
 # error class -> (HTTP status, chroma error name).  A subclass not listed answers as its
-# nearest listed base; tests/test_answers.py checks every RequestError is listed.
+# nearest listed base; tests/unit/test_answers.py checks every RequestError is listed.
 HTTP: dict[type, tuple[int, str]] = {
     e.AuthError: (401, "AuthError"),
     e.UnknownUserError: (401, "AuthError"),

@@ -10,7 +10,7 @@ Linux lets two sockets share a port when both set ``SO_REUSEADDR`` and neither l
 hold socket with it would let another uid bind — and then listen on — the port beside it.
 Without it, another uid's bind of the port fails on ``127.0.0.1``, ``0.0.0.0`` or ``[::]``,
 with or without ``SO_REUSEADDR``/``SO_REUSEPORT`` (checked as uid 65534:
-tests/test_local_ports.py).
+tests/e2e/test_local_ports.py).
 
 * `lend` gives a held port and its socket to a start.  The child inherits the socket and closes
   it right before chroma binds (`launcher.BOOTSTRAP`): the port is free only for chroma's own
@@ -95,7 +95,7 @@ def _bind(port: int) -> socket.socket | None:
     probes' and requests' connections first), and a bind without SO_REUSEADDR fails on it while
     one with it succeeds — another uid's too.  So when the plain bind fails, bind with it and
     clear it at once: what counts when another socket binds is the option's value *then*
-    (checked on Linux 6.18 as uid 65534, in every shape: tests/test_local_ports.py).
+    (checked on Linux 6.18 as uid 65534, in every shape: tests/e2e/test_local_ports.py).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

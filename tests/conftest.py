@@ -18,6 +18,18 @@ from tests.harness import AuthServer, StcsServer, start_stcs
 
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
+LAYERS = ("unit", "e2e", "deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, the folder it lives in: ``unit`` (in-process, no stcs or
+    chroma process), ``e2e`` (real ``stcs serve`` and chroma children), ``deploy`` (nginx,
+    Apache, systemd, the cluster, a fresh clone).  ``scripts/test -m unit`` runs the fast layer."""
+    for item in items:
+        layer = Path(str(item.path)).parent.name
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_working_directory(

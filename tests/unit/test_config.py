@@ -1,11 +1,11 @@
-"""Configuration: precedence, types, errors that name the key, docs that match the code."""
+"""Configuration (stcs.config, stcs.cli's parser), in-process: precedence, types, errors that
+name the key, docs that match the code.  The subcommands run as processes are in
+tests/e2e/test_config.py."""
 
 from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +14,10 @@ import yaml
 from stcs.cli import build_parser, main
 from stcs.config import BY_KEY, IGNORED_KEYS, SETTINGS, load_settings
 from stcs.errors import ConfigError
-from tests.harness import stcs_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
-# The Node.js single-tenant-chroma-server's config.sample.yml, keys and value types as shipped.
+
 NODE_SAMPLE = """
 webServerType: "apache"
 webServerHost: "single-tenant-chroma-server.example.com"
@@ -201,47 +200,6 @@ def test_readme_table_covers_exactly_the_settings() -> None:
     rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \|", readme, flags=re.MULTILINE)
     assert {k for k, _ in rows} == set(BY_KEY)
     assert {k: e for k, e in rows} == {s.key: s.env for s in SETTINGS}
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return stcs_cli(*args, cwd=cwd, env={"PATH": "/usr/bin:/bin"}, timeout=60)
-
-
-def test_check_config_prints_sources_and_masks_secrets(tmp_path: Path) -> None:
-    write(
-        tmp_path,
-        "adminAPIKey: admin-secret-1\nauthServerAPIKey: auth-secret-2\n"
-        "authServerEndpoint: https://user:pw-secret-3@auth.example/check\n",
-    )
-    done = run_cli("check-config", "--ttl", "5000", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    for secret in ("admin-secret-1", "auth-secret-2", "pw-secret-3"):
-        assert secret not in done.stdout
-    line = next(x for x in done.stdout.splitlines() if x.startswith("dbTTL"))
-    assert "5000" in line and "command line" in line
-    assert "********" in done.stdout
-
-
-def test_serve_exits_2_on_config_error_without_starting(tmp_path: Path) -> None:
-    write(tmp_path, "dbMaxInstances: many\n")
-    done = run_cli("serve", "--db", str(tmp_path / "db"), cwd=tmp_path)
-    assert done.returncode == 2
-    assert "dbMaxInstances" in done.stderr
-    assert not (tmp_path / "db").exists()
-
-
-def test_event_loop_uvloop_without_uvloop_is_a_usage_error(tmp_path: Path) -> None:
-    # sys.modules[name] = None makes `import uvloop` raise ImportError, as when not installed.
-    code = (
-        "import sys; sys.modules['uvloop'] = None; from stcs.cli import main; "
-        f"sys.exit(main(['serve', '--eventLoop', 'uvloop', '--db', {str(tmp_path / 'db')!r}]))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
-    assert done.returncode == 2
-    assert "eventLoop uvloop: uvloop is not installed" in done.stderr
-    assert not (tmp_path / "db").exists()  # nothing was started or created
 
 
 def _subcommands() -> list[str]:

@@ -18,7 +18,7 @@ import requests
 
 from tests.harness import free_port, new_token
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "scripts" / "setup.sh"
 WATCHED = [
     Path("/etc/nginx"),

@@ -19,7 +19,7 @@ import pytest
 import requests
 from chromadb.config import Settings
 
-from tests import frontends
+from tests.deploy import frontends
 from tests.harness import (
     ECHO,
     StcsServer,

@@ -12,7 +12,7 @@ import pytest
 import requests
 from chromadb.config import Settings
 
-from tests import frontends
+from tests.deploy import frontends
 from tests.harness import AuthServer, StcsServer, free_port
 
 pytestmark = pytest.mark.skipif(not frontends.have("nginx"), reason="nginx not installed")

@@ -21,7 +21,7 @@ import requests
 
 from stcs.launcher import CHILD_ENV_ALLOWED
 from stcs.log import user_ref
-from tests.harness import AuthServer, StcsServer, client_for, new_token, stcs_cli, vectors
+from tests.harness import ROOT, AuthServer, StcsServer, client_for, new_token, stcs_cli, vectors
 
 ADMIN = "sec-admin-key-Zq81"
 AUTH_KEY = "sec-auth-key-Pw33"
@@ -356,7 +356,7 @@ def test_a_process_squatting_the_childs_port_never_gets_a_request(
     watcher.start()
     server = stcs(
         "--chromaCommand",
-        f"{sys.executable} {Path(__file__).parent / 'upstreams' / 'portless.py'} {report}",
+        f"{sys.executable} {ROOT / 'tests' / 'upstreams' / 'portless.py'} {report}",
         "--dbStartTimeout",
         "3000",
         "--dbMaxRetries",

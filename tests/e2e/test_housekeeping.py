@@ -21,7 +21,7 @@ from stcs.layout import Layout
 from stcs.supervisor import Supervisor
 from tests.harness import StcsServer, client_for, new_token
 
-STANDIN = Path(__file__).parent / "upstreams" / "heartbeat.py"
+STANDIN = Path(__file__).parents[1] / "upstreams" / "heartbeat.py"
 USERS = 1000
 
 
