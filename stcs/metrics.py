@@ -59,12 +59,15 @@ class _DiskCollector(Collector):
 
 
 class _LiveCollector(Collector):
-    """Values read at scrape time: running instances, queue length, children's RSS."""
+    """Values read at scrape time: running and starting instances, queue length, children's
+    RSS."""
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
+        from stcs.supervisor import Phase  # not at the top: the supervisor imports this module
+
         snapshot = self._snapshot()
         running, queued = snapshot.slots_used, snapshot.queue_length
         pids = [view.pid for view in snapshot.instances if view.pid is not None]
@@ -73,6 +76,12 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "stcs_queue_length", "Instance starts waiting for a slot.", value=queued
+        )
+        starting = sum(1 for view in snapshot.instances if view.phase is Phase.STARTING)
+        yield GaugeMetricFamily(
+            "stcs_instances_starting",
+            "Chroma instances starting (those waiting for a slot included).",
+            value=starting,
         )
         rss = 0
         for pid in pids:
