@@ -205,15 +205,22 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def _serve(resolved: Resolved) -> int:
+def _serve(resolved: Resolved, load: Callable[[], Resolved] | None = None) -> int:
+    """Run the server; ``load`` reads the configuration again from the same sources (SIGHUP)."""
     # Imported here: `check-config` and `--help` stay fast and need no aiohttp.
     import structlog
 
     from stcs import log as log_mod
+    from stcs.activation import listen_sockets
     from stcs.app import create_app
     from stcs.server import serve
 
     settings = resolved.settings
+    try:  # first: the LISTEN_* variables leave the environment before anything is spawned
+        sockets = listen_sockets()
+    except ConfigError as exc:
+        print(f"stcs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not settings.allow_shared_db_path:
         try:
             check_private_db_path(settings.db_dir)
@@ -272,6 +279,8 @@ def _serve(resolved: Resolved) -> int:
                 port=settings.app_port,
                 ssl_context=ssl_context,
                 grace_s=SHUTDOWN_GRACE_S,
+                sockets=sockets,
+                load=load,
             )
         )
     except (LockHeldError, ConfigError) as exc:  # ConfigError: childPortRange vs open files
@@ -344,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _users_add(resolved, args.user)
     if args.command in ("status", "backup", "restore"):
         return _maintenance(resolved, args)
-    return _serve(resolved)
+    return _serve(resolved, lambda: _resolve(args))
 
 
 def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
