@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config-path", default="/etc/stcs/config.yml", help="(systemd)")
     render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")
     render.add_argument("--source-dir", default="/opt/stcs/src", help="(systemd)")
-    render.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    render.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write here instead of stdout (systemd: also its socket unit, FILE's name with "
+        ".socket)",
+    )
     sub.add_parser(
         "status",
         parents=[settings],
@@ -467,6 +473,11 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
     )
     try:
         text = render(args.kind, resolved.settings, options)
+        socket_text = (
+            render("systemd-socket", resolved.settings, options)
+            if args.kind == "systemd" and args.output
+            else ""
+        )
     except ConfigError as exc:
         print(f"stcs: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -479,6 +490,12 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
+        if socket_text:  # the service's socket unit beside it: same name, .socket
+            socket_path = Path(args.output).with_suffix(".socket")
+            fd = os.open(socket_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(socket_text)
     else:
         sys.stdout.write(text)
     return EXIT_OK
