@@ -252,10 +252,14 @@ step "service $APP"
 stcs_cli render --config "$CONFIG" systemd --user "$SERVICE_USER" --stcs-bin "$VENV/bin/stcs" \
     --config-path "$ETC/config.yml" --working-dir "$WORKDIR" --source-dir "$ROOT" \
     | write_file "/etc/systemd/system/$APP.service" 0644
+# The socket unit: systemd holds the listening socket, so a restart refuses no connection.
+stcs_cli render --config "$CONFIG" systemd-socket | write_file "/etc/systemd/system/$APP.socket" 0644
 if systemd_runs; then
     run systemctl daemon-reload
-    run systemctl enable "$APP"
-    run systemctl restart "$APP"
+    run systemctl enable "$APP.socket" "$APP"
+    run systemctl stop "$APP"  # a running stcs holds appPort itself: the socket takes it over
+    run systemctl start "$APP.socket"
+    run systemctl start "$APP"
 else
     note "systemd is not running here (PID 1 is $(ps -p 1 -o comm= 2>/dev/null || echo unknown)):"
     note "the unit is installed for later; starting stcs with start-stop-daemon now"

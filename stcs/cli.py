@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config-path", default="/etc/stcs/config.yml", help="(systemd)")
     render.add_argument("--working-dir", default="/var/lib/stcs", help="(systemd)")
     render.add_argument("--source-dir", default="/opt/stcs/src", help="(systemd)")
-    render.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    render.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write here instead of stdout (systemd: also its socket unit, FILE's name with "
+        ".socket)",
+    )
     sub.add_parser(
         "status",
         parents=[settings],
@@ -205,15 +211,22 @@ def _ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def _serve(resolved: Resolved) -> int:
+def _serve(resolved: Resolved, load: Callable[[], Resolved] | None = None) -> int:
+    """Run the server; ``load`` reads the configuration again from the same sources (SIGHUP)."""
     # Imported here: `check-config` and `--help` stay fast and need no aiohttp.
     import structlog
 
     from stcs import log as log_mod
+    from stcs.activation import listen_sockets
     from stcs.app import create_app
     from stcs.server import serve
 
     settings = resolved.settings
+    try:  # first: the LISTEN_* variables leave the environment before anything is spawned
+        sockets = listen_sockets()
+    except ConfigError as exc:
+        print(f"stcs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not settings.allow_shared_db_path:
         try:
             check_private_db_path(settings.db_dir)
@@ -272,6 +285,8 @@ def _serve(resolved: Resolved) -> int:
                 port=settings.app_port,
                 ssl_context=ssl_context,
                 grace_s=SHUTDOWN_GRACE_S,
+                sockets=sockets,
+                load=load,
             )
         )
     except (LockHeldError, ConfigError) as exc:  # ConfigError: childPortRange vs open files
@@ -344,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _users_add(resolved, args.user)
     if args.command in ("status", "backup", "restore"):
         return _maintenance(resolved, args)
-    return _serve(resolved)
+    return _serve(resolved, lambda: _resolve(args))
 
 
 def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
@@ -458,6 +473,11 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
     )
     try:
         text = render(args.kind, resolved.settings, options)
+        socket_text = (
+            render("systemd-socket", resolved.settings, options)
+            if args.kind == "systemd" and args.output
+            else ""
+        )
     except ConfigError as exc:
         print(f"stcs: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -470,6 +490,12 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
+        if socket_text:  # the service's socket unit beside it: same name, .socket
+            socket_path = Path(args.output).with_suffix(".socket")
+            fd = os.open(socket_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(socket_text)
     else:
         sys.stdout.write(text)
     return EXIT_OK

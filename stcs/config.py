@@ -46,6 +46,7 @@ def setting(
     default: Any,
     *,
     key: str,
+    reloadable: bool,
     env: str,
     help: str,
     unit: str = "",
@@ -55,7 +56,11 @@ def setting(
     choices: Sequence[str] | None = None,
     deployment: bool = False,
 ) -> Any:
-    """Declare one setting (a dataclass field carrying its metadata)."""
+    """Declare one setting (a dataclass field carrying its metadata).
+
+    ``reloadable``: whether SIGHUP (`stcs.reload`) applies a new value to the running server;
+    False: a change is logged as needing a restart and the running value kept.
+    """
     return field(
         default=default,
         metadata={
@@ -68,6 +73,7 @@ def setting(
             "minimum": minimum,
             "choices": tuple(choices) if choices is not None else None,
             "deployment": deployment,
+            "reloadable": reloadable,
         },
     )
 
@@ -79,6 +85,7 @@ class Settings:
     app_port: int = setting(
         8000,
         key="appPort",
+        reloadable=False,
         env="APP_PORT",
         aliases=("--port", "-p"),
         minimum=1,
@@ -87,12 +94,14 @@ class Settings:
     bind_to_localhost: bool = setting(
         True,
         key="bindToLocalhost",
+        reloadable=False,
         env="BIND_LOCALHOST",
         help="Listen on 127.0.0.1 only (false: all interfaces). Ignored inside Docker (useDocker).",
     )
     auth_server_endpoint: str = setting(
         "",
         key="authServerEndpoint",
+        reloadable=True,
         env="AUTH_SERVER_ENDPOINT",
         aliases=("--auth",),
         help="URL stcs GETs with `Authorization: Bearer <token>` to resolve a token; it answers "
@@ -101,6 +110,7 @@ class Settings:
     auth_server_api_key: str = setting(
         "",
         key="authServerAPIKey",
+        reloadable=True,
         env="AUTH_SERVER_APIKEY",
         aliases=("--authKey",),
         secret=True,
@@ -109,12 +119,14 @@ class Settings:
     auth_server_ca_file: str = setting(
         "",
         key="authServerCAFile",
+        reloadable=False,
         env="AUTH_SERVER_CA_FILE",
         help="PEM CA bundle to verify an https authServerEndpoint with. Empty: the system's CAs.",
     )
     auth_max_concurrent_lookups: int = setting(
         32,
         key="authMaxConcurrentLookups",
+        reloadable=False,
         env="AUTH_MAX_CONCURRENT_LOOKUPS",
         minimum=1,
         help="Most auth-server lookups in flight at once; beyond, a lookup waits (within "
@@ -123,6 +135,7 @@ class Settings:
     auth_max_lookups_per_address: int = setting(
         8,
         key="authMaxLookupsPerAddress",
+        reloadable=True,
         env="AUTH_MAX_LOOKUPS_PER_ADDRESS",
         minimum=0,
         help="Most auth-server lookups in flight begun by one client address (the "
@@ -132,6 +145,7 @@ class Settings:
     auto_create_users: bool = setting(
         True,
         key="autoCreateUsers",
+        reloadable=False,
         env="AUTO_CREATE_USERS",
         help="A user's directory is created at their first request (as the Node.js server). "
         "false: only users whose directory exists (`stcs users add`, `PUT /admin/users/{id}`) "
@@ -140,6 +154,7 @@ class Settings:
     admin_api_key: str = setting(
         "",
         key="adminAPIKey",
+        reloadable=True,
         env="ADMIN_API_KEY",
         secret=True,
         help="Key (`x-api-key` header) for `/admin-health`. Empty: admin endpoints answer 404.",
@@ -147,6 +162,7 @@ class Settings:
     db_path: str = setting(
         "./chromadb",
         key="dbPath",
+        reloadable=False,
         env="DB_PATH",
         aliases=("--db",),
         help="Directory holding one chroma data directory per user (`<dbPath>/<userId>`).",
@@ -154,6 +170,7 @@ class Settings:
     allow_shared_db_path: bool = setting(
         False,
         key="allowSharedDbPath",
+        reloadable=False,
         env="ALLOW_SHARED_DB_PATH",
         help="Serve a dbPath that group or others can read or enter (or that another uid "
         "owns). false: `stcs serve` refuses one (exit 2): in UUID mode its directory names "
@@ -162,6 +179,7 @@ class Settings:
     db_ttl: int = setting(
         180000,
         key="dbTTL",
+        reloadable=True,
         env="DB_TTL",
         aliases=("--ttl",),
         unit="ms",
@@ -171,6 +189,7 @@ class Settings:
     db_max_instances: int = setting(
         50,
         key="dbMaxInstances",
+        reloadable=True,
         env="DB_MAX_INSTANCES",
         minimum=1,
         help="Most chroma servers running at once; beyond, the least recently used idle one is "
@@ -179,6 +198,7 @@ class Settings:
     queue_timeout: int = setting(
         30000,
         key="queueTimeout",
+        reloadable=True,
         env="QUEUE_TIMEOUT",
         unit="ms",
         minimum=0,
@@ -187,6 +207,7 @@ class Settings:
     address_new_users_per_minute: int = setting(
         10,
         key="addressNewUsersPerMinute",
+        reloadable=True,
         env="ADDRESS_NEW_USERS_PER_MINUTE",
         minimum=0,
         help="Starts of never-seen users (no data directory yet) per client address (the "
@@ -196,6 +217,7 @@ class Settings:
     db_max_retries: int = setting(
         2,
         key="dbMaxRetries",
+        reloadable=True,
         env="DB_MAX_RETRIES",
         minimum=0,
         help="Retries (each on a new port) when a chroma server exits before it is ready.",
@@ -203,6 +225,7 @@ class Settings:
     db_start_timeout: int = setting(
         20000,
         key="dbStartTimeout",
+        reloadable=True,
         env="DB_START_TIMEOUT",
         unit="ms",
         minimum=100,
@@ -211,6 +234,7 @@ class Settings:
     db_stop_timeout: int = setting(
         10000,
         key="dbStopTimeout",
+        reloadable=True,
         env="DB_STOP_TIMEOUT",
         unit="ms",
         minimum=0,
@@ -219,6 +243,7 @@ class Settings:
     db_liveness_timeout: int = setting(
         30000,
         key="dbLivenessTimeout",
+        reloadable=False,
         env="DB_LIVENESS_TIMEOUT",
         unit="ms",
         minimum=0,
@@ -228,6 +253,7 @@ class Settings:
     child_port_range: str = setting(
         "",
         key="childPortRange",
+        reloadable=False,
         env="CHILD_PORT_RANGE",
         help="Ports (`FIRST-LAST`) chroma children listen on, for a firewall rule that lets "
         "only stcs reach them (`stcs render nftables`). Empty: any free port.",
@@ -235,6 +261,7 @@ class Settings:
     db_min_free_memory_mb: int = setting(
         500,
         key="dbMinFreeMemoryMB",
+        reloadable=True,
         env="DB_MIN_FREE_MEMORY_MB",
         unit="MB",
         minimum=0,
@@ -243,6 +270,7 @@ class Settings:
     chroma_command: str = setting(
         "",
         key="chromaCommand",
+        reloadable=False,
         env="CHROMA_COMMAND",
         help="Executable (with arguments) that serves `run --host --path --port`, e.g. `chroma`. "
         "Empty: the lean launcher (chroma's Rust server without importing chromadb; ~80 ms).",
@@ -250,6 +278,7 @@ class Settings:
     event_loop: str = setting(
         "auto",
         key="eventLoop",
+        reloadable=False,
         env="EVENT_LOOP",
         choices=EVENT_LOOPS,
         help="Event loop of stcs: uvloop (~5 % more requests/s, docs/benchmarks.md), asyncio's "
@@ -258,6 +287,7 @@ class Settings:
     child_log_dir: str = setting(
         "",
         key="childLogDir",
+        reloadable=False,
         env="CHILD_LOG_DIR",
         help="Directory of the per-user chroma output files (<userId>.log). "
         "Empty: <dbPath>/.stcs/logs.",
@@ -265,6 +295,7 @@ class Settings:
     child_log_max_bytes: int = setting(
         10 * MIB,
         key="childLogMaxBytes",
+        reloadable=True,
         env="CHILD_LOG_MAX_BYTES",
         unit="bytes",
         minimum=1024,
@@ -273,6 +304,7 @@ class Settings:
     child_log_retention: int = setting(
         7 * 24 * 3600 * 1000,
         key="childLogRetention",
+        reloadable=True,
         env="CHILD_LOG_RETENTION",
         unit="ms",
         minimum=0,
@@ -283,6 +315,7 @@ class Settings:
     auth_cache_ttl: int = setting(
         60000,
         key="authCacheTTL",
+        reloadable=True,
         env="AUTH_CACHE_TTL",
         unit="ms",
         minimum=0,
@@ -291,6 +324,7 @@ class Settings:
     auth_timeout: int = setting(
         5000,
         key="authTimeout",
+        reloadable=True,
         env="AUTH_TIMEOUT",
         unit="ms",
         minimum=1,
@@ -299,6 +333,7 @@ class Settings:
     max_body_size: int = setting(
         100 * MIB,
         key="maxBodySize",
+        reloadable=True,
         env="MAX_BODY_SIZE",
         unit="bytes",
         minimum=1,
@@ -307,6 +342,7 @@ class Settings:
     headers_timeout: int = setting(
         10000,
         key="headersTimeout",
+        reloadable=True,
         env="HEADERS_TIMEOUT",
         unit="ms",
         minimum=1,
@@ -317,6 +353,7 @@ class Settings:
     body_timeout: int = setting(
         30000,
         key="bodyTimeout",
+        reloadable=True,
         env="BODY_TIMEOUT",
         unit="ms",
         minimum=1,
@@ -326,6 +363,7 @@ class Settings:
     send_timeout: int = setting(
         30000,
         key="sendTimeout",
+        reloadable=True,
         env="SEND_TIMEOUT",
         unit="ms",
         minimum=1,
@@ -335,6 +373,7 @@ class Settings:
     keep_alive_timeout: int = setting(
         75000,
         key="keepAliveTimeout",
+        reloadable=True,
         env="KEEP_ALIVE_TIMEOUT",
         unit="ms",
         minimum=1,
@@ -344,6 +383,7 @@ class Settings:
     max_header_size: int = setting(
         16384,
         key="maxHeaderSize",
+        reloadable=True,
         env="MAX_HEADER_SIZE",
         unit="bytes",
         minimum=1024,
@@ -353,6 +393,7 @@ class Settings:
     max_headers_count: int = setting(
         100,
         key="maxHeadersCount",
+        reloadable=True,
         env="MAX_HEADERS_COUNT",
         minimum=1,
         help="Most header lines in a request; more gets 431. Node.js `maxHeadersCount` 2000, "
@@ -361,6 +402,7 @@ class Settings:
     max_connections: int = setting(
         4096,
         key="maxConnections",
+        reloadable=True,
         env="MAX_CONNECTIONS",
         minimum=1,
         help="Most client connections open at once; beyond, a new connection gets 503 and is "
@@ -371,6 +413,7 @@ class Settings:
     user_max_disk_mb: int = setting(
         0,
         key="userMaxDiskMB",
+        reloadable=True,
         env="USER_MAX_DISK_MB",
         unit="MB",
         minimum=0,
@@ -381,6 +424,7 @@ class Settings:
     user_max_collections: int = setting(
         0,
         key="userMaxCollections",
+        reloadable=True,
         env="USER_MAX_COLLECTIONS",
         minimum=0,
         help="Collections a user may have, counted in every tenant and database of their chroma; "
@@ -389,6 +433,7 @@ class Settings:
     user_max_records_per_collection: int = setting(
         0,
         key="userMaxRecordsPerCollection",
+        reloadable=True,
         env="USER_MAX_RECORDS_PER_COLLECTION",
         minimum=0,
         help="Records in one collection; an add/upsert that would take a collection past it (its "
@@ -397,6 +442,7 @@ class Settings:
     user_requests_per_second: int = setting(
         0,
         key="userRequestsPerSecond",
+        reloadable=True,
         env="USER_REQUESTS_PER_SECOND",
         minimum=0,
         help="Sustained requests per second per user (a token bucket); beyond it 429 "
@@ -405,6 +451,7 @@ class Settings:
     user_request_burst: int = setting(
         0,
         key="userRequestBurst",
+        reloadable=True,
         env="USER_REQUEST_BURST",
         minimum=0,
         help="Size of a user's token bucket: requests sent at once after a quiet spell (in any 1 "
@@ -414,6 +461,7 @@ class Settings:
     user_max_concurrent_requests: int = setting(
         0,
         key="userMaxConcurrentRequests",
+        reloadable=True,
         env="USER_MAX_CONCURRENT_REQUESTS",
         minimum=0,
         help="Requests of one user in flight at once; more wait up to userConcurrencyTimeout, "
@@ -422,6 +470,7 @@ class Settings:
     user_concurrency_timeout: int = setting(
         1000,
         key="userConcurrencyTimeout",
+        reloadable=True,
         env="USER_CONCURRENCY_TIMEOUT",
         unit="ms",
         minimum=0,
@@ -430,6 +479,7 @@ class Settings:
     user_max_memory_mb: int = setting(
         0,
         key="userMaxMemoryMB",
+        reloadable=True,
         env="USER_MAX_MEMORY_MB",
         unit="MB",
         minimum=0,
@@ -441,6 +491,7 @@ class Settings:
     user_memory_check_interval: int = setting(
         1000,
         key="userMemoryCheckInterval",
+        reloadable=False,
         env="USER_MEMORY_CHECK_INTERVAL",
         unit="ms",
         minimum=100,
@@ -450,6 +501,7 @@ class Settings:
     user_disk_check_interval: int = setting(
         60000,
         key="userDiskCheckInterval",
+        reloadable=True,
         env="USER_DISK_CHECK_INTERVAL",
         unit="ms",
         minimum=1000,
@@ -459,12 +511,14 @@ class Settings:
     log_file: str = setting(
         "",
         key="logFile",
+        reloadable=False,
         env="LOG_FILE",
         help="File stcs appends its log to. Empty: standard output.",
     )
     log_level: str = setting(
         "info",
         key="logLevel",
+        reloadable=True,
         env="LOG_LEVEL",
         choices=LOG_LEVELS,
         help="Least severity logged: trace, debug, info, warn, error or fatal.",
@@ -472,6 +526,7 @@ class Settings:
     log_refusals_per_second: int = setting(
         5,
         key="logRefusalsPerSecond",
+        reloadable=True,
         env="LOG_REFUSALS_PER_SECOND",
         minimum=0,
         help="Lines a second logged per client address for requests refused before a user is "
@@ -481,6 +536,7 @@ class Settings:
     log_refusals_summary_interval: int = setting(
         10000,
         key="logRefusalsSummaryInterval",
+        reloadable=True,
         env="LOG_REFUSALS_SUMMARY_INTERVAL",
         unit="ms",
         minimum=100,
@@ -490,6 +546,7 @@ class Settings:
     enable_ssl: bool = setting(
         False,
         key="enableSSL",
+        reloadable=False,
         env="ENABLE_SSL",
         help="Serve HTTPS in-app with sslCertFile/sslCertKeyFile (when no webServerType "
         "terminates TLS in front).",
@@ -497,18 +554,21 @@ class Settings:
     ssl_cert_file: str = setting(
         "",
         key="sslCertFile",
+        reloadable=False,
         env="SSL_CERT_FILE",
         help="PEM certificate (chain) for TLS.",
     )
     ssl_cert_key_file: str = setting(
         "",
         key="sslCertKeyFile",
+        reloadable=False,
         env="SSL_CERT_KEY_FILE",
         help="PEM private key for TLS.",
     )
     trusted_proxies: str = setting(
         "",
         key="trustedProxies",
+        reloadable=True,
         env="TRUSTED_PROXIES",
         help="Comma-separated addresses or networks (CIDR) of front proxies whose "
         "X-Forwarded-For is believed for the client address (logs, per-address limits), e.g. "
@@ -517,6 +577,7 @@ class Settings:
     web_server_type: str = setting(
         "",
         key="webServerType",
+        reloadable=False,
         env="WEB_SERVER_TYPE",
         choices=WEB_SERVER_TYPES,
         deployment=True,
@@ -525,6 +586,7 @@ class Settings:
     web_server_host: str = setting(
         "",
         key="webServerHost",
+        reloadable=True,
         env="WEB_SERVER_HOST",
         deployment=True,
         help="Host name the front web server serves stcs at.",
@@ -532,6 +594,7 @@ class Settings:
     app_name: str = setting(
         "stcs",
         key="appName",
+        reloadable=True,
         env="APP_NAME",
         deployment=True,
         help="Name of the service (systemd unit, logs).",
@@ -539,6 +602,7 @@ class Settings:
     use_docker: bool = setting(
         False,
         key="useDocker",
+        reloadable=False,
         env="USE_DOCKER",
         deployment=True,
         help="Run stcs in a Docker container; it then listens on all interfaces inside it.",
@@ -546,6 +610,7 @@ class Settings:
     docker_image_name: str = setting(
         "stcs",
         key="dockerImageName",
+        reloadable=True,
         env="DOCKER_IMAGE_NAME",
         deployment=True,
         help="Docker image name (with useDocker).",
@@ -553,6 +618,7 @@ class Settings:
     docker_container_name: str = setting(
         "stcs",
         key="dockerContainerName",
+        reloadable=True,
         env="DOCKER_CONTAINER_NAME",
         deployment=True,
         help="Docker container name (with useDocker).",
@@ -638,6 +704,7 @@ class SettingInfo:
     minimum: int | None
     choices: tuple[str, ...] | None
     deployment: bool
+    reloadable: bool  # SIGHUP applies it live (`stcs.reload`); False: needs a restart
 
 
 _TYPES: dict[str, type] = {"int": int, "bool": bool, "str": str}
@@ -662,6 +729,7 @@ def setting_infos() -> tuple[SettingInfo, ...]:
                 minimum=m["minimum"],
                 choices=m["choices"],
                 deployment=m["deployment"],
+                reloadable=m["reloadable"],
             )
         )
     return tuple(infos)
@@ -842,6 +910,13 @@ def load_settings(
             "stcs itself serves plain HTTP"
         )
     return Resolved(settings=settings, sources=sources, notices=tuple(notices))
+
+
+def validate(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Check ``settings`` as a whole (minimums, choices, URLs, TLS files named, ...); ``sources``
+    maps YAML key -> where its value came from (for the message).  Raises ConfigError naming
+    the key."""
+    _validate(settings, sources)
 
 
 def _validate(settings: Settings, sources: Mapping[str, str]) -> None:

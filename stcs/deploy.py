@@ -28,6 +28,7 @@ KINDS = {
     "apache": "apache/stcs.conf",
     "apache-tls": "apache/stcs-tls.conf",
     "systemd": "systemd/stcs.service",
+    "systemd-socket": "systemd/stcs.socket",
     "nftables": "nftables/stcs.nft",
 }
 
@@ -98,6 +99,7 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         "upstream_name": re.sub(r"[^A-Za-z0-9_]", "_", settings.app_name) or "stcs",
         "app_host": "127.0.0.1",  # stcs listens on loopback (or all interfaces): reach it locally
         "app_port": str(settings.app_port),
+        "listen_address": f"{settings.listen_host}:{settings.app_port}",
         "server_name": settings.web_server_host or ("localhost" if apache else "_"),
         "listen": _apache_address(opts.listen) if apache else opts.listen,
         "tls_listen": _apache_address(opts.tls_listen) if apache else opts.tls_listen,
@@ -223,6 +225,13 @@ def _checks(settings: Settings, opts: RenderOptions) -> list[_Check]:
             lambda v: bool(_NAME_RE.match(v)),
             "1-64 letters, digits, spaces, '.', '_' or '-'",
             ("app_name",),
+        ),
+        _Check(
+            "appPort",
+            f"{settings.listen_host}:{settings.app_port}",
+            _host_port,
+            "HOST:PORT",
+            ("listen_address",),
         ),
         _Check("--listen", opts.listen, _listen, "PORT or HOST:PORT", ("listen",)),
         _Check("--tls-listen", opts.tls_listen, _listen, "PORT or HOST:PORT", ("tls_listen",)),

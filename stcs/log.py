@@ -28,7 +28,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -164,6 +164,7 @@ def configure(
     umask (``stcs serve``: 0600).  Raises OSError when ``log_file`` cannot be opened.
     """
     global _stream, _log_file
+    set_level(level)
     target: TextIO = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout  # noqa: SIM115
     _stream, _log_file = _Stream(target), log_file
     as_json = (not target.isatty()) if json is None else json
@@ -183,8 +184,11 @@ def configure(
     exc_info: Any = structlog.processors.format_exc_info if as_json else _identity
     stream = _stream
     structlog.configure(
-        processors=[*shared, exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        processors=[_drop_below_level, *shared, exc_info, renderer],
+        # The level is checked by `_drop_below_level`, not by the wrapper class: loggers are
+        # cached on first use with their class, so a class-level filter could not change on
+        # SIGHUP (`set_level`).  Below DEBUG nothing is ever logged.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=lambda *args: _NamedWriteLogger(stream, str(args[0]) if args else "stcs"),
         cache_logger_on_first_use=True,
     )
@@ -196,7 +200,6 @@ def configure(
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(LEVELS[level])
     # aiohttp's access log is replaced by our one line per request.
     logging.getLogger("aiohttp.access").disabled = True
     server_log = logging.getLogger("aiohttp.server")
@@ -222,6 +225,35 @@ class BadRequestFilter(logging.Filter):
 
 _stream: _Stream | None = None
 _log_file = ""
+_min_level = logging.INFO
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+def set_level(level: str) -> None:
+    """Log ``level`` (a `LEVELS` name) and above from now on, structlog and stdlib alike (at
+    start and on SIGHUP: ``logLevel`` is reloadable)."""
+    global _min_level
+    _min_level = LEVELS[level]
+    logging.getLogger().setLevel(_min_level)
+
+
+def _drop_below_level(
+    _logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Drop an event below `set_level`'s level (stdlib records were filtered by their
+    logger's level already)."""
+    if _METHOD_LEVELS.get(method, logging.INFO) < _min_level:
+        raise structlog.DropEvent
+    return event
 
 
 def reopen() -> None:

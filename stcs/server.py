@@ -23,17 +23,22 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import ssl
 import tempfile
 import time
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
 
+from stcs import activation
 from stcs import log as log_mod
+from stcs import reload as reload_mod
 from stcs.app import SERVER_OPTIONS
+from stcs.config import Resolved
 from stcs.relay import Relay
-from stcs.state import STATE
+from stcs.state import STATE, State
 
 log = structlog.get_logger("stcs.server")
 
@@ -76,9 +81,17 @@ async def serve(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
     grace_s: float = 10.0,
+    sockets: list[socket.socket] | None = None,
+    load: Callable[[], Resolved] | None = None,
 ) -> None:
     """Serve ``app`` behind the relay on ``host:port`` until SIGTERM or SIGINT, then shut down
     as above.
+
+    ``sockets``: listening sockets passed by systemd (`stcs.activation`), served instead of
+    binding ``host:port``; at shutdown stcs only stops accepting on them (the listening socket
+    stays open in systemd, new connections wait in its backlog for the next stcs).
+    ``load``: reads the configuration again on SIGHUP (`stcs.reload`; None: SIGHUP only
+    reopens ``logFile``).
 
     Raises LockHeldError (another stcs holds ``dbPath``) or OSError (cannot listen); in both
     cases everything started is cleaned up first.
@@ -86,15 +99,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()
+    hup = asyncio.Event()
 
     def on_signal() -> None:  # only sets flags: no logging, no awaiting in a signal handler
         (hurry if stop.is_set() else stop).set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    # SIGHUP: reopen logFile (logrotate).  asyncio runs this callback in the loop, not in the
-    # signal handler itself, so opening a file here is safe.
-    loop.add_signal_handler(signal.SIGHUP, log_mod.reopen)
+    # SIGHUP: reopen logFile (logrotate) and reload the settings, in `_on_hup`'s task.
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -106,6 +119,7 @@ async def serve(
     control_dir = tempfile.mkdtemp(prefix="stcs-control-")
     control_socket = os.path.join(control_dir, "control.sock")
     relay: Relay | None = None
+    hup_task: asyncio.Task[None] | None = None
     try:
         await runner.setup()  # builds the State (`app.open_state`): dbPath lock, ..., supervisor
         await web.UnixSite(runner, control_socket).start()
@@ -114,15 +128,28 @@ async def serve(
             state.settings.max_connections, state.ports.counts().size if state.ports else 0
         )
         relay = Relay(state, control_socket)
-        server = await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)
         scheme = "https" if ssl_context else "http"
-        log.info("listening", url=f"{scheme}://{host}:{port}")
+        if sockets:
+            servers = [
+                await loop.create_server(relay, sock=sock, ssl=ssl_context, backlog=1024)
+                for sock in sockets
+            ]
+            for sock in sockets:
+                url = f"{scheme}://{activation.describe(sock)}"
+                log.info("listening", url=url, socket_activation=True)
+        else:
+            servers = [await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)]
+            log.info("listening", url=f"{scheme}://{host}:{port}")
         state.readiness.mark_started()
+        hup_task = asyncio.create_task(_on_hup(hup, state, relay, load), name="stcs-sighup")
         await stop.wait()
 
         state.begin_shutdown()
         log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
-        server.close()
+        # Stop accepting at once: with socket activation new connections now wait in the
+        # kernel's backlog for the next stcs instead of being accepted and refused here.
+        for server in servers:
+            server.close()
         relay.close_idle()
         started = time.monotonic()
         drained = asyncio.ensure_future(state.idle.wait())
@@ -135,9 +162,27 @@ async def serve(
         else:
             log.info("requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1))
     finally:
+        if hup_task is not None:
+            hup_task.cancel()
         if relay is not None:
             relay.close_all()
         await runner.cleanup()
         shutil.rmtree(control_dir, ignore_errors=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _on_hup(
+    hup: asyncio.Event, state: State, relay: Relay, load: Callable[[], Resolved] | None
+) -> None:
+    """On each SIGHUP: reopen ``logFile``, then reload the settings (`stcs.reload`).  Signals
+    arriving during a reload are folded into one more reload."""
+    while True:
+        await hup.wait()
+        hup.clear()
+        log_mod.reopen()
+        if load is not None:
+            try:
+                await reload_mod.reload(state, relay, load)
+            except Exception:  # a bug in applying must not end SIGHUP handling
+                log.exception("settings reload failed")

@@ -279,7 +279,10 @@ def test_rendered_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> 
         str(tmp_path / "config.yml"),
     )
     text = unit.read_text()
+    socket_unit = tmp_path / "stcs.socket"  # written beside the service
+    assert "ListenStream=127.0.0.1:8000" in socket_unit.read_text()
     for line in (
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "KillMode=mixed",
         "NoNewPrivileges=yes",
@@ -288,11 +291,14 @@ def test_rendered_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> 
     ):
         assert line in text
     done = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(unit), str(socket_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     problems = [
         line
         for line in (done.stdout + done.stderr).splitlines()
-        if str(unit) in line or "stcs.service" in line
+        if str(tmp_path) in line or "stcs.service" in line or "stcs.socket" in line
     ]
     assert done.returncode == 0 and not problems, done.stdout + done.stderr

@@ -8,6 +8,7 @@ servers still accept the rendered defaults is `test_frontends.py`'s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,25 @@ def test_render_accepts_ordinary_values(kind: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "My Vector App-2.0" in done.stdout
+
+
+def test_render_systemd_writes_the_service_and_its_socket_unit(tmp_path: Path) -> None:
+    out = tmp_path / "my-stcs.service"
+    done = stcs_cli("render", "systemd", "--appPort", "8123", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in out.read_text()
+    socket_unit = (tmp_path / "my-stcs.socket").read_text()
+    assert "ListenStream=127.0.0.1:8123\n" in socket_unit
+    assert "Backlog=1024" in socket_unit
+    done = stcs_cli("render", "systemd-socket", "--appPort", "8124", "--bindToLocalhost", "false")
+    assert done.returncode == 0 and "ListenStream=0.0.0.0:8124\n" in done.stdout
+
+
+def test_every_placeholder_of_the_socket_unit_is_checked() -> None:
+    from stcs.config import Settings
+    from stcs.deploy import KINDS, TEMPLATES, RenderOptions, _checks
+
+    text = (TEMPLATES / KINDS["systemd-socket"]).read_text()
+    used = set(re.findall(r"\{\{([a-z_]+)\}\}", text))
+    checked = {p for c in _checks(Settings(), RenderOptions()) for p in c.placeholders}
+    assert used <= checked, used - checked
