@@ -84,6 +84,7 @@ def checkout(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
+@pytest.mark.slow
 def test_fresh_clone_serves_the_readme_snippets_and_stays_clean(
     checkout: Path, tmp_path: Path
 ) -> None:

@@ -78,6 +78,7 @@ def test_kill_9_of_stcs_takes_its_children_down(stcs: Callable[..., StcsServer])
     assert chroma_pids_under(server.db) == []
 
 
+@pytest.mark.slow
 def test_stale_chroma_on_a_user_directory_is_stopped_at_startup(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:

@@ -99,6 +99,7 @@ def seed_user(server: StcsServer, token: str) -> None:
 # -- item 1: dbPath is private whatever created it ------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_under_umask_022_leaves_nothing_a_local_user_can_list_or_read(
     stcs: Callable[..., StcsServer], tmp_path: Path, shared: Path
 ) -> None:
@@ -144,6 +145,7 @@ def test_restore_under_umask_022_leaves_nothing_a_local_user_can_list_or_read(
     assert loose_modes(db) == []  # chroma's own files too, after serving
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_db_path_group_or_others_can_enter(tmp_path: Path, shared: Path) -> None:
     """An existing dbPath others can read or enter (an older stcs's restore, ``mkdir`` under
     umask 022, ``install -d -m 0750``) is refused with exit 2 naming it and the fix, unless
@@ -436,6 +438,7 @@ def test_backup_takes_the_user_from_standard_input_and_ps_never_shows_it(
     assert "data/chroma.sqlite3" in listed.stdout
 
 
+@pytest.mark.slow
 def test_every_command_taking_a_user_id_reads_it_from_a_file(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:

@@ -424,6 +424,7 @@ def test_concurrent_adds_never_cross_the_record_limit(stcs: Callable[..., StcsSe
     assert clients[0].count() == 10000
 
 
+@pytest.mark.slow
 def test_concurrent_large_adds_overshoot_the_disk_quota_by_one_request_at_most(
     stcs: Callable[..., StcsServer],
 ) -> None:
