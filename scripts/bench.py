@@ -229,12 +229,32 @@ http {{
 
 @contextmanager
 def reference_server(argv: list[str], url: str) -> Iterator[str | None]:
-    """A reference server (nginx, aiohttp) for the duration; None when it is not installed."""
+    """A reference server (nginx, aiohttp) for the duration; None when it is not installed.
+    Its process is in `REFERENCE_PROCS` under its base URL while it serves."""
     if shutil.which(argv[0]) is None:
         yield None
         return
-    with serving(argv, url):
-        yield url.rsplit("/api/", 1)[0]
+    base = url.rsplit("/api/", 1)[0]
+    with serving(argv, url) as proc:
+        REFERENCE_PROCS[base] = psutil.Process(proc.pid)
+        try:
+            yield base
+        finally:
+            REFERENCE_PROCS.pop(base, None)
+
+
+# base URL -> the reference server's (master) process, for its CPU per request
+REFERENCE_PROCS: dict[str, psutil.Process] = {}
+
+
+def tree_cpu_s(proc: psutil.Process) -> float:
+    """User + system seconds of ``proc`` and its children (nginx: master and worker)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 @contextmanager
@@ -347,7 +367,10 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             if body is None and connections > 1:
                 targets["aiohttp"] = constant
             urls = {k: f"{v}{path}" for k, v in targets.items() if v}
-            runs, cpu_us = interleaved(urls, stcs_proc, rounds, seconds, auth, body, connections)
+            procs = {"stcs": stcs_proc}
+            if nginx in REFERENCE_PROCS:
+                procs["nginx"] = REFERENCE_PROCS[nginx]
+            runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
     return rows
@@ -355,28 +378,28 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
 
 def interleaved(
     urls: dict[str, str],
-    stcs_proc: psutil.Process,
+    procs: dict[str, psutil.Process],
     rounds: int,
     seconds: int,
     headers: dict[str, str],
     body: str | None,
     connections: int,
-) -> tuple[dict[str, list[Wrk]], list[float]]:
+) -> tuple[dict[str, list[Wrk]], dict[str, list[float]]]:
     """``rounds`` rounds of wrk on each of ``urls`` in turn (after a 1 s warm-up each): the
-    results per key, and stcs's CPU µs per request in the rounds of key ``"stcs"``."""
+    results per key, and for each key of ``procs`` (``"stcs"``, ``"nginx"``) that process
+    tree's CPU µs (user + system) per request in its rounds."""
     runs: dict[str, list[Wrk]] = {key: [] for key in urls}
-    cpu_us: list[float] = []
+    cpu_us: dict[str, list[float]] = {key: [] for key in procs}
     for url in urls.values():
         wrk(url, 1, headers, body, connections)  # warm-up
     for _ in range(rounds):
         for key, url in urls.items():
-            before = stcs_proc.cpu_times()
+            before = tree_cpu_s(procs[key]) if key in procs else 0.0
             result = wrk(url, seconds, headers, body, connections)
             runs[key].append(result)
-            if key == "stcs":
-                after = stcs_proc.cpu_times()
-                used = after.user + after.system - before.user - before.system
-                cpu_us.append(used / (result.rps * seconds) * 1e6)
+            if key in procs:
+                used = tree_cpu_s(procs[key]) - before
+                cpu_us[key].append(used / (result.rps * seconds) * 1e6)
     return runs, cpu_us
 
 
@@ -418,10 +441,19 @@ def tls_throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             ("heartbeat, in-app TLS, 1 connection", 1),
         ):
             urls = {k: f"{v}/api/v2/heartbeat" for k, v in (("direct", direct), ("stcs", base))}
-            runs, cpu_us = interleaved(urls, stcs_proc, rounds, seconds, auth, None, connections)
+            procs = {"stcs": stcs_proc}
+            runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, None, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
     return rows
+
+
+def _cpu(cpu_us: dict[str, list[float]], key: str) -> str:
+    """Median CPU µs per request of ``key``'s rounds, and their spread."""
+    values = cpu_us.get(key)
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def _ratio(runs: dict[str, list[Wrk]], key: str) -> str:
@@ -431,7 +463,7 @@ def _ratio(runs: dict[str, list[Wrk]], key: str) -> str:
     return f"{statistics.median(ratios):.2f}"
 
 
-def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: list[float]) -> str:
+def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: dict[str, list[float]]) -> str:
     def med(key: str, field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs[key])
 
@@ -444,7 +476,7 @@ def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: list[float]) 
         f"{med('direct', 'p50_ms'):.2f} / {med('direct', 'p99_ms'):.2f} | "
         f"{med('stcs', 'p50_ms'):.2f} / {med('stcs', 'p99_ms'):.2f} | "
         f"{med('stcs', 'p50_ms') - med('direct', 'p50_ms'):+.2f} | "
-        f"{statistics.median(cpu_us):.0f} | {errors} |"
+        f"{_cpu(cpu_us, 'stcs')} | {_cpu(cpu_us, 'nginx')} | {errors} |"
     )
 
 
@@ -823,11 +855,13 @@ def render(sections: dict[str, list[str]], took: float) -> str:
             "succeeds (scripts/reference/node-request-path.js, as the original does it: "
             "http-proxy without upstream keep-alive, pino lines). *aiohttp* is aiohttp's own "
             "server answering a constant heartbeat. The TLS rows are a second stcs serving "
-            "HTTPS itself (`enableSSL`) against its own child. CPU is stcs's user + system time "
-            "per request.\n\n"
+            "HTTPS itself (`enableSSL`) against its own child. CPU is the proxy's user + system "
+            "time per request (median of its rounds, and their range): stcs's process, and "
+            "nginx's master and worker, measured the same way in the same run.\n\n"
             "| request | direct req/s | stcs req/s | stcs ratio | nginx ratio | Node.js ratio | "
             "aiohttp ratio | direct p50 / p99 (ms) | stcs p50 / p99 (ms) | added p50 (ms) | "
-            "stcs CPU (µs/req) | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "stcs CPU (µs/req) | nginx CPU (µs/req) | errors |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
             + "\n"
         )
