@@ -29,7 +29,6 @@ from stcs.auth import REJECTION_CACHE_MS, AuthServerResolver
 from stcs.config import SETTINGS, Resolved, SettingInfo, Settings, validate
 from stcs.errors import ConfigError
 from stcs.fairness import AddressBuckets
-from stcs.log import RefusalLog
 from stcs.quotas import Limits
 from stcs.state import State
 from stcs.supervisor import EVICT_MIN_IDLE_S
@@ -61,7 +60,7 @@ def apply(state: State, relay: Any, settings: Settings) -> None:
     old, state.settings = state.settings, settings
     log_mod.set_level(settings.log_level)
     if relay is not None:
-        _apply_relay(relay, settings)
+        relay.apply(settings)
     sup = state.supervisor
     sup.ttl = settings.db_ttl / 1000
     sup.evict_min_idle = min(EVICT_MIN_IDLE_S, sup.ttl)
@@ -91,26 +90,6 @@ def apply(state: State, relay: Any, settings: Settings) -> None:
     quotas._merge_all()
     quotas.concurrency_timeout = settings.user_concurrency_timeout / 1000
     quotas.disk_interval = settings.user_disk_check_interval / 1000
-
-
-def _apply_relay(relay: Any, settings: Settings) -> None:
-    old: Settings = relay.settings
-    relay.settings = settings
-    relay.head_timeout = settings.headers_timeout / 1000
-    relay.send_timeout = settings.send_timeout / 1000
-    relay.body_timeout = settings.body_timeout / 1000
-    relay.keepalive_timeout = settings.keep_alive_timeout / 1000
-    relay.trusted = settings.trusted_networks
-    if (old.log_refusals_per_second, old.log_refusals_summary_interval) != (
-        settings.log_refusals_per_second,
-        settings.log_refusals_summary_interval,
-    ):
-        relay.refusals.flush()
-        relay.refusals = RefusalLog(
-            settings.log_refusals_per_second,
-            settings.log_refusals_summary_interval / 1000,
-            loop=asyncio.get_running_loop(),
-        )
 
 
 def _apply_resolver(state: State, settings: Settings) -> None:

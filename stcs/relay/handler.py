@@ -14,6 +14,7 @@ import structlog
 
 from stcs.answers import status_of
 from stcs.auth import validate_user_id, verify_admin_key
+from stcs.config import Settings
 from stcs.errors import (
     BodyTooLargeError,
     RequestError,
@@ -341,7 +342,13 @@ class Relay(Listener):
 
     def __init__(self, state: State, control_socket: str) -> None:
         settings = state.settings
-        handler = Handler(state, UnixTarget(control_socket), settings.admin_api_key)
+        self._handler = Handler(state, UnixTarget(control_socket), settings.admin_api_key)
         super().__init__(
-            state, handler, Limits.from_settings(settings), loop=asyncio.get_running_loop()
+            state, self._handler, Limits.from_settings(settings), loop=asyncio.get_running_loop()
         )
+
+    def apply(self, settings: Settings) -> None:
+        """Reloaded settings (`stcs.reload`): the edge limits for new connections, and the
+        admin key at once."""
+        self.apply_limits(Limits.from_settings(settings))
+        self._handler.admin_api_key = settings.admin_api_key

@@ -94,6 +94,21 @@ class Listener:
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def apply_limits(self, limits: Limits) -> None:
+        """Reloaded settings (SIGHUP): connections accepted from now on get ``limits``; open
+        ones keep the limits they were accepted with.  A changed log budget starts afresh (the
+        old one's suppressed lines are summed up first)."""
+        old = self.limits
+        self.limits = limits
+        if (old.log_refusals_per_second, old.log_refusals_interval_s) != (
+            limits.log_refusals_per_second,
+            limits.log_refusals_interval_s,
+        ):
+            self.refusals.flush()
+            self.refusals = RefusalLog(
+                limits.log_refusals_per_second, limits.log_refusals_interval_s, loop=self.loop
+            )
+
     def close_idle(self) -> None:
         """Close every connection that is not serving a request (at shutdown, once
         ``State.shutting_down`` is set: busy ones close after their answer)."""

@@ -582,3 +582,19 @@ async def test_the_body_is_streamed_with_back_pressure(listener: Listener) -> No
     [(status, _, payload)] = responses(transport.written)
     assert status == 200 and json.loads(payload)["n"] == len(body)
     assert conn.phase != CLOSED
+
+
+async def test_reloaded_limits_apply_to_new_connections_and_open_ones_keep_theirs(
+    listener: Listener,
+) -> None:
+    """SIGHUP (`stcs.reload` → `Relay.apply`): a smaller ``maxHeaderSize`` refuses the next
+    connection's big head with 431; a connection accepted before keeps its limits."""
+    before, before_transport = connect(listener)
+    listener.apply_limits(limits(max_header_size=1024))
+    after, after_transport = connect(listener)
+    big = head("GET", "/echo/x", "X-Pad: " + "p" * 2000)
+    before.data_received(big)
+    after.data_received(big)
+    await until(lambda: bool(before_transport.written) and bool(after_transport.written))
+    assert statuses(before_transport) == [200]
+    assert statuses(after_transport) == [431]
