@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +48,7 @@ VARIABLES = {
     "$instance": ".*",
 }
 HEARTBEAT = "/api/v2/heartbeat"
+CHILD_PORTS = 4  # server A's childPortRange: the test binds its first port before A starts
 
 
 def _tool(name: str) -> str:
@@ -279,6 +282,32 @@ def _finite(value: str) -> float | None:
     return None if math.isnan(number) or math.isinf(number) else number
 
 
+@pytest.fixture
+def squatted_range() -> Iterator[tuple[int, int]]:
+    """``CHILD_PORTS`` consecutive ports free but the first, which the test binds (not
+    listening, as a local user squatting the range would) until the end of the test."""
+    for _ in range(200):
+        # Below the ephemeral range (free_port's) and apart from the ranges of
+        # tests/e2e/test_local_ports.py (24000-32000) and tests/deploy/test_firewall.py (23100-).
+        first = random.randrange(16000, 20000)
+        socks = [socket.socket() for _ in range(CHILD_PORTS)]
+        try:
+            for port, sock in zip(range(first, first + CHILD_PORTS), socks, strict=True):
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            for sock in socks:
+                sock.close()
+            continue
+        for sock in socks[1:]:
+            sock.close()
+        try:
+            yield first, first + CHILD_PORTS - 1
+        finally:
+            socks[0].close()
+        return
+    raise AssertionError("no free port range")
+
+
 # Series that must move in a panel (title -> label -> values), beyond "some series moves".
 EXPECTED_SERIES = {
     "Requests by status class": ("status_class", {"2xx", "4xx", "5xx"}),
@@ -287,6 +316,14 @@ EXPECTED_SERIES = {
     "Quota refusals by limit": ("limit", {"collections"}),
     "Token lookups by result": ("result", {"ok", "rejected", "error", "cache_hit"}),
 }
+# Panels one series per value of a label: every value stcs exports (created at 0 from the
+# start) is a series of the panel, the ones this traffic does not move included.
+EVERY_VALUE = {
+    "Instance starts": ("stcs_instance_starts_total", "result"),
+    "Instance stops by reason": ("stcs_instance_stops_total", "reason"),
+    "Quota refusals by limit": ("stcs_quota_rejections_total", "limit"),
+    "Token lookups by result": ("stcs_auth_lookups_total", "result"),
+}
 
 
 def test_every_panel_shows_data_from_a_real_prometheus(
@@ -294,10 +331,12 @@ def test_every_panel_shows_data_from_a_real_prometheus(
     stcs: Callable[..., StcsServer],
     auth_server: AuthServer,
     prometheus_factory: Callable[[list[StcsServer]], Prometheus],
+    squatted_range: tuple[int, int],
 ) -> None:
     began = time.monotonic()
     # Server A: an auth server, one instance slot (so starts queue and evict), a 2 s dbTTL,
-    # one collection per user, and a user whose database is corrupt (its starts fail).
+    # one collection per user, a user whose database is corrupt (its starts fail), and a
+    # childPortRange of 4 ports whose first the test holds (held, lent and foreign ports).
     db = tmp_path / "db-a"
     (db / "broken").mkdir(mode=0o700, parents=True)
     db.chmod(0o700)
@@ -309,13 +348,15 @@ def test_every_panel_shows_data_from_a_real_prometheus(
         "--adminAPIKey", ADMIN, "--authServerEndpoint", auth_server.url,
         "--dbMaxInstances", "1", "--ttl", "2000", "--queueTimeout", "20000",
         "--dbMaxRetries", "0", "--userMaxCollections", "1", "--userMaxDiskMB", "100",
-        db=db, name="a",
+        "--childPortRange", "{}-{}".format(*squatted_range), db=db, name="a",
     )  # fmt: skip
-    # Server B: a memory floor above the machine's memory, so its starts wait and time out.
+    # Server B: a memory floor above the machine's memory, so its starts wait and time out,
+    # and one new user per minute per address (UUID mode: every new token is a new user).
     total_mb = psutil.virtual_memory().total // 2**20
     b = stcs(
         "--adminAPIKey", ADMIN, "--dbMinFreeMemoryMB", str(total_mb * 2),
-        "--queueTimeout", "1000", db=tmp_path / "db-b", name="b",
+        "--queueTimeout", "1000", "--addressNewUsersPerMinute", "1",
+        db=tmp_path / "db-b", name="b",
     )  # fmt: skip
 
     def get(server: StcsServer, token: str | None) -> int:
@@ -331,8 +372,10 @@ def test_every_panel_shows_data_from_a_real_prometheus(
     # Bad tokens, auth server errors, a corrupt database's failed start and back-off.
     assert [get(a, None), get(a, "t-unknown"), get(a, "t-error")] == [401, 401, 503]
     assert [get(a, "t-broken"), get(a, "t-broken")] == [503, 503]
-    # B: a start waits for free memory, then times out (503).
+    # B: a start waits for free memory, then times out (503); the next new users from the
+    # same address are refused at once (429, addressNewUsersPerMinute).
     assert get(b, new_token()) == 503
+    assert [get(b, new_token()), get(b, new_token())] == [429, 429]
     # A user writes (two requests for one token: a cache hit), then hits their collection limit.
     alice = client_for(a, "t-alice")
     alice.heartbeat()
@@ -362,6 +405,9 @@ def test_every_panel_shows_data_from_a_real_prometheus(
     instances = prometheus.api("label/instance/values", **{"match[]": 'stcs_up{job="stcs"}'})
     assert sorted(instances) == sorted(f"127.0.0.1:{s.port}" for s in (a, b))
 
+    exposition = requests.get(
+        f"{a.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+    ).text
     empty, flat, missing = [], [], []
     queries = 0
     for panel in panels(dashboard):
@@ -384,6 +430,14 @@ def test_every_panel_shows_data_from_a_real_prometheus(
                 seen = {json.loads(m).get(label) for m in moved}
                 if not wanted <= seen:
                     missing.append(f"{where}: {label} {sorted(wanted - seen)} never moved")
+            if panel["title"] in EVERY_VALUE:
+                metric, label = EVERY_VALUE[panel["title"]]
+                exported_values = set(
+                    re.findall(rf'^{metric}{{{label}="(\w+)"}}', exposition, re.M)
+                )
+                shown_values = {s["metric"].get(label) for s in prometheus.query(expr)}
+                if not exported_values or exported_values - shown_values:
+                    missing.append(f"{where}: {label} {exported_values - shown_values} not shown")
     assert not empty, f"instant queries without data: {empty}"
     assert not flat, f"queries whose data never moved: {flat}"
     assert not missing, missing
@@ -391,9 +445,7 @@ def test_every_panel_shows_data_from_a_real_prometheus(
     # Every metric stcs exports appears on the dashboard (its panels or its variables).
     exported = {
         name
-        for line in requests.get(
-            f"{a.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
-        ).text.splitlines()
+        for line in exposition.splitlines()
         if (m := re.match(r"# TYPE (\w+) ", line))
         and not (name := m.group(1)).endswith("_created")  # prometheus-client's start times
     }
