@@ -73,13 +73,20 @@ class AdminClient:
             self._context = ssl.create_default_context(cafile=settings.ssl_cert_file)
             self._context.check_hostname = False
 
-    def request(self, method: str, path: str, timeout: float = 600) -> dict[str, Any]:
-        """Call an admin endpoint; the JSON answer.  Raises OperationError."""
+    def request(
+        self, method: str, path: str, timeout: float = 600, body: Any = None
+    ) -> dict[str, Any]:
+        """Call an admin endpoint (``body``: sent as JSON unless None); the JSON answer.
+        Raises OperationError."""
         if not self._key:
             raise OperationError("this needs adminAPIKey set (the running server's admin API)")
-        req = urllib.request.Request(
-            f"{self.base}{path}", method=method, headers={"x-api-key": self._key}
-        )
+        headers = {"x-api-key": self._key}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        url = f"{self.base}{path}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=self._context) as resp:
                 answer: dict[str, Any] = json.loads(resp.read() or b"{}")
