@@ -169,9 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
         _user_arguments(cmd, "USER")
         cmd.add_argument("archive", metavar="ARCHIVE")
         cmd.add_argument(
+            "--all",
+            action="store_true",
+            help=f"{name} every user, one held at a time; ARCHIVE is then a directory (DIR): "
+            "one archive per user, the blocklist and limit overrides, and manifest.json (sizes, "
+            "SHA-256) checked on restore"
+            + (
+                "; a re-run skips users whose archive matches the manifest"
+                if name == "backup"
+                else ""
+            ),
+        )
+        cmd.add_argument(
             "--force",
             action="store_true",
-            help="replace an existing archive (backup) or user database (restore)",
+            help="replace an existing archive (backup; with --all: copy every user again) or "
+            "user database (restore)",
         )
         cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -353,7 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # UUID mode a directory or file name is a token.  `stcs render -o` chooses its own mode.
     os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
-    if hasattr(args, "user_file"):
+    if getattr(args, "all", False):
+        if args.user is not None or args.user_file is not None:
+            print(f"stcs {args.command} --all: no user id with --all", file=sys.stderr)
+            return EXIT_USAGE
+    elif hasattr(args, "user_file"):
         user = _read_user_arg(args)
         if user is None:
             return EXIT_USAGE
@@ -396,6 +413,8 @@ def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
         if args.command == "status":
             _print_status(backup_mod.status(settings))
             return EXIT_OK
+        if args.all:
+            return _backup_set(resolved, args, progress)
         fn = backup_mod.backup if args.command == "backup" else backup_mod.restore
         report = fn(settings, args.user, Path(args.archive), force=args.force, progress=progress)
     except backup_mod.OperationError as exc:
@@ -405,6 +424,47 @@ def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
     print(
         f"{done} {args.user}: {report.files} files, {report.bytes / 2**20:.1f} MB "
         f"in {report.seconds:.1f} s"
+    )
+    return EXIT_OK
+
+
+def _backup_set(resolved: Resolved, args: argparse.Namespace, progress: bool | None) -> int:
+    """``backup --all DIR`` / ``restore --all DIR``: a line per user (by reference in UUID
+    mode: this output may go to a journal), then the totals and the longest hold."""
+    from stcs import backupset
+    from stcs.backup import OperationError
+    from stcs.useradmin import shown
+
+    settings = resolved.settings
+    verb = "backup" if args.command == "backup" else "restore"
+
+    def said(user: backupset.UserResult) -> None:
+        name = shown(settings, user.user_id)
+        if user.skipped:
+            print(f"{name}: skipped (its archive matches the manifest)", flush=True)
+        else:
+            print(
+                f"{name}: {user.files} files, {user.data_bytes / 2**20:.1f} MB, "
+                f"held {user.held_s * 1000:.0f} ms",
+                flush=True,
+            )
+
+    fn = backupset.backup_all if verb == "backup" else backupset.restore_all
+    try:
+        report = fn(settings, Path(args.archive), force=args.force, progress=progress, on_user=said)
+    except OperationError as exc:
+        print(f"stcs {args.command} --all: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    done = report.done
+    holds = sorted(u.held_s for u in done)
+    longest = f"; holds: median {holds[len(holds) // 2] * 1000:.0f} ms, longest " if holds else ""
+    if holds:
+        longest += f"{holds[-1] * 1000:.0f} ms"
+    mb = sum(u.data_bytes for u in done) / 2**20
+    skipped = len(report.users) - len(done)
+    print(
+        f"{'backed up' if verb == 'backup' else 'restored'} {len(done)} users "
+        f"({skipped} skipped), {mb:.1f} MB in {report.seconds:.1f} s{longest}"
     )
     return EXIT_OK
 
