@@ -190,9 +190,8 @@ def backup(
         raise OperationError(f"no data for {user_id} in {settings.db_dir}")
     if out.exists() and not force:
         raise OperationError(f"{out} exists (use --force to replace it)")
-    started = time.monotonic()
+    started = hold_began = time.monotonic()  # the hold's POST (the chroma's stop) included
     with held(settings, user_id):
-        hold_began = time.monotonic()
         sizes = {f: f.stat().st_size for f in _files(src)}
         total = sum(sizes.values())
         try:
@@ -220,7 +219,7 @@ def backup(
         finally:
             if own_bar:
                 bar.close()
-    held_s = time.monotonic() - hold_began  # the DELETE of the hold included
+    held_s = time.monotonic() - hold_began  # to the end of the hold's DELETE
     try:
         publish(partial, out, replace=force)
     except FileExistsError:
@@ -287,8 +286,8 @@ def restore(
     total = sum(m.size for m in members if m.isfile())
     staging = Layout(settings.db_dir).restore_staging(user_id, os.getpid())
     trash = Layout(settings.db_dir).restore_trash(user_id, os.getpid())
+    hold_began = time.monotonic()
     with held(settings, user_id):
-        hold_began = time.monotonic()
         shutil.rmtree(staging, ignore_errors=True)
         own_bar = bar is None
         bar = progress_bar(total, f"restore {user_id}", progress) if own_bar else _grown(bar, total)

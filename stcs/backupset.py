@@ -36,6 +36,7 @@ and SHA-256 against the manifest before it changes anything.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -125,6 +126,22 @@ def private_dir(path: Path) -> None:
             f"{path} has mode {mode:04o}: group or others could read every tenant's data "
             f"from it. Fix: chmod 700 {path}"
         )
+
+
+@contextlib.contextmanager
+def _only_writer(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` on ``out_dir`` itself for the block: two runs into one
+    DIR would race on the manifest and remove each other's partial archives.  Raises
+    OperationError when another run holds it."""
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OperationError(f"another stcs backup --all is writing {out_dir}") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _users(db_dir: Path) -> list[str]:
@@ -301,6 +318,18 @@ def backup_all(
     """
     started = time.monotonic()
     private_dir(out_dir)
+    with _only_writer(out_dir):
+        return _backup_all(settings, out_dir, force, progress, on_user, started)
+
+
+def _backup_all(
+    settings: Settings,
+    out_dir: Path,
+    force: bool,
+    progress: bool | None,
+    on_user: Any,
+    started: float,
+) -> SetReport:
     users = _users(settings.db_dir)
     try:
         previous = read_manifest(out_dir)["users"]
