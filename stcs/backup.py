@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from tqdm import tqdm
 
@@ -52,11 +52,13 @@ class OperationError(StcsError):
 
 @dataclass(frozen=True)
 class Report:
-    """What a backup or restore did: files, bytes, seconds."""
+    """What a backup or restore did: files, bytes, seconds in all, seconds the user was held
+    (their requests waited; it includes stopping their chroma)."""
 
     files: int
     bytes: int
     seconds: float
+    held_s: float = 0.0
 
 
 class AdminClient:
@@ -73,13 +75,20 @@ class AdminClient:
             self._context = ssl.create_default_context(cafile=settings.ssl_cert_file)
             self._context.check_hostname = False
 
-    def request(self, method: str, path: str, timeout: float = 600) -> dict[str, Any]:
-        """Call an admin endpoint; the JSON answer.  Raises OperationError."""
+    def request(
+        self, method: str, path: str, timeout: float = 600, body: Any = None
+    ) -> dict[str, Any]:
+        """Call an admin endpoint (``body``: sent as JSON unless None); the JSON answer.
+        Raises OperationError."""
         if not self._key:
             raise OperationError("this needs adminAPIKey set (the running server's admin API)")
-        req = urllib.request.Request(
-            f"{self.base}{path}", method=method, headers={"x-api-key": self._key}
-        )
+        headers = {"x-api-key": self._key}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        url = f"{self.base}{path}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=self._context) as resp:
                 answer: dict[str, Any] = json.loads(resp.read() or b"{}")
@@ -141,7 +150,10 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
             db_lock.release()
 
 
-def _progress(total: int, desc: str, progress: bool | None) -> tqdm[NoReturn]:
+Bar: TypeAlias = "tqdm[NoReturn]"  # a string: tqdm is generic only to type checkers
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> Bar:
     """A byte progress bar on stderr; ``progress`` None shows it only on a terminal."""
     return tqdm(
         total=total,
@@ -163,12 +175,14 @@ def backup(
     *,
     force: bool = False,
     progress: bool | None = None,
+    bar: Bar | None = None,
 ) -> Report:
     """Write ``user_id``'s directory to the gzip tarball ``out`` (mode 0600; never readable by
     others, not even while partial).
 
     Raises OperationError: unknown user, ``out`` exists without ``force``, hold refused,
-    ``out``'s directory not writable.  ``progress`` None shows a bar on a terminal.
+    ``out``'s directory not writable.  ``progress`` None shows a bar on a terminal; ``bar``:
+    count into this one instead (its total grows by this user's bytes; left open).
     """
     user_id = _normalized(settings, user_id)
     src = _user_dir(settings, user_id)
@@ -176,7 +190,7 @@ def backup(
         raise OperationError(f"no data for {user_id} in {settings.db_dir}")
     if out.exists() and not force:
         raise OperationError(f"{out} exists (use --force to replace it)")
-    started = time.monotonic()
+    started = hold_began = time.monotonic()  # the hold's POST (the chroma's stop) included
     with held(settings, user_id):
         sizes = {f: f.stat().st_size for f in _files(src)}
         total = sum(sizes.values())
@@ -184,7 +198,8 @@ def backup(
             partial, raw = private_partial(out)
         except OSError as exc:
             raise OperationError(f"cannot write beside {out}: {exc.strerror}") from None
-        bar = _progress(total, f"backup {user_id}", progress)
+        own_bar = bar is None
+        bar = progress_bar(total, f"backup {user_id}", progress) if own_bar else _grown(bar, total)
         try:
             with raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 tar.add(src, arcname=ARCHIVE_ROOT, recursive=False)
@@ -202,12 +217,22 @@ def backup(
             partial.unlink(missing_ok=True)
             raise
         finally:
-            bar.close()
+            if own_bar:
+                bar.close()
+    held_s = time.monotonic() - hold_began  # to the end of the hold's DELETE
     try:
         publish(partial, out, replace=force)
     except FileExistsError:
         raise OperationError(f"{out} exists (use --force to replace it)") from None
-    return Report(files=len(sizes), bytes=total, seconds=time.monotonic() - started)
+    return Report(files=len(sizes), bytes=total, seconds=time.monotonic() - started, held_s=held_s)
+
+
+def _grown(bar: Bar | None, by: int) -> Bar:
+    """The shared ``bar``, its total grown by ``by`` bytes."""
+    assert bar is not None
+    bar.total = (bar.total or 0) + by
+    bar.refresh()
+    return bar
 
 
 def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
@@ -241,11 +266,12 @@ def restore(
     *,
     force: bool = False,
     progress: bool | None = None,
+    bar: Bar | None = None,
 ) -> Report:
     """Replace ``user_id``'s directory with the backup ``src``.
 
     Refuses (OperationError, nothing changed) when the user already has data and ``force`` is
-    not given, or when ``src`` is not an stcs backup.
+    not given, or when ``src`` is not an stcs backup.  ``bar``: as for `backup`.
     """
     user_id = _normalized(settings, user_id)
     dest = _user_dir(settings, user_id)
@@ -260,9 +286,11 @@ def restore(
     total = sum(m.size for m in members if m.isfile())
     staging = Layout(settings.db_dir).restore_staging(user_id, os.getpid())
     trash = Layout(settings.db_dir).restore_trash(user_id, os.getpid())
+    hold_began = time.monotonic()
     with held(settings, user_id):
         shutil.rmtree(staging, ignore_errors=True)
-        bar = _progress(total, f"restore {user_id}", progress)
+        own_bar = bar is None
+        bar = progress_bar(total, f"restore {user_id}", progress) if own_bar else _grown(bar, total)
         try:
             with tarfile.open(src, "r:gz") as tar:
                 for member in map(_private, members):  # already checked by _check_members
@@ -279,11 +307,15 @@ def restore(
                 trash.replace(dest)  # put the original back
             raise
         finally:
-            bar.close()
+            if own_bar:
+                bar.close()
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
     return Report(
-        files=sum(1 for m in members if m.isfile()), bytes=total, seconds=time.monotonic() - started
+        files=sum(1 for m in members if m.isfile()),
+        bytes=total,
+        seconds=time.monotonic() - started,
+        held_s=time.monotonic() - hold_began,
     )
 
 

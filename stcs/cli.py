@@ -28,6 +28,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+USER_ACTIONS = ("add", "block", "unblock", "hold", "release", "stop", "limits")
+
 # In-flight requests get this long to finish on SIGTERM/SIGINT before children are stopped (s).
 SHUTDOWN_GRACE_S = 10.0
 
@@ -118,12 +120,47 @@ def build_parser() -> argparse.ArgumentParser:
     users = sub.add_parser(
         "users",
         parents=[settings],
-        help="manage users (for autoCreateUsers: false)",
-        description="users add ID: create ID's directory <dbPath>/<ID> (mode 0700) so that "
-        "ID is served when autoCreateUsers is false.",
+        help="manage one user: add, block, unblock, hold, release, stop, limits",
+        description="add: create ID's directory <dbPath>/<ID> (mode 0700) so that ID is served "
+        "when autoCreateUsers is false (no server needed).  The others act through the running "
+        "server's admin API (adminAPIKey), as status does: block (403 from now on, their chroma "
+        "stopped) / unblock; hold (their chroma stops, their requests wait) / release; stop "
+        "(their chroma, after its requests in flight; the next request starts it); limits "
+        "(show, or change with --set/--unset/--clear; kept by the server across restarts).",
     )
-    users.add_argument("action", choices=["add"])
+    users.add_argument("action", choices=USER_ACTIONS)
     _user_arguments(users, "ID")
+    users.add_argument(
+        "--hold-ttl",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="hold: the hold ends by itself after S seconds (default 600)",
+    )
+    users.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="block, hold, stop: wait up to S seconds for requests in flight (default 300)",
+    )
+    users.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="limits: override setting KEY (userMaxDiskMB, ...) for this user; 0 is off; repeat",
+    )
+    users.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="limits: drop the override of KEY (the setting applies again); repeat",
+    )
+    users.add_argument(
+        "--clear", action="store_true", help="limits: drop every override of this user first"
+    )
     for name, verb in (
         ("backup", "write USER's database to ARCHIVE (.tar.gz)"),
         ("restore", "replace USER's database with ARCHIVE"),
@@ -138,9 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
         _user_arguments(cmd, "USER")
         cmd.add_argument("archive", metavar="ARCHIVE")
         cmd.add_argument(
+            "--all",
+            action="store_true",
+            help=f"{name} every user, one held at a time; ARCHIVE is then a directory (DIR): "
+            "one archive per user, the blocklist and limit overrides, and manifest.json (sizes, "
+            "SHA-256) checked on restore"
+            + (
+                "; a re-run skips users whose archive matches the manifest"
+                if name == "backup"
+                else ""
+            ),
+        )
+        cmd.add_argument(
             "--force",
             action="store_true",
-            help="replace an existing archive (backup) or user database (restore)",
+            help="replace an existing archive (backup; with --all: copy every user again) or "
+            "user database (restore)",
         )
         cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -331,7 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # UUID mode a directory or file name is a token.  `stcs render -o` chooses its own mode.
     os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
-    if hasattr(args, "user_file"):
+    if getattr(args, "all", False):
+        if args.user is not None or args.user_file is not None:
+            print(f"stcs {args.command} --all: no user id with --all", file=sys.stderr)
+            return EXIT_USAGE
+    elif hasattr(args, "user_file"):
         user = _read_user_arg(args)
         if user is None:
             return EXIT_USAGE
@@ -349,14 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
-    if args.command in ("users", "restore") and not resolved.settings.allow_shared_db_path:
+    makes_user_dir = args.command == "restore" or (args.command == "users" and args.action == "add")
+    if makes_user_dir and not resolved.settings.allow_shared_db_path:
         try:  # they make a directory named by the user id (a token in UUID mode)
             check_private_db_path(resolved.settings.db_dir, owner_too=False)
         except ConfigError as exc:
             print(f"stcs {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
     if args.command == "users":
-        return _users_add(resolved, args.user)
+        if args.action == "add":
+            return _users_add(resolved, args.user)
+        return _users_admin(resolved, args)
     if args.command in ("status", "backup", "restore"):
         return _maintenance(resolved, args)
     return _serve(resolved, lambda: _resolve(args))
@@ -371,6 +428,8 @@ def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
         if args.command == "status":
             _print_status(backup_mod.status(settings))
             return EXIT_OK
+        if args.all:
+            return _backup_set(resolved, args, progress)
         fn = backup_mod.backup if args.command == "backup" else backup_mod.restore
         report = fn(settings, args.user, Path(args.archive), force=args.force, progress=progress)
     except backup_mod.OperationError as exc:
@@ -380,6 +439,47 @@ def _maintenance(resolved: Resolved, args: argparse.Namespace) -> int:
     print(
         f"{done} {args.user}: {report.files} files, {report.bytes / 2**20:.1f} MB "
         f"in {report.seconds:.1f} s"
+    )
+    return EXIT_OK
+
+
+def _backup_set(resolved: Resolved, args: argparse.Namespace, progress: bool | None) -> int:
+    """``backup --all DIR`` / ``restore --all DIR``: a line per user (by reference in UUID
+    mode: this output may go to a journal), then the totals and the longest hold."""
+    from stcs import backupset
+    from stcs.backup import OperationError
+    from stcs.useradmin import shown
+
+    settings = resolved.settings
+    verb = "backup" if args.command == "backup" else "restore"
+
+    def said(user: backupset.UserResult) -> None:
+        name = shown(settings, user.user_id)
+        if user.skipped:
+            print(f"{name}: skipped (its archive matches the manifest)", flush=True)
+        else:
+            print(
+                f"{name}: {user.files} files, {user.data_bytes / 2**20:.1f} MB, "
+                f"held {user.held_s * 1000:.0f} ms",
+                flush=True,
+            )
+
+    fn = backupset.backup_all if verb == "backup" else backupset.restore_all
+    try:
+        report = fn(settings, Path(args.archive), force=args.force, progress=progress, on_user=said)
+    except OperationError as exc:
+        print(f"stcs {args.command} --all: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    done = report.done
+    holds = sorted(u.held_s for u in done)
+    longest = f"; holds: median {holds[len(holds) // 2] * 1000:.0f} ms, longest " if holds else ""
+    if holds:
+        longest += f"{holds[-1] * 1000:.0f} ms"
+    mb = sum(u.data_bytes for u in done) / 2**20
+    skipped = len(report.users) - len(done)
+    print(
+        f"{'backed up' if verb == 'backup' else 'restored'} {len(done)} users "
+        f"({skipped} skipped), {mb:.1f} MB in {report.seconds:.1f} s{longest}"
     )
     return EXIT_OK
 
@@ -416,6 +516,88 @@ def _disk_cell(instance: dict[str, object]) -> str:
     limit = limits.get("userMaxDiskMB") if isinstance(limits, dict) else None
     cell = "-" if used is None else f"{used / 2**20:.1f}"
     return f"{cell}/{limit}" if limit else cell
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, int] | None:
+    """``KEY=N`` pairs as ``{KEY: N}``; None (after saying why on stderr) when one is not of
+    that form.  Keys and ranges are the server's to check (one definition, `stcs.quotas`)."""
+    out: dict[str, int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out[key] = int(value)
+        except ValueError:
+            print(f"stcs users limits: --set {pair!r}: expected KEY=N", file=sys.stderr)
+            return None
+    return out
+
+
+def _users_admin(resolved: Resolved, args: argparse.Namespace) -> int:
+    """``stcs users block|unblock|hold|release|stop|limits``: exit 0 done, 1 refused or no
+    server (as status, backup), 2 a bad id or usage."""
+    from stcs import useradmin
+    from stcs.backup import OperationError
+    from stcs.errors import InvalidUserIdError
+
+    settings = resolved.settings
+    action = args.action
+    set_keys = _parse_overrides(args.set)
+    if set_keys is None:
+        return EXIT_USAGE
+    if action != "limits" and (args.set or args.unset or args.clear):
+        print(f"stcs users {action}: --set/--unset/--clear go with limits", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        user_id = useradmin.normalized(settings, args.user)
+        name = useradmin.shown(settings, user_id)
+        drain = args.drain_timeout
+        if action in ("block", "unblock"):
+            answer = useradmin.set_blocked(settings, user_id, action == "block", drain)
+            said = f"{action}ed {name}"
+            if answer.get("stopped"):
+                said += " (their chroma stopped)"
+            elif answer.get("message"):
+                said += f" ({answer['message']})"
+            print(said)
+        elif action == "hold":
+            answer = useradmin.hold(settings, user_id, args.hold_ttl, drain)
+            print(f"held {name} for at most {args.hold_ttl:g} s (release: stcs users release)")
+        elif action == "release":
+            useradmin.release(settings, user_id)
+            print(f"released {name}")
+        elif action == "stop":
+            useradmin.stop(settings, user_id, drain)
+            print(f"stopped {name}'s chroma")
+        else:
+            doc = useradmin.limits(
+                settings, user_id, set_keys=set_keys, unset_keys=tuple(args.unset), clear=args.clear
+            )
+            _print_limits(doc)
+    except InvalidUserIdError:
+        print(f"stcs users {action}: {args.user!r} is not a valid user id", file=sys.stderr)
+        return EXIT_USAGE
+    except OperationError as exc:
+        print(f"stcs users {action}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _print_limits(doc: dict[str, Any]) -> None:
+    """``KEY  LIMIT  OVERRIDDEN`` (0: off), then the usage the limits are checked against."""
+    overrides = doc.get("overrides") or {}
+    rows = [("LIMIT", "VALUE", "SOURCE")] + [
+        (key, str(value), "override" if key in overrides else "setting")
+        for key, value in sorted((doc.get("limits") or {}).items())
+    ]
+    widths = [max(len(r[n]) for r in rows) for n in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    usage = doc.get("usage") or {}
+    disk = usage.get("diskBytes")
+    disk_mb = "not measured" if disk is None else f"{disk / 2**20:.1f} MB"
+    print(f"usage: disk {disk_mb}, {usage.get('inFlight', 0)} requests in flight")
 
 
 def _users_add(resolved: Resolved, user_id: str) -> int:

@@ -475,7 +475,9 @@ def test_the_readme_uses_the_user_file_form(tmp_path: Path) -> None:
     block = readme[readme.index("<!-- command-line example") :]
     block = block[: block.index("```\n", block.index("```bash") + 7)]
     for line in block.splitlines():
-        if line.startswith(".venv/bin/stcs ") and any(
-            verb in line for verb in ("backup", "restore", "users add", "user-ref")
+        if (
+            line.startswith(".venv/bin/stcs ")
+            and any(verb in line for verb in ("backup", "restore", "users ", "user-ref"))
+            and "--all" not in line
         ):
             assert "--user-file" in line, line
