@@ -10,6 +10,7 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
 * ``POST|DELETE /admin/users/{userId}/block`` — refuse (403) or allow a user again.
 * ``GET|PUT /admin/users/{userId}/limits`` — a user's effective limits, overrides and usage;
   ``PUT`` replaces the user's overrides (`stcs.quotas`, kept in ``<dbPath>/.stcs/limits.json``).
+* ``GET /admin/users`` — every user with a directory on this node's disk, and its size.
 * ``POST /admin/users/{userId}/hold[?ttl=S&drainTimeout=S]`` — hold a user for maintenance
   (backup, restore): the instance stops after its requests in flight, new requests wait; the hold
   ends with ``DELETE`` or after ``ttl`` seconds (default 600).
@@ -28,7 +29,8 @@ import psutil
 import structlog
 from aiohttp import web
 
-from stcs.auth import create_user, normalize_user_id, verify_admin_key
+from stcs.auth import USER_ID_RE, create_user, normalize_user_id, verify_admin_key
+from stcs.datadir import tree_bytes
 from stcs.errors import (
     BadAdminRequestError,
     InvalidUserIdError,
@@ -309,6 +311,26 @@ async def hold_user(request: web.Request) -> web.Response:
     return web.json_response({"userId": user_id, "held": True, "stopped": stopped})
 
 
+def _users_on_disk(db_dir: str) -> list[dict[str, Any]]:
+    """``[{"userId", "diskBytes"}]`` for each directory of ``db_dir`` named as a user id
+    (`auth.USER_ID_RE`: ``.stcs`` and staging directories are not), sorted by id."""
+    users = []
+    with os.scandir(db_dir) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and USER_ID_RE.fullmatch(entry.name):
+                users.append({"userId": entry.name, "diskBytes": tree_bytes(entry.path)})
+    return sorted(users, key=lambda u: u["userId"])
+
+
+async def list_users(request: web.Request) -> web.Response:
+    """``GET /admin/users``: ``{"users": [{"userId", "diskBytes"}]}``, every user whose
+    directory is on this node's disk (running or not), with its size in bytes (files as
+    stored: what a copy moves).  Read in a thread (one ``stat`` per file)."""
+    state = _state(request)
+    users = await asyncio.to_thread(_users_on_disk, str(state.settings.db_dir))
+    return web.json_response({"users": users})
+
+
 async def add_user(request: web.Request) -> web.Response:
     """``PUT /admin/users/{userId}``: create the user's directory (0700), for
     ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed)."""
@@ -325,6 +347,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_delete("/admin/instances/{user_id}", stop_instance)
+    app.router.add_get("/admin/users", list_users)
     app.router.add_put("/admin/users/{user_id}", add_user)
     app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)
     app.router.add_route("DELETE", "/admin/users/{user_id}/block", block_user)
