@@ -22,7 +22,7 @@ from typing import Any
 
 from stcs.backup import AdminClient, OperationError
 from stcs.config import Resolved
-from stcs.ring import Ring
+from stcs.ring import Ring, parse_nodes
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -37,21 +37,6 @@ class NodeAdmin(AdminClient):
         self._key = admin_key
         self._context = None
         self.node = node
-
-
-def node_list(text: str) -> list[str]:
-    """``HOST:PORT,HOST:PORT,…`` as a list.  Raises ValueError for an empty list, an entry
-    without a port or a duplicate."""
-    nodes = [n.strip() for n in text.split(",") if n.strip()]
-    if not nodes:
-        raise ValueError("name at least one node (HOST:PORT,…)")
-    for node in nodes:
-        host, sep, port = node.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"{node!r}: expected HOST:PORT")
-    if len(set(nodes)) != len(nodes):
-        raise ValueError("a node is named twice")
-    return nodes
 
 
 @dataclass
@@ -163,7 +148,7 @@ def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
 def main(resolved: Resolved, args: argparse.Namespace) -> int:
     """Run ``stcs cluster``; the exit code."""
     try:
-        old, new = node_list(args.old), node_list(args.new)
+        old, new = parse_nodes(args.old), parse_nodes(args.new)
     except ValueError as exc:
         print(f"stcs cluster: {exc}", file=sys.stderr)
         return EXIT_USAGE

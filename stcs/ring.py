@@ -113,6 +113,21 @@ class Ring:
         return {k: self.owner(k) for k in keys}
 
 
+def parse_nodes(text: str) -> list[str]:
+    """``HOST:PORT,HOST:PORT,…`` (``clusterNodes``, ``--from``/``--to``) as a list, in order.
+    Raises ValueError for an empty list, an entry without a numeric port, or a duplicate."""
+    nodes = [n.strip() for n in text.split(",") if n.strip()]
+    if not nodes:
+        raise ValueError("name at least one node (HOST:PORT,…)")
+    for node in nodes:
+        host, sep, port = node.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{node!r}: expected HOST:PORT")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a node is named twice")
+    return nodes
+
+
 def moves(placement: Mapping[str, str], new_servers: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Who moves when the node list becomes ``new_servers``: ``{user: (from, to)}`` for each
     user of ``placement`` (user -> the node that holds their data now) whose owner under the
