@@ -86,11 +86,14 @@ class Plan:
 
 
 def compute_plan(old: list[str], new: list[str], found: dict[str, list[dict[str, Any]]]) -> Plan:
-    """The plan from ``found`` (node -> its ``GET /admin/users`` entries).  Pure."""
+    """The plan from ``found`` (node -> its ``GET /admin/users`` entries; entries marked
+    ``moved`` or ``arriving`` are copies, not the user's data, and are skipped).  Pure."""
     plan = Plan(old, new)
     where: dict[str, list[str]] = {}
     for node in old:
         for entry in found.get(node, []):
+            if entry.get("placement", "home") != "home":
+                continue  # an old copy (moved away) or a partial one (arriving): not the data
             user = str(entry["userId"])
             where.setdefault(user, []).append(node)
             plan.sizes[user] = plan.sizes.get(user, 0) + int(entry.get("diskBytes") or 0)

@@ -71,8 +71,11 @@ def test_plan_reports_duplicates_and_misplaced_users_and_moves_the_rest() -> Non
     wrong = next(n for n in old if n != ring.owner(stray))
     found[wrong].append({"userId": stray, "diskBytes": 1})
     found[NODES[0]].append({"userId": USERS[0], "diskBytes": 5})  # a second copy somewhere
+    old_copy = USERS[301]
+    found[NODES[0]].append({"userId": old_copy, "diskBytes": 5, "placement": "moved"})
     plan = compute_plan(old, [*old, "10.0.0.14:8000"], found)
     assert USERS[0] in plan.duplicates and USERS[0] not in plan.moves
     assert plan.misplaced[stray] == (wrong, ring.owner(stray))
     assert all(to == "10.0.0.14:8000" or u == stray for u, (_, to) in plan.moves.items())
     assert plan.bytes_moved == sum(plan.sizes[u] for u in plan.moves)
+    assert old_copy not in plan.placement and old_copy not in plan.duplicates
