@@ -10,6 +10,12 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
 * ``POST|DELETE /admin/users/{userId}/block`` — refuse (403) or allow a user again.
 * ``GET|PUT /admin/users/{userId}/limits`` — a user's effective limits, overrides and usage;
   ``PUT`` replaces the user's overrides (`stcs.quotas`, kept in ``<dbPath>/.stcs/limits.json``).
+* ``GET /admin/users`` — every user with a directory on this node's disk, its size and its
+  cluster placement mark.
+* ``GET /admin/cluster`` — this node's ring (``clusterNodes``, ``clusterSelf``) and the users
+  marked arriving or moved away (`stcs.placement`).
+* ``PUT /admin/users/{userId}/placement`` — mark a user ``arriving``, ``moved`` (``"to"``:
+  the node) or ``home`` (clears the mark); the user's instance is stopped first.
 * ``POST /admin/users/{userId}/hold[?ttl=S&drainTimeout=S]`` — hold a user for maintenance
   (backup, restore): the instance stops after its requests in flight, new requests wait; the hold
   ends with ``DELETE`` or after ``ttl`` seconds (default 600).
@@ -28,7 +34,8 @@ import psutil
 import structlog
 from aiohttp import web
 
-from stcs.auth import create_user, normalize_user_id, verify_admin_key
+from stcs.auth import USER_ID_RE, create_user, normalize_user_id, verify_admin_key
+from stcs.datadir import tree_bytes
 from stcs.errors import (
     BadAdminRequestError,
     InvalidUserIdError,
@@ -36,6 +43,7 @@ from stcs.errors import (
 )
 from stcs.memory import system_memory, tree_pss
 from stcs.metrics import CONTENT_TYPE
+from stcs.placement import HOME, STATES, Placement
 from stcs.quotas import Quotas, check_overrides
 from stcs.state import STATE, State
 from stcs.supervisor import InstanceView, Phase
@@ -309,6 +317,78 @@ async def hold_user(request: web.Request) -> web.Response:
     return web.json_response({"userId": user_id, "held": True, "stopped": stopped})
 
 
+def _users_on_disk(db_dir: str) -> list[dict[str, Any]]:
+    """``[{"userId", "diskBytes"}]`` for each directory of ``db_dir`` named as a user id
+    (`auth.USER_ID_RE`: ``.stcs`` and staging directories are not), sorted by id."""
+    users = []
+    with os.scandir(db_dir) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and USER_ID_RE.fullmatch(entry.name):
+                users.append({"userId": entry.name, "diskBytes": tree_bytes(entry.path)})
+    return sorted(users, key=lambda u: u["userId"])
+
+
+async def list_users(request: web.Request) -> web.Response:
+    """``GET /admin/users``: ``{"users": [{"userId", "diskBytes"}]}``, every user whose
+    directory is on this node's disk (running or not), with its size in bytes (files as
+    stored: what a copy moves).  Read in a thread (one ``stat`` per file)."""
+    state = _state(request)
+    users = await asyncio.to_thread(_users_on_disk, str(state.settings.db_dir))
+    if state.placement is not None:
+        for user in users:
+            user["placement"] = state.placement.state_of(user["userId"])
+    return web.json_response({"users": users})
+
+
+def _placement(state: State) -> Placement:
+    if state.placement is None:  # only app-less test states lack one
+        raise BadAdminRequestError("no cluster placement on this server")
+    return state.placement
+
+
+async def cluster_view(request: web.Request) -> web.Response:
+    """``GET /admin/cluster``: ``{"nodes": [HOST:PORT], "self": HOST:PORT, "arriving":
+    [userId], "moved": {userId: HOST:PORT}}`` (`stcs.placement.Placement.view`)."""
+    return web.json_response(_placement(_state(request)).view())
+
+
+async def user_placement(request: web.Request) -> web.Response:
+    """``PUT /admin/users/{userId}/placement`` with ``{"state": "arriving" | "moved" | "home",
+    "to": "HOST:PORT"}`` (``to``: where a moved user went).  ``arriving`` and ``moved`` first
+    hold the user (requests in flight finish, at most ``?drainTimeout=S``, default 300; the
+    instance stops), then save the mark, then release: from then on the user's requests here
+    get 503 ``InternalError`` + ``Retry-After`` (`errors.UserMovingError`).  ``home`` clears
+    the mark.  ``{"userId", "state", "stopped": bool}``; 400 for a bad body or a drain that
+    timed out (nothing marked)."""
+    state = _state(request)
+    placement = _placement(state)
+    user_id = _user_id(request)
+    drain = _seconds(request, "drainTimeout", DEFAULT_DRAIN_TIMEOUT_S)
+    try:
+        body = await request.json()
+        mark, to = body["state"], str(body.get("to") or "")
+        if mark not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadAdminRequestError(f'expected {{"state": ...}}: {exc}') from None
+    supervisor = state.supervisor
+    stopped = False
+    if mark == HOME:
+        await asyncio.to_thread(placement.set_state, user_id, mark, to)
+    else:
+        try:
+            stopped = await supervisor.hold(user_id, drain)
+        except TimeoutError as exc:
+            raise BadAdminRequestError(str(exc)) from None
+        try:
+            await asyncio.to_thread(placement.set_state, user_id, mark, to)
+        finally:
+            if not supervisor.has_maintenance_hold(user_id):
+                supervisor.release_hold(user_id)
+    log.info("user placement", user_id=user_id, state=mark, to=to or None, stopped=stopped)
+    return web.json_response({"userId": user_id, "state": mark, "stopped": stopped})
+
+
 async def add_user(request: web.Request) -> web.Response:
     """``PUT /admin/users/{userId}``: create the user's directory (0700), for
     ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed)."""
@@ -325,6 +405,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_delete("/admin/instances/{user_id}", stop_instance)
+    app.router.add_get("/admin/users", list_users)
+    app.router.add_get("/admin/cluster", cluster_view)
+    app.router.add_put("/admin/users/{user_id}/placement", user_placement)
     app.router.add_put("/admin/users/{user_id}", add_user)
     app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)
     app.router.add_route("DELETE", "/admin/users/{user_id}/block", block_user)

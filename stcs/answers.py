@@ -20,6 +20,13 @@ Notes on the choices:
   clients and proxies treat as the server's) and the exception both clients raise for quotas.
   Per-user rate/concurrency → 429: the JS client maps the status to ``ChromaRateLimitError``.
 * Admin endpoints without an ``adminAPIKey`` → 404, as the Node.js server.
+* Cluster refusals (a user being moved, moved away, or owned by another node) → 503
+  ``InternalError`` with ``Retry-After``: the user's database is unavailable *here* for a
+  while, which is what 503 + ``Retry-After`` says (RFC 9110 §15.6.4).  Not 421 Misdirected
+  Request: RFC 9110 lets a client retry a 421 at once on another connection, which through
+  the router reaches this node again, and no chroma client does anything special with it;
+  nor ``RateLimitError`` (not the user's rate, and alerts on it would mislead).  The router
+  never retries either (``proxy_next_upstream off``: another node would hold no data).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ HTTP: dict[type, tuple[int, str]] = {
     e.QuotaExceededError: (422, "QuotaError"),
     e.MemoryLimitError: (422, "QuotaError"),
     e.UserRateLimitError: (429, "RateLimitError"),
+    e.NotOwnerError: (503, "InternalError"),
+    e.UserMovingError: (503, "InternalError"),
     e.AdminDisabledError: (404, "NotFoundError"),
     e.AdminForbiddenError: (403, "AuthorizationError"),
     e.BadAdminRequestError: (400, "InvalidArgumentError"),

@@ -43,6 +43,7 @@ from stcs.launcher import ChromaLauncher
 from stcs.layout import Layout
 from stcs.memory import MemoryWatch
 from stcs.metrics import Metrics
+from stcs.placement import Placement
 from stcs.quotas import Quotas
 from stcs.state import INFO, STATE, State
 from stcs.supervisor import Supervisor
@@ -176,6 +177,9 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         )
         stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
         layout = Layout(db_dir)
+        # The ring is read through the state's settings once serving, so a reload applies it.
+        holder: list[State] = []
+        placement = Placement(lambda: holder[0].settings if holder else settings, layout)
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -188,6 +192,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             housekeeping=chroma.housekeeping,
             new_users_per_minute=settings.address_new_users_per_minute,
             is_new_user=lambda user_id: not layout.user_dir(user_id).is_dir(),
+            admit_start=placement.admit_start,
         )
         metrics.bind(supervisor.snapshot)
         metrics.bind_ports(chroma.ports.counts)
@@ -205,7 +210,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         )
         memory_watch.start()
         stack.push_async_callback(memory_watch.close)  # closed before the supervisor
-        yield State(
+        state = State(
             settings=settings,
             metrics=metrics,
             blocklist=blocklist,
@@ -215,7 +220,10 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             quotas=quotas,
             upstream_pool=upstream_pool,
             ports=chroma.ports,
+            placement=placement,
         )
+        holder.append(state)
+        yield state
 
 
 async def _resolver(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stcs import __version__
+from stcs import cluster as cluster_cli
 from stcs.config import BY_KEY, SETTINGS, Resolved, load_settings
 from stcs.deploy import KINDS, RenderOptions, render
 from stcs.errors import ConfigError, LockHeldError
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A table of the instances of the stcs running on this machine's appPort "
         "(needs adminAPIKey).",
     )
+    cluster_cli.add_parser(sub, settings)
     ref = sub.add_parser(
         "user-ref",
         help="print the reference logged for a user id in UUID mode",
@@ -403,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(resolved)
     if args.command == "render":
         return _render(resolved, args)
+    if args.command == "cluster":
+        return cluster_cli.main(resolved, args)
     makes_user_dir = args.command == "restore" or (args.command == "users" and args.action == "add")
     if makes_user_dir and not resolved.settings.allow_shared_db_path:
         try:  # they make a directory named by the user id (a token in UUID mode)

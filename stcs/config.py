@@ -142,6 +142,23 @@ class Settings:
         "`trustedProxies` rule); beyond, 429 `RateLimitError` with `Retry-After: 1` at once. "
         "0: no limit.",
     )
+    cluster_nodes: str = setting(
+        "",
+        key="clusterNodes",
+        reloadable=True,
+        env="CLUSTER_NODES",
+        help="Cluster: every node as `HOST:PORT`, comma-separated, exactly as the router's "
+        "upstream block names them (`stcs render nginx-cluster --node`). A user new to this "
+        "node is started only if nginx's consistent hash over this list gives them to "
+        "`clusterSelf`. Empty: not a cluster.",
+    )
+    cluster_self: str = setting(
+        "",
+        key="clusterSelf",
+        reloadable=True,
+        env="CLUSTER_SELF",
+        help="Cluster: this node's entry in `clusterNodes`.",
+    )
     auto_create_users: bool = setting(
         True,
         key="autoCreateUsers",
@@ -951,6 +968,7 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
         settings.trusted_networks  # noqa: B018  (parses the list)
     except ValueError as exc:
         raise ConfigError(f"trustedProxies ({sources['trustedProxies']}): {exc}") from None
+    _validate_cluster(settings, sources)
     try:
         settings.child_ports  # noqa: B018  (parses the range)
     except ValueError as exc:
@@ -962,3 +980,23 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
             raise ConfigError(f"chromaCommand ({sources['chromaCommand']}): {exc}") from None
         if not argv:
             raise ConfigError(f"chromaCommand ({sources['chromaCommand']}): names no program")
+
+
+def _validate_cluster(settings: Settings, sources: Mapping[str, str]) -> None:
+    """``clusterNodes`` parses (`stcs.ring.parse_nodes`) and names ``clusterSelf``; both or
+    neither are set."""
+    from stcs.ring import parse_nodes
+
+    nodes, me = settings.cluster_nodes, settings.cluster_self
+    if not nodes and not me:
+        return
+    if not nodes:
+        raise ConfigError(f"clusterSelf ({sources['clusterSelf']}): set clusterNodes too")
+    try:
+        names = parse_nodes(nodes)
+    except ValueError as exc:
+        raise ConfigError(f"clusterNodes ({sources['clusterNodes']}): {exc}") from None
+    if me.strip() not in names:
+        raise ConfigError(
+            f"clusterSelf ({sources['clusterSelf']}): must be one of clusterNodes ({nodes})"
+        )

@@ -107,6 +107,20 @@ class LookupsPerAddressError(RequestError):
     lookups in flight; ``retry_after_s`` is set."""
 
 
+# -- the cluster (stcs.placement) -------------------------------------------------------------
+
+
+class NotOwnerError(RequestError):
+    """A never-seen user whom the ring (``clusterNodes``) places on another node: refused
+    before anything is created (the router has another node list, or a move is under way);
+    ``retry_after_s`` is set."""
+
+
+class UserMovingError(RequestError):
+    """A user being moved to this node (refused until the copy is in) or moved away from it
+    (never served from the stale copy); ``retry_after_s`` is set."""
+
+
 # -- the request itself (refused at the edge) -------------------------------------------------
 
 

@@ -14,6 +14,7 @@ dot, `stcs.auth.USER_ID_RE`)::
                                  after childLogRetention without an instance
         blocked.json             the admin blocklist
         limits.json              per-user limit overrides
+        cluster.json             users arriving here or moved away in a move (`stcs.placement`)
         restore-<userId>-<pid>/  a restore being staged; replaced-<userId>-<pid>/ what it replaced
 """
 
@@ -60,6 +61,10 @@ class Layout:
     @property
     def limits(self) -> Path:
         return self.state_dir / "limits.json"
+
+    @property
+    def cluster_state(self) -> Path:
+        return self.state_dir / "cluster.json"
 
     def restore_staging(self, user_id: str, pid: int) -> Path:
         return self.state_dir / f"restore-{user_id}-{pid}"

@@ -15,6 +15,7 @@ from aiohttp import web
 from stcs.auth import AuthServerHealth, Blocklist, Resolver
 from stcs.config import Settings
 from stcs.metrics import Metrics
+from stcs.placement import Placement
 from stcs.ports import PortHold
 from stcs.quotas import Quotas
 from stcs.readiness import Readiness
@@ -40,6 +41,7 @@ class State:
     quotas: Quotas  # per-user limits (the request path's admit/done hooks)
     upstream_pool: UpstreamPool  # the data plane's connections to children and control socket
     ports: PortHold | None = None  # childPortRange as held and lent (/admin-health)
+    placement: Placement | None = None  # the cluster's ring and per-user move marks
     _shutting_down: bool = field(default=False, init=False)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)

@@ -21,6 +21,8 @@
 * New users per address: starting a user with no data directory yet takes a token from the
   client address's bucket (``addressNewUsersPerMinute``); an empty bucket is
   NewUsersRateLimitError (429, retry-after) before anything is created.
+* Cluster ownership: before a start, ``admit_start`` (`stcs.placement`) may refuse a user this
+  node does not own (NotOwnerError) or one being moved (UserMovingError); nothing is created.
 * Crashes: a child that exits on its own leaves the registry at once (exit code or signal
   logged); the next request starts it again.
 * Back-off (gunicorn's ``WORKER_BOOT_ERROR`` lesson): a failed start (one that spawned), or a
@@ -282,6 +284,7 @@ class Supervisor:
         housekeeping: Callable[[frozenset[str]], None] | None = None,
         new_users_per_minute: int = 0,
         is_new_user: Callable[[str], bool] = lambda _user_id: False,
+        admit_start: Callable[[str], None] | None = None,
     ) -> None:
         self.launcher = launcher
         self.ttl = ttl_ms / 1000
@@ -314,6 +317,9 @@ class Supervisor:
         self._housekeeping = housekeeping
         # addressNewUsersPerMinute: a bucket per client address of never-seen users' starts.
         self._is_new_user = is_new_user
+        # Whether this node may start the user at all (`stcs.placement.Placement.admit_start`,
+        # a cluster's ownership rule): asked before each start, never for a running instance.
+        self._admit_start = admit_start
         self._new_users = (
             AddressBuckets(new_users_per_minute / 60, new_users_per_minute, clock)
             if new_users_per_minute > 0
@@ -401,6 +407,8 @@ class Supervisor:
                 continue
             inst = self.registry.get(user_id)
             if inst is None:
+                if self._admit_start is not None:
+                    self._admit_start(user_id)
                 self._check_backoff(user_id)
                 address = requester.address if requester is not None else None
                 if self._new_users is not None and self._is_new_user(user_id):

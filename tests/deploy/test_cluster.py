@@ -39,7 +39,7 @@ def cluster(
     root = tmp_path / "router"
     root.mkdir()
     port = free_port()
-    args = ["--listen", f"127.0.0.1:{port}"]
+    args = ["--listen", f"127.0.0.1:{port}", "--maxBodySize", str(2**20)]
     for node in nodes:
         args += ["--node", f"127.0.0.1:{node.port}"]
     site = frontends.render("nginx-cluster", root / "cluster.conf", *args)
@@ -118,3 +118,50 @@ def test_auth_errors_through_the_router_are_chroma_errors(
         f"http://127.0.0.1:{router.port}{LIST}", headers={"X-Chroma-Token": "any"}, timeout=30
     )
     assert resp.status_code == 503 and resp.json()["error"] == "InternalError"
+
+
+def test_the_router_keeps_the_client_contract(
+    cluster: tuple[list[StcsServer], frontends.FrontServer], auth_server: AuthServer
+) -> None:
+    """Every refusal through the router is chroma's JSON (the Python client raises the matching
+    exception), admin endpoints and metrics are not reachable there, and /health says what it
+    checks."""
+    import chromadb.errors
+
+    nodes, router = cluster
+    base = f"http://127.0.0.1:{router.port}"
+    auth_server.answers["tok-blocked"] = (200, {"userId": "blocked-user"})
+    for node in nodes:  # blocked on every node: whichever answers /auth refuses
+        requests.post(
+            f"{node.url}/admin/users/blocked-user/block", headers={"x-api-key": ADMIN}, timeout=10
+        ).raise_for_status()
+    blocked = requests.get(f"{base}{LIST}", headers={"X-Chroma-Token": "tok-blocked"}, timeout=10)
+    assert blocked.status_code == 403, blocked.text
+    assert blocked.json()["error"] == "AuthorizationError"
+    with pytest.raises(chromadb.errors.AuthorizationError):
+        client(router, "tok-blocked").list_collections()
+
+    for path in ("/admin-health", "/metrics", "/admin/instances", "/admin/users", "/admin/x"):
+        resp = requests.get(f"{base}{path}", headers={"x-api-key": ADMIN}, timeout=10)
+        assert resp.status_code == 404, (path, resp.status_code, resp.text[:100])
+        assert resp.json()["error"] == "NotFoundError", path
+
+    health = requests.get(f"{base}/health", timeout=10)
+    assert health.status_code == 200 and "checks" in health.json(), health.text
+
+    auth_server.answers["tok-big"] = (200, {"userId": "big-user"})
+    big = requests.post(
+        f"{base}{LIST}", headers={"X-Chroma-Token": "tok-big"}, data=b"x" * (2 * 2**20), timeout=60
+    )
+    assert big.status_code == 413 and big.json()["error"] == "InvalidArgumentError", big.text[:200]
+
+    auth_server.answers["tok-down"] = (200, {"userId": "down-user"})
+    owner = next(  # the node the router sends down-user to: stop it
+        n
+        for n in nodes
+        if requests.get(f"{base}{LIST}", headers={"X-Chroma-Token": "tok-down"}, timeout=30).ok
+        and "down-user" in users_on(n)
+    )
+    assert owner.stop(signal.SIGTERM) == 0
+    down = requests.get(f"{base}{LIST}", headers={"X-Chroma-Token": "tok-down"}, timeout=30)
+    assert down.status_code == 502 and down.json()["error"] == "InternalError", down.text[:200]

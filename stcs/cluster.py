@@ -1,0 +1,192 @@
+"""``stcs cluster …``: change a cluster's node list through the nodes' admin APIs.
+
+* ``stcs cluster plan --from A,B,C --to A,B,C,D [--json]``: asks each current node
+  (``GET /admin/users``) which users it holds, computes each user's owner under the new node
+  list with nginx's own consistent hash (`stcs.ring`) and prints who moves where, with the
+  bytes to copy.
+
+Nodes are named ``HOST:PORT`` exactly as the router's upstream block names them (the ring
+hashes that text: ``10.0.0.11:8000`` and ``node-a:8000`` are different rings).  Each node's
+admin API is reached at ``http://HOST:PORT`` with ``adminAPIKey`` (from ``--adminAPIKey``,
+``ADMIN_API_KEY`` or ``config.yml``, as ``stcs backup`` takes it).  No SSH, no shared disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from stcs.backup import AdminClient, OperationError
+from stcs.config import Resolved
+from stcs.ring import Ring, parse_nodes
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class NodeAdmin(AdminClient):
+    """The admin API of cluster node ``node`` (``HOST:PORT``), plain HTTP."""
+
+    def __init__(self, node: str, admin_key: str) -> None:
+        self.base = f"http://{node}"
+        self._key = admin_key
+        self._context = None
+        self.node = node
+
+
+@dataclass
+class Plan:
+    """What changing the node list ``old`` → ``new`` does to the users found on ``old``.
+
+    ``moves``: ``{user: (from, to)}``; ``sizes``: user -> bytes on its node; ``duplicates``:
+    users found on more than one node (a split or an old copy left by hand: resolve first);
+    ``misplaced``: users on a node other than their owner under ``old`` (the router sends
+    them elsewhere today).
+    """
+
+    old: list[str]
+    new: list[str]
+    placement: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    moves: dict[str, tuple[str, str]] = field(default_factory=dict)
+    duplicates: dict[str, list[str]] = field(default_factory=dict)
+    misplaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(self.sizes.get(u, 0) for u in self.moves)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "from": self.old,
+            "to": self.new,
+            "users": len(self.placement),
+            "moving": len(self.moves),
+            "bytesMoved": self.bytes_moved,
+            "moves": [
+                {"userId": u, "from": a, "to": b, "diskBytes": self.sizes.get(u, 0)}
+                for u, (a, b) in sorted(self.moves.items())
+            ],
+            "perNode": {
+                n: sum(1 for u, o in self.placement.items() if self._after(u, o) == n)
+                for n in self.new
+            },
+            "duplicates": self.duplicates,
+            "misplaced": {u: {"on": a, "owner": b} for u, (a, b) in self.misplaced.items()},
+        }
+
+    def _after(self, user: str, node: str) -> str:
+        move = self.moves.get(user)
+        return move[1] if move else node
+
+
+def compute_plan(old: list[str], new: list[str], found: dict[str, list[dict[str, Any]]]) -> Plan:
+    """The plan from ``found`` (node -> its ``GET /admin/users`` entries; entries marked
+    ``moved`` or ``arriving`` are copies, not the user's data, and are skipped).  Pure."""
+    plan = Plan(old, new)
+    where: dict[str, list[str]] = {}
+    for node in old:
+        for entry in found.get(node, []):
+            if entry.get("placement", "home") != "home":
+                continue  # an old copy (moved away) or a partial one (arriving): not the data
+            user = str(entry["userId"])
+            where.setdefault(user, []).append(node)
+            plan.sizes[user] = plan.sizes.get(user, 0) + int(entry.get("diskBytes") or 0)
+    old_ring, new_ring = Ring.of(old), Ring.of(new)
+    for user, nodes in sorted(where.items()):
+        if len(nodes) > 1:
+            plan.duplicates[user] = nodes
+            continue
+        node = nodes[0]
+        plan.placement[user] = node
+        if old_ring.owner(user) != node:
+            plan.misplaced[user] = (node, old_ring.owner(user))
+        target = new_ring.owner(user)
+        if target != node:
+            plan.moves[user] = (node, target)
+    return plan
+
+
+def survey(nodes: list[str], admin_key: str) -> dict[str, list[dict[str, Any]]]:
+    """``GET /admin/users`` of every node, in parallel.  Raises OperationError naming the
+    first node that did not answer."""
+    with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
+        answers = pool.map(
+            lambda n: (n, NodeAdmin(n, admin_key).request("GET", "/admin/users", timeout=120)),
+            nodes,
+        )
+        return {node: list(answer.get("users", [])) for node, answer in answers}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
+    """Add ``stcs cluster`` to the ``stcs`` subcommands ``sub`` (``settings``: the parent
+    parser with every setting's flag, for ``--adminAPIKey`` and ``--config``)."""
+    cluster = sub.add_parser(
+        "cluster",
+        help="plan a change of the cluster's node list",
+        description="Works through each node's admin API (adminAPIKey); nodes are HOST:PORT "
+        "as the router's upstream block names them.",
+    )
+    verbs = cluster.add_subparsers(dest="cluster_command", required=True)
+    plan = verbs.add_parser(
+        "plan",
+        parents=[settings],
+        help="who moves where when the node list changes",
+        description="Ask every current node for its users and compute, with nginx's "
+        "consistent hash, which of them the new node list places on another node.",
+    )
+    plan.add_argument("--from", dest="old", required=True, metavar="HOST:PORT,…")
+    plan.add_argument("--to", dest="new", required=True, metavar="HOST:PORT,…")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(resolved: Resolved, args: argparse.Namespace) -> int:
+    """Run ``stcs cluster``; the exit code."""
+    try:
+        old, new = parse_nodes(args.old), parse_nodes(args.new)
+    except ValueError as exc:
+        print(f"stcs cluster: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    key = resolved.settings.admin_api_key
+    try:
+        found = survey(old, key)
+    except OperationError as exc:
+        print(f"stcs cluster {args.cluster_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    plan = compute_plan(old, new, found)
+    if args.json:
+        print(json.dumps(plan.as_json(), indent=2))
+    else:
+        print_plan(plan)
+    return EXIT_OK
+
+
+def print_plan(plan: Plan) -> None:
+    n = len(plan.placement)
+    pct = 100 * len(plan.moves) / n if n else 0.0
+    print(
+        f"{len(plan.old)} -> {len(plan.new)} nodes: {n} users, {len(plan.moves)} move "
+        f"({pct:.0f} %), {plan.bytes_moved / 2**20:.1f} MB to copy"
+    )
+    if plan.moves:
+        rows = [("USER", "FROM", "TO", "MB")] + [
+            (u, a, b, f"{plan.sizes.get(u, 0) / 2**20:.1f}")
+            for u, (a, b) in sorted(plan.moves.items())
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for user, nodes in sorted(plan.duplicates.items()):
+        print(f"warning: {user} is on {', '.join(nodes)}: keep one copy first", file=sys.stderr)
+    for user, (on, owner) in sorted(plan.misplaced.items()):
+        print(
+            f"warning: {user} is on {on} but the current ring routes it to {owner}", file=sys.stderr
+        )

@@ -1,0 +1,98 @@
+"""`stcs.placement`: which users a cluster node may start (issue 21 item 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from stcs.config import Settings
+from stcs.errors import NotOwnerError, UserMovingError
+from stcs.layout import Layout
+from stcs.placement import Placement
+from stcs.ring import Ring
+
+NODES = ["10.0.0.11:8000", "10.0.0.12:8000", "10.0.0.13:8000"]
+ME = NODES[0]
+
+
+def make(tmp_path: Path, nodes: str = ",".join(NODES), me: str = ME) -> tuple[Placement, Layout]:
+    settings = Settings(db_path=str(tmp_path), cluster_nodes=nodes, cluster_self=me)
+    layout = Layout(tmp_path)
+    return Placement(lambda: settings, layout), layout
+
+
+def users_owned(by: str, n: int = 5) -> list[str]:
+    ring = Ring.of(NODES)
+    return [u for u in (f"user-{i}" for i in range(1000)) if ring.owner(u) == by][:n]
+
+
+def test_outside_a_cluster_every_user_may_start(tmp_path: Path) -> None:
+    placement, _ = make(tmp_path, nodes="", me="")
+    for user in users_owned(NODES[1]):
+        placement.admit_start(user)
+
+
+def test_a_new_user_the_ring_places_elsewhere_is_refused_with_retry_after(tmp_path: Path) -> None:
+    placement, _ = make(tmp_path)
+    for user in users_owned(ME):
+        placement.admit_start(user)
+    for user in users_owned(NODES[1]):
+        with pytest.raises(NotOwnerError) as refused:
+            placement.admit_start(user)
+        assert refused.value.retry_after_s and refused.value.retry_after_s >= 1
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_user_with_data_here_is_served_whatever_the_ring_says(tmp_path: Path) -> None:
+    placement, layout = make(tmp_path)
+    user = users_owned(NODES[2])[0]
+    layout.user_dir(user).mkdir()
+    placement.admit_start(user)
+
+
+def test_arriving_and_moved_users_are_refused_and_the_marks_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    placement, layout = make(tmp_path)
+    arriving, moved = users_owned(ME, 2)
+    layout.user_dir(moved).mkdir()  # the stale copy stays on disk
+    placement.set_state(arriving, "arriving")
+    placement.set_state(moved, "moved", NODES[1])
+    again, _ = make(tmp_path)  # a restart reads the marks back
+    for p in (placement, again):
+        for user in (arriving, moved):
+            with pytest.raises(UserMovingError):
+                p.admit_start(user)
+    assert json.loads(layout.cluster_state.read_text()) == {
+        "arriving": [arriving],
+        "moved": {moved: NODES[1]},
+    }
+    assert layout.cluster_state.stat().st_mode & 0o077 == 0
+    again.set_state(arriving, "home")
+    again.admit_start(arriving)
+    assert again.view()["arriving"] == [] and again.view()["self"] == ME
+
+
+def test_a_new_node_list_applies_without_a_restart(tmp_path: Path) -> None:
+    current = [Settings(db_path=str(tmp_path), cluster_nodes=",".join(NODES), cluster_self=ME)]
+    placement = Placement(lambda: current[0], Layout(tmp_path))
+    user = users_owned(NODES[1])[0]
+    with pytest.raises(NotOwnerError):
+        placement.admit_start(user)
+    current[0] = dataclasses.replace(current[0], cluster_nodes=ME)  # a one-node "cluster"
+    placement.admit_start(user)
+
+
+def test_cluster_settings_must_name_this_node_among_the_nodes(tmp_path: Path) -> None:
+    from stcs.config import SETTINGS, validate
+    from stcs.errors import ConfigError
+
+    base = Settings(db_path=str(tmp_path))
+    sources = {i.key: "test" for i in SETTINGS}
+    for nodes, me in (("a:1,b:2", "c:3"), ("", "a:1"), ("a:1,a:1", "a:1"), ("a,b:2", "b:2")):
+        with pytest.raises(ConfigError, match="cluster"):
+            validate(dataclasses.replace(base, cluster_nodes=nodes, cluster_self=me), sources)
+    validate(dataclasses.replace(base, cluster_nodes="a:1, b:2", cluster_self="b:2"), sources)
