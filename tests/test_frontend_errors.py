@@ -192,6 +192,17 @@ def raw(port: int, data: bytes, *, pause_after: int | None = None, timeout: floa
         return Answer(int(lines[0].split()[1]), headers, body[:length] if length >= 0 else body)
 
 
+def wait_in_flight(server: StcsServer) -> None:
+    """Until an instance holds a request in flight (stcs runs with ``--adminAPIKey ADMIN``)."""
+    deadline = time.monotonic() + 20
+    while True:
+        listed = requests.get(f"{server.url}/admin/instances", headers=HDR, timeout=10).json()
+        if any(i["inFlight"] >= 1 for i in listed["instances"]):
+            return
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.02)
+
+
 def get(front: Front, path: str, **headers: str) -> Answer:
     resp = requests.get(f"{front.base}{path}", headers=headers, timeout=30)
     return Answer(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content)
@@ -338,7 +349,7 @@ def test_a_chroma_that_fails_to_start_raises_internal_error(
 def test_chroma_dying_mid_request_is_502_internal_error(
     stcs: Callable[..., StcsServer], front: Callable[..., Front], kind: str
 ) -> None:
-    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}")
+    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}", "--adminAPIKey", ADMIN)
     f = front(kind, server)
     token = new_token()
     assert get(f, "/echo/warm", **{"X-Chroma-Token": token}).status == 200
@@ -348,7 +359,7 @@ def test_chroma_dying_mid_request_is_502_internal_error(
         target=lambda: answers.append(get(f, "/slow?delay=5", **{"X-Chroma-Token": token}))
     )
     slow.start()
-    time.sleep(1.0)  # the request is at the child, which answers after 5 s
+    wait_in_flight(server)  # the request is at the child, which answers after 5 s
     child.kill()
     slow.join(30)
     [answer] = answers
@@ -359,7 +370,7 @@ def test_chroma_dying_mid_request_is_502_internal_error(
 def test_shutting_down_and_down_raise_internal_error(
     stcs: Callable[..., StcsServer], front: Callable[..., Front], kind: str
 ) -> None:
-    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}")
+    server = stcs("--chromaCommand", f"{sys.executable} {ECHO}", "--adminAPIKey", ADMIN)
     f = front(kind, server)
     token = new_token()
     answers: list[Answer] = []
@@ -367,8 +378,7 @@ def test_shutting_down_and_down_raise_internal_error(
         target=lambda: answers.append(get(f, "/slow?delay=3", **{"X-Chroma-Token": token}))
     )
     slow.start()
-    server.wait_event("instance started")
-    time.sleep(0.5)
+    wait_in_flight(server)
     server.proc.send_signal(signal.SIGTERM)  # draining: the slow request is still in flight
     server.wait_event("shutting down")
     # nginx: 502 (connection refused); Apache: 503 (mod_proxy's "no backend")
@@ -394,7 +404,10 @@ def test_more_than_max_connections_raises_rate_limit_error(
     # One connection straight to stcs holds the only slot; every connection the front server
     # opens is then one too many.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10):
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # until stcs counts it: a second connection is refused
+        while requests.get(f"{server.url}/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         f = front(kind, server)
         with pytest.raises(RateLimitError):
             f.client(new_token()).heartbeat()
