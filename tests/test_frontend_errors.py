@@ -203,6 +203,23 @@ def wait_in_flight(server: StcsServer) -> None:
         time.sleep(0.02)
 
 
+def hold_the_only_connection(server: StcsServer) -> socket.socket:
+    """The first connection to a starting stcs (``maxConnections`` 1, started with
+    ``wait=False``): it takes the only slot, with no request sent.  (Waiting for ``/health``
+    instead would leave that probe's connection counted for a while, then let it go.)"""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            break
+        except ConnectionRefusedError:
+            assert server.proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    answer = raw(server.port, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.status == 503, answer  # the held connection has the slot
+    return sock
+
+
 def get(front: Front, path: str, **headers: str) -> Answer:
     resp = requests.get(f"{front.base}{path}", headers=headers, timeout=30)
     return Answer(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content)
@@ -400,14 +417,10 @@ def test_shutting_down_and_down_raise_internal_error(
 def test_more_than_max_connections_raises_rate_limit_error(
     stcs: Callable[..., StcsServer], front: Callable[..., Front], kind: str
 ) -> None:
-    server = stcs("--maxConnections", "1", "--headersTimeout", "60000")
-    # One connection straight to stcs holds the only slot; every connection the front server
-    # opens is then one too many.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10):
-        deadline = time.monotonic() + 10  # until stcs counts it: a second connection is refused
-        while requests.get(f"{server.url}/health", timeout=10).status_code != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    server = stcs("--maxConnections", "1", "--headersTimeout", "60000", wait=False)
+    # One connection straight to stcs holds the only slot: each one the front server opens is
+    # one too many.
+    with hold_the_only_connection(server):
         f = front(kind, server)
         with pytest.raises(RateLimitError):
             f.client(new_token()).heartbeat()
