@@ -225,7 +225,7 @@ case "$WEB" in
             [ "$TLS" = true ] && [ "$TLS_LISTEN" != 443 ] && echo "Listen $TLS_LISTEN https"
             render "$KIND"
         } | write_file "/etc/apache2/sites-available/$APP.conf" 0644
-        mods=(proxy proxy_http headers env)
+        mods=(proxy proxy_http headers env alias)
         [ "$TLS" = true ] && mods+=(ssl)
         run a2enmod -q "${mods[@]}"
         run a2ensite -q "$APP"

@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a stcs node (nginx-cluster; repeat for each)",
     )
     render.add_argument(
+        "--admin-from",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="route /admin-health, /admin/* and /metrics for this network (nginx, apache; "
+        "repeat for each; default: for no one, 404)",
+    )
+    render.add_argument(
         "--user", default="stcs", help="service user: name or uid (systemd, nftables)"
     )
     render.add_argument("--stcs-bin", default="/opt/stcs/venv/bin/stcs", help="(systemd)")
@@ -651,6 +659,7 @@ def _render(resolved: Resolved, args: argparse.Namespace) -> int:
         listen=args.listen,
         tls_listen=args.tls_listen,
         nodes=tuple(args.node),
+        admin_from=tuple(args.admin_from),
         user=args.user,
         stcs_bin=args.stcs_bin,
         config_path=args.config_path,

@@ -56,11 +56,14 @@ class _Template(string.Template):
 class RenderOptions:
     """What the settings do not say.  ``listen`` / ``tls_listen``: nginx ``listen`` or Apache
     ``VirtualHost`` address (``80``, ``127.0.0.1:8080``); ``nodes``: cluster ``host:port``s;
-    the rest describes the installation for the systemd unit."""
+    ``admin_from``: the networks (CIDR, or one address) the nginx/Apache site routes stcs's
+    operator endpoints for (empty: none, answered 404 by the front server); the rest describes
+    the installation for the systemd unit."""
 
     listen: str = "80"
     tls_listen: str = "443"
     nodes: tuple[str, ...] = ()
+    admin_from: tuple[str, ...] = ()
     user: str = "stcs"
     stcs_bin: str = "/opt/stcs/venv/bin/stcs"
     config_path: str = "/etc/stcs/config.yml"
@@ -109,6 +112,8 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         "ssl_cert_key_file": settings.ssl_cert_key_file,
         "auth_servers": "\n".join(f"    server {n};" for n in opts.nodes),
         "data_servers": "\n".join(f"    server {n} max_fails=0;" for n in opts.nodes),
+        "admin_allow": "".join(f"        allow {n};\n" for n in _networks(opts.admin_from)),
+        "admin_hidden": " && ".join(f"! -R '{n}'" for n in _networks(opts.admin_from)) or "true",
         "user": opts.user,
         "stcs_bin": opts.stcs_bin,
         "config_path": opts.config_path,
@@ -129,6 +134,19 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         values["proxy_block"] = _Template(block_text).substitute(values)
     check_values(template, settings, opts)
     return _Template(template).substitute(values)
+
+
+def _networks(values: tuple[str, ...]) -> list[str]:
+    """``--admin-from`` values as networks in their canonical form (``10.0.0.0/8``,
+    ``::1/128``): one spelling both nginx ``allow`` and Apache ``-R`` take.  Values that are
+    not networks are left for `check_values` to refuse."""
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value)))
+        except ValueError:
+            out.append(value)
+    return out
 
 
 def _nft_uid(user: str) -> str:
@@ -194,6 +212,19 @@ def _listen(value: str) -> bool:
         return True
     host, _, port = value.rpartition(":")
     return (host == "*" and _port(port)) or _host_port(value)
+
+
+def _network(value: str) -> bool:
+    """An IPv4 or IPv6 network in CIDR form without host bits (``10.0.0.0/8``), or one
+    address (``192.0.2.7``, ``::1``), as `ipaddress.ip_network` reads it; no IPv6 zone
+    (``%eth0``), which neither server takes there."""
+    if not re.fullmatch(r"[0-9A-Fa-f.:/]+", value):
+        return False
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(value: str) -> bool:
@@ -265,6 +296,16 @@ def _checks(settings: Settings, opts: RenderOptions) -> list[_Check]:
     checks += [
         _Check("--node", node, _host_port, "HOST:PORT", ("auth_servers", "data_servers"))
         for node in opts.nodes
+    ]
+    checks += [
+        _Check(
+            "--admin-from",
+            network,
+            _network,
+            "an IPv4 or IPv6 network (CIDR, no host bits) or one address",
+            ("admin_allow", "admin_hidden"),
+        )
+        for network in opts.admin_from
     ]
     return checks
 

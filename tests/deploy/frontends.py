@@ -94,7 +94,8 @@ http {{
     return conf
 
 
-def apache_main(root: Path, site: Path, listens: list[str]) -> Path:
+def apache_main(root: Path, site: Path, listens: list[str], extra: str = "") -> Path:
+    """``extra``: main-configuration lines before the site (modules, server-wide limits)."""
     conf = root / "apache2.conf"
     modules = "\n".join(f"LoadModule {m}_module {MODULES}/mod_{m}.so" for m in APACHE_MODULES)
     listen = "\n".join(f"Listen {a}" for a in listens)
@@ -110,6 +111,7 @@ User www-data
 Group www-data
 ServerName localhost
 {listen}
+{extra}
 Include {site}
 """)
     return conf

@@ -91,6 +91,30 @@ INJECTIONS = [
         "--user",
         "accept\n  }\n}",
     ),
+    (
+        "nginx",
+        ["--admin-from", "10.0.0.0/8; allow all"],
+        "--admin-from",
+        "allow all;",
+    ),
+    (
+        "apache",
+        ["--admin-from", "10.0.0.0/8' || true || '"],
+        "--admin-from",
+        "|| true ||",
+    ),
+    (
+        "nginx-tls",
+        [*TLS, "--admin-from", "10.0.0.1/8"],  # host bits set: meant 10.0.0.0/8 or 10.0.0.1?
+        "--admin-from",
+        "allow 10.0.0.",
+    ),
+    (
+        "apache-tls",
+        [*TLS, "--admin-from", "fe80::1%eth0"],  # a zone: neither server takes it there
+        "--admin-from",
+        "fe80::1",
+    ),
 ]
 
 
@@ -151,3 +175,27 @@ def test_every_placeholder_of_the_socket_unit_is_checked() -> None:
     used = set(re.findall(r"\{\{([a-z_]+)\}\}", text))
     checked = {p for c in _checks(Settings(), RenderOptions()) for p in c.placeholders}
     assert used <= checked, used - checked
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("nginx", ["        allow 10.0.0.0/8;", "        allow 192.0.2.7/32;", "allow ::1/128;"]),
+        ("apache", ["<If \"! -R '10.0.0.0/8' && ! -R '192.0.2.7/32' && ! -R '::1/128'\">"]),
+    ],
+)
+def test_admin_from_networks_are_written_in_their_canonical_form(
+    kind: str, expected: list[str]
+) -> None:
+    """``--admin-from`` takes a network (netmask or prefix) or one address; the site gets one
+    spelling both servers read.  Without it no network is allowed (`test_frontend_errors`)."""
+    args = ["--admin-from", "10.0.0.0/255.0.0.0", "--admin-from", "192.0.2.7"]
+    done = stcs_cli("render", kind, *args, "--admin-from", "::1")
+    assert done.returncode == 0, done.stderr
+    for line in expected:
+        assert line in done.stdout, done.stdout
+    plain = stcs_cli("render", kind).stdout
+    if kind == "nginx":
+        assert "allow" not in plain and "deny all;" in plain
+    else:
+        assert '<If "true">' in plain
