@@ -66,8 +66,19 @@ from chromadb.errors import (
     RateLimitError,
 )
 
+from stcs.ring import Ring
 from tests.deploy import frontends
-from tests.harness import ADMIN, ECHO, HDR, AuthServer, StcsServer, free_port, new_token, vectors
+from tests.harness import (
+    ADMIN,
+    ECHO,
+    HDR,
+    AuthServer,
+    StcsServer,
+    free_port,
+    new_token,
+    user_dirs,
+    vectors,
+)
 
 pytestmark = pytest.mark.skipif(
     not (frontends.have("nginx") and frontends.have("apache")),
@@ -288,6 +299,58 @@ def test_refusals_before_chroma_raise_the_same_exceptions_through_the_front_serv
         f.client(blocked).list_collections()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_fair_share_and_cluster_refusals_raise_the_same_exceptions(
+    stcs: Callable[..., StcsServer],
+    auth_server: AuthServer,
+    front: Callable[..., Front],
+    kind: str,
+    tmp_path: Path,
+) -> None:
+    """New users per address, token lookups per address (both 429 `RateLimitError`) and a
+    cluster node refusing a user the ring places elsewhere (503 `InternalError`), with the
+    Python client through the front server (whose address is the one stcs counts)."""
+    # addressNewUsersPerMinute 1: the second never-seen user from the front server's address
+    news = stcs("--addressNewUsersPerMinute", "1", name="news", db=tmp_path / "db-news")
+    f = front(kind, news)
+    f.client(new_token()).list_collections()
+    with pytest.raises(RateLimitError):
+        f.client(new_token()).list_collections()
+
+    # authMaxLookupsPerAddress 1, an auth server taking 1 s: a second token's lookup while the
+    # first is in flight is refused at once
+    slow = [new_token() for _ in range(2)]
+    for token in slow:
+        auth_server.answers[token] = (200, {"userId": f"user-{token[:8]}"})
+    auth_server.delay = 1.0
+    lookups = stcs("--auth", auth_server.url, "--authMaxLookupsPerAddress", "1",
+                   name="lookups", db=tmp_path / "db-lookups")  # fmt: skip
+    g = front(kind, lookups)
+    first = threading.Thread(target=lambda: requests.get(
+        f"http://127.0.0.1:{g.port}/api/v2/heartbeat", headers={"X-Chroma-Token": slow[0]},
+        timeout=30))  # fmt: skip
+    first.start()
+    deadline = time.monotonic() + 10
+    while auth_server.in_flight == 0:
+        assert time.monotonic() < deadline, "the first lookup never began"
+        time.sleep(0.01)
+    with pytest.raises(RateLimitError):
+        g.client(slow[1])
+    first.join(30)
+    auth_server.delay = 0.0
+
+    # a cluster node: a never-seen user whom nginx's ring gives to the other node
+    nodes = ["127.0.0.1:18001", "127.0.0.1:18002"]
+    ring = Ring.of(nodes)
+    elsewhere = next(t for t in iter(new_token, None) if ring.owner(t) == nodes[1])
+    node = stcs("--clusterNodes", ",".join(nodes), "--clusterSelf", nodes[0], name="node",
+                db=tmp_path / "db-node")  # fmt: skip
+    with pytest.raises(InternalError):
+        front(kind, node).client(elsewhere).list_collections()
+    assert user_dirs(node.db) == []
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_refused_framing_and_paused_bodies_answer_in_chromas_shape(
     stcs: Callable[..., StcsServer], front: Callable[..., Front], kind: str
@@ -494,6 +557,9 @@ ROWS = {
     "auth server unreachable": "test_refusals_before_chroma_raise_the_same_exceptions",
     "auth server gave a user id": "test_refusals_before_chroma_raise_the_same_exceptions",
     "no instance slot": "test_no_instance_slot_raises_rate_limit_error_with_retry_after",
+    "too many new users started": "test_fair_share_and_cluster_refusals_raise_the_same_exc",
+    "too many token lookups in flight": "test_fair_share_and_cluster_refusals_raise_the_same",
+    "cluster node:": "test_fair_share_and_cluster_refusals_raise_the_same_exceptions",
     "the user's chroma failed to start": "test_a_chroma_that_fails_to_start_raises_internal_",
     "the user's chroma died mid-request": "test_chroma_dying_mid_request_is_502_internal_error",
     "body over `maxBodySize`": "test_refused_framing_and_paused_bodies_answer_in_chromas_sh",
