@@ -31,6 +31,8 @@ def cluster(
             auth_server.url,
             "--adminAPIKey",
             ADMIN,
+            "--addressNewUsersPerMinute",  # every user comes through the one router
+            "0",
             db=tmp_path / f"node{i}",
             name=f"node{i}",
         )

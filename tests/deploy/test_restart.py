@@ -52,7 +52,7 @@ def _spawn(listener: socket.socket, tmp_path: Path, name: str) -> subprocess.Pop
     out = (tmp_path / f"{name}.log").open("wb")
     try:
         return subprocess.Popen(
-            ["sh", "-c", script, "sh", *argv],
+            ["bash", "-c", script, "bash", *argv],  # bash: dash cannot redirect fds above 9
             pass_fds=(listener.fileno(),),
             stdout=out,
             stderr=subprocess.STDOUT,
