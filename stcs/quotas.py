@@ -65,7 +65,7 @@ import structlog
 from stcs.config import Settings
 from stcs.errors import BadRequestError, QuotaExceededError, UserRateLimitError
 from stcs.layout import Layout
-from stcs.metrics import Metrics
+from stcs.recorder import NULL_RECORDER, Recorder
 
 log = structlog.get_logger("stcs.quotas")
 
@@ -501,7 +501,7 @@ class Quotas:
         self,
         settings: Settings,
         db_dir: Path,
-        metrics: Metrics,
+        recorder: Recorder = NULL_RECORDER,
         clock: Any = time.monotonic,
     ) -> None:
         self.defaults = Limits.from_settings(settings)
@@ -509,7 +509,7 @@ class Quotas:
         self.overrides = Overrides(Layout(db_dir).limits)
         self.concurrency_timeout = settings.user_concurrency_timeout / 1000
         self.disk_interval = settings.user_disk_check_interval / 1000
-        self.metrics = metrics
+        self.recorder = recorder  # refusals, by limit (`Recorder.quota_rejection`)
         self.clock = clock
         self.disk: dict[str, int] = {}  # user id -> bytes (`data_size`), the last measurement
         self._by_user: dict[str, Limits] = {}  # users with overrides: their merged limits
@@ -598,7 +598,7 @@ class Quotas:
         return Admission(self, user_id, limits, kind, match, slots)
 
     def _reject(self, kind: str) -> None:
-        self.metrics.quota_rejections.labels(kind).inc()
+        self.recorder.quota_rejection(kind)
 
     def _take_token(self, user_id: str, limits: Limits) -> None:
         rate = limits.user_requests_per_second

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from stcs.config import load_settings
-from stcs.metrics import Metrics
 from stcs.quotas import Quotas, classify
+from stcs.recorder import NULL_RECORDER
 
 HEARTBEAT = "/api/v2/heartbeat"
 
@@ -61,7 +61,7 @@ async def test_token_bucket_refills_at_the_rate(tmp_path: Any) -> None:
         cli={"userRequestsPerSecond": "4", "userRequestBurst": "2"}, environ={}
     ).settings
     now = [100.0]
-    quotas = Quotas(settings, tmp_path, Metrics(), clock=lambda: now[0])
+    quotas = Quotas(settings, tmp_path, NULL_RECORDER, clock=lambda: now[0])
     from stcs.errors import UserRateLimitError
 
     for _ in range(2):
