@@ -19,6 +19,7 @@ from pathlib import Path
 from stcs.config import load_settings
 from stcs.metrics import Metrics
 from stcs.quotas import Quotas
+from stcs.upstream import UpstreamPool
 
 READ = ("POST", "/api/v2/tenants/default_tenant/databases/default_database/collections/c1/query")
 WRITE = ("POST", "/api/v2/tenants/default_tenant/databases/default_database/collections/c1/add")
@@ -32,8 +33,8 @@ ALL_ON = {
 
 
 async def per_call_us(cli: dict[str, str], request: tuple[str, str], n: int, db: Path) -> float:
-    quotas = Quotas(load_settings(cli=cli, environ={}).settings, db, Metrics())
-    quotas.disk["u"] = 0  # measured: the path reads the cached size
+    quotas = Quotas(load_settings(cli=cli, environ={}).settings, db, UpstreamPool(), Metrics())
+    quotas.disk.sizes["u"] = 0  # measured: the path reads the cached size
     method, path = request
     best = float("inf")
     for _ in range(5):

@@ -45,8 +45,8 @@ from stcs.memory import system_memory, tree_pss
 from stcs.metrics import CONTENT_TYPE
 from stcs.placement import HOME, STATES, Placement
 from stcs.quotas import Quotas, check_overrides
+from stcs.snapshot import InstanceView, Phase
 from stcs.state import STATE, State
-from stcs.supervisor import InstanceView, Phase
 
 log = structlog.get_logger("stcs.admin")
 

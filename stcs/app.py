@@ -132,11 +132,11 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
     """Build every service of a serving stcs, in order, and tear them down in reverse.
 
     Order: the ``dbPath`` lock (first: when another stcs holds it nothing else is made), leftover
-    children of an earlier run stopped, the probe session, the auth-server session and resolver,
-    the upstream pool, the launcher and the supervisor, the blocklist, quotas; then the
-    supervisor's loops start, then the memory watch (``userMaxMemoryMB``).  On exit: the
-    supervisor stops every child (SIGTERM, then SIGKILL after ``dbStopTimeout``), then quotas,
-    pools and sessions close and the lock is released.
+    children of an earlier run stopped, the auth-server session and resolver, the upstream pool
+    (every call to a child: requests, probes, counts), the launcher and the supervisor, the
+    blocklist, quotas; then the supervisor's loops start, then the memory watch
+    (``userMaxMemoryMB``).  On exit: the supervisor stops every child (SIGTERM, then SIGKILL after
+    ``dbStopTimeout``), then quotas, pools and sessions close and the lock is released.
 
     Raises LockHeldError (another stcs serves this ``dbPath``) or OSError; what was built is
     torn down first.
@@ -150,20 +150,13 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         if found:
             log.warning("stopped leftover chroma servers", count=len(found), pids=found)
         metrics = Metrics()
-        # The request path uses the lean keep-alive pool (stcs.upstream); this aiohttp session
-        # serves the occasional calls: readiness and liveness probes.
-        probe_session = await stack.enter_async_context(
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        )
         resolver, auth_server = await _resolver(settings, metrics, stack)
+        # The one client to the children: proxied requests, heartbeat probes, quotas' counts.
         upstream_pool = UpstreamPool()
         stack.callback(upstream_pool.close)
         chroma = ChromaLauncher(
             db_dir,
-            probe_session,
+            upstream_pool,
             command=settings.chroma_argv,
             start_timeout_ms=settings.db_start_timeout,
             stop_timeout_ms=settings.db_stop_timeout,
@@ -186,7 +179,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             max_instances=settings.db_max_instances,
             queue_timeout_ms=settings.queue_timeout,
             min_free_memory_mb=settings.db_min_free_memory_mb,
-            metrics=metrics,
+            recorder=metrics,
             on_instance_gone=upstream_pool.forget,
             liveness_timeout_ms=settings.db_liveness_timeout,
             housekeeping=chroma.housekeeping,
@@ -197,7 +190,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         metrics.bind(supervisor.snapshot)
         metrics.bind_ports(chroma.ports.counts)
         blocklist = Blocklist(layout.blocklist)
-        quotas = Quotas(settings, db_dir, metrics)
+        quotas = Quotas(settings, db_dir, upstream_pool, metrics)
         metrics.bind_disk(quotas.sizes)
         await quotas.start()
         stack.push_async_callback(quotas.close)
@@ -252,7 +245,7 @@ async def _resolver(
             api_key=settings.auth_server_api_key,
             cache_ttl_ms=settings.auth_cache_ttl,
             timeout_ms=settings.auth_timeout,
-            on_lookup=lambda result: metrics.auth_lookups.labels(result).inc(),
+            recorder=metrics,
             max_concurrent=settings.auth_max_concurrent_lookups,
             health=health,
             max_per_address=settings.auth_max_lookups_per_address,

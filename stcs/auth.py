@@ -45,6 +45,7 @@ from stcs.errors import (
     UnknownUserError,
 )
 from stcs.fairness import AddressCounts, Client
+from stcs.recorder import NULL_RECORDER, Recorder
 
 log = structlog.get_logger("stcs.auth")
 
@@ -215,9 +216,9 @@ class AuthServerResolver:
     address may have begun at most ``max_per_address`` of the lookups in flight
     (``authMaxLookupsPerAddress``, 0: no bound): beyond, LookupsPerAddressError (429) at once —
     refused rather than queued, so a flood from one address costs neither a queue nor a wait
-    and tells a well-behaved client to retry in 1 s.  ``on_lookup`` (optional) is called with
-    "ok" | "rejected" | "error" | "saturated" | "cache_hit" | "abandoned" | "per_address" for
-    metrics and tests.
+    and tells a well-behaved client to retry in 1 s.  Each resolution's result ("ok" |
+    "rejected" | "error" | "saturated" | "cache_hit" | "abandoned" | "per_address") goes to
+    ``recorder`` (`stcs.recorder.Recorder.auth_lookup`).
     """
 
     MAX_CACHE_ENTRIES = 100_000
@@ -229,14 +230,14 @@ class AuthServerResolver:
         api_key: str = "",
         cache_ttl_ms: int = 60000,
         timeout_ms: int = 5000,
-        on_lookup: Callable[[str], None] | None = None,
+        recorder: Recorder = NULL_RECORDER,
         max_concurrent: int = 32,
         health: AuthServerHealth | None = None,
         max_per_address: int = 0,
     ) -> None:
         self._session = session
         self.health = health or AuthServerHealth(endpoint)
-        self._on_lookup = on_lookup
+        self._recorder = recorder
         self._endpoint = endpoint
         self._api_key = api_key
         self._cache_ttl = cache_ttl_ms / 1000
@@ -307,8 +308,7 @@ class AuthServerResolver:
         return lookup
 
     def _count(self, result: str) -> None:
-        if self._on_lookup is not None:
-            self._on_lookup(result)
+        self._recorder.auth_lookup(result)
 
     async def _counted_lookup(self, token: str, key: bytes) -> str:
         try:

@@ -44,20 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 import psutil
 import structlog
 
+from stcs.chroma_api import heartbeat
 from stcs.datadir import lock_file, private_dir, unlock_file
 from stcs.errors import DirectoryLockedError, StartFailedError, UnknownUserError
 from stcs.layout import Layout
 from stcs.log import user_ref
 from stcs.ports import PortHold
 from stcs.sockdiag import listener_uids
+from stcs.upstream import UpstreamPool
 
 log = structlog.get_logger("stcs.launcher")
 
-HEARTBEAT_PATH = "/api/v2/heartbeat"  # chroma's liveness endpoint (API v2)
 READY_PROBE_TIMEOUT_S = 1.0  # one heartbeat of the readiness poll
 LOG_PRUNE_MAX_S = 60.0  # child logs are looked at for removal this often at most
 # What a child's output file is called (`ChromaLauncher.log_path`: a user id or `user_ref`, then
@@ -268,18 +268,18 @@ class Launcher(Protocol):
 class ChromaLauncher:
     """Start and stop chroma servers for users under ``db_dir``.
 
-    ``command`` is ``chromaCommand`` split into argv (empty: the lean launcher).  Times in ms.
-    The ``session`` carries the heartbeat probes (`probe`: readiness, liveness,
-    ``/admin-health``).  Per child it also lends the port (``port_range``, held between
-    children by `stcs.ports.PortHold`) and bounds the output file (`rotate_log`): mechanism of
-    one child, never a decision about when.  Raises ConfigError when ``port_range`` needs more
-    open files than the hard limit allows.
+    ``command`` is ``chromaCommand`` split into argv (empty: the lean launcher).  Times in ms.  The
+    heartbeat probes (`probe`: readiness, liveness, ``/admin-health``) go through ``pool``, stcs's
+    one client to its children (`stcs.upstream.UpstreamPool`).  Per child it also lends the port
+    (``port_range``, held between children by `stcs.ports.PortHold`) and bounds the output file
+    (`rotate_log`): mechanism of one child, never a decision about when.  Raises ConfigError when
+    ``port_range`` needs more open files than the hard limit allows.
     """
 
     def __init__(
         self,
         db_dir: Path,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         *,
         command: Sequence[str] = (),
         start_timeout_ms: int = 20000,
@@ -294,7 +294,7 @@ class ChromaLauncher:
         log_retention_ms: int = 0,
     ) -> None:
         self.db_dir = db_dir
-        self._session = session
+        self._pool = pool
         self._command = list(command)
         self._start_timeout = start_timeout_ms / 1000
         self._stop_timeout = stop_timeout_ms / 1000
@@ -380,12 +380,14 @@ class ChromaLauncher:
                 except BaseException:  # cancelled or timed out: never leave a child behind
                     if child.returncode is None:
                         await self.stop(child)
+                    self._pool.forget(child)  # its probes' connection
                     self.ports.give_back(child.port)
                     raise
                 if code is None:
                     child._lock_fd, child._lock_path, lock_fd = lock_fd, lock_path, -1
                     child._release_port = functools.partial(self.ports.give_back, child.port)
                     return child
+                self._pool.forget(child)
                 self.ports.give_back(child.port)
                 log.warning(
                     "instance exited before ready",
@@ -452,6 +454,9 @@ class ChromaLauncher:
                     if port_owned_by(child.pid, child.port):
                         child.start_ms = round((time.monotonic() - started) * 1000, 1)
                         return None
+                    # Never again on the connection that reached the squatter: the pool would
+                    # hand it to the child's first request.
+                    self._pool.forget(child)
                     if not squatted:
                         squatted = True
                         log.error(
@@ -541,16 +546,10 @@ class ChromaLauncher:
 
     async def probe(self, child: Child, timeout_s: float) -> bool:
         """Whether ``child`` answers chroma's heartbeat (``GET /api/v2/heartbeat`` → 200)
-        within ``timeout_s`` seconds.  Never raises.  The one probe of a child: readiness
-        (`launch`), liveness (`Supervisor._check_liveness`) and ``/admin-health``."""
-        url = f"http://127.0.0.1:{child.port}{HEARTBEAT_PATH}"
-        try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._session.get(url, timeout=timeout) as resp:
-                await resp.read()
-                return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+        within ``timeout_s`` seconds (`chroma_api.heartbeat`, on a pooled connection of this
+        incarnation).  Never raises.  The one probe of a child: readiness (`launch`), liveness
+        (`Supervisor._check_liveness`) and ``/admin-health``."""
+        return await heartbeat(self._pool, child, timeout_s)
 
     def kill(self, child: Child) -> None:
         """SIGKILL the child's process group at once (a wedged child: SIGTERM may never be

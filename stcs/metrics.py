@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:  # the supervisor imports this module
+from stcs.snapshot import Phase, Snapshot
+
+if TYPE_CHECKING:
     from stcs.ports import PortCounts
-    from stcs.supervisor import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,8 +67,6 @@ class _LiveCollector(Collector):
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        from stcs.supervisor import Phase  # not at the top: the supervisor imports this module
-
         snapshot = self._snapshot()
         running, queued = snapshot.slots_used, snapshot.queue_length
         pids = [view.pid for view in snapshot.instances if view.pid is not None]
@@ -93,7 +92,9 @@ class _LiveCollector(Collector):
 
 
 class Metrics:
-    """The metrics of one stcs application.  Call `bind` once the supervisor exists."""
+    """The metrics of one stcs application: the Prometheus `stcs.recorder.Recorder` (the core
+    reports events through its methods) and the scrape-time values (call `bind` once the
+    supervisor exists)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -119,7 +120,7 @@ class Metrics:
         self.stops = Counter(
             "stcs_instance_stops", "Chroma instances stopped.", ["reason"], registry=r
         )
-        self.queue_wait = Histogram(
+        self.queue_wait_seconds = Histogram(
             "stcs_queue_wait_seconds",
             "Time a start waited for an instance slot.",
             buckets=_QUEUE_BUCKETS,
@@ -222,6 +223,40 @@ class Metrics:
             child = self._request_children[key] = self.requests.labels(method, f"{key[1]}xx")
         child.inc()
         self.request_duration.observe(seconds)
+
+    # -- stcs.recorder.Recorder ------------------------------------------------------------
+
+    def instance_start(self, result: str, seconds: float | None = None) -> None:
+        self.starts.labels(result).inc()
+        if seconds is not None:
+            self.start_duration.observe(seconds)
+
+    def instance_stop(self, reason: str) -> None:
+        self.stops.labels(reason).inc()
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
+
+    def queue_timeout(self) -> None:
+        self.queue_timeouts.inc()
+
+    def memory_floor_wait(self) -> None:
+        self.memory_floor.inc()
+
+    def start_backoff(self) -> None:
+        self.start_backoffs.inc()
+
+    def backoff_refusal(self) -> None:
+        self.backoff_refusals.inc()
+
+    def new_user_refusal(self) -> None:
+        self.new_user_refusals.inc()
+
+    def auth_lookup(self, result: str) -> None:
+        self.auth_lookups.labels(result).inc()
+
+    def quota_rejection(self, limit: str) -> None:
+        self.quota_rejections.labels(limit).inc()
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import math
 import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -69,7 +67,8 @@ from stcs.errors import (
 from stcs.fairness import AddressBuckets, Client, QueuePlace, StartQueue
 from stcs.launcher import Child, Launcher, describe_exit
 from stcs.memory import available_memory as _available_memory
-from stcs.metrics import Metrics
+from stcs.recorder import NULL_RECORDER, Recorder
+from stcs.snapshot import InstanceView, Phase, Snapshot
 
 log = structlog.get_logger("stcs.supervisor")
 
@@ -119,14 +118,6 @@ class Backoff:
         return float(min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S))
 
 
-class Phase(enum.Enum):
-    """Where an instance is in its life: starting (one start task), ready (leased), stopping."""
-
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-
-
 @dataclass(eq=False)
 class Instance:
     """One user's chroma server as the supervisor tracks it.
@@ -163,38 +154,6 @@ class Instance:
     def idle_for(self, now: float) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""
         return 0.0 if self.in_flight else now - self.last_active
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceView:
-    """One instance as it was at one moment (`Supervisor.snapshot`): plain values, nothing
-    that reaches back into the supervisor.  ``started_at`` and ``last_active`` are wall-clock
-    seconds, ``idle_for_s`` seconds (0 while a request is in flight)."""
-
-    user_id: str
-    phase: Phase
-    pid: int | None
-    port: int | None
-    started_at: float | None
-    log_path: Path | None
-    last_active: float
-    idle_for_s: float
-    requests: int
-    in_flight: int
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What the supervisor holds at one moment, for the admin API and metrics: the
-    ``instances`` (registry order), users ``held`` for maintenance, ``slots_used`` of
-    ``max_instances``, the start ``queue_length`` and the memory floor ``min_free_bytes``."""
-
-    instances: tuple[InstanceView, ...]
-    held: tuple[str, ...]
-    slots_used: int
-    max_instances: int
-    queue_length: int
-    min_free_bytes: int
 
 
 @dataclass(frozen=True)
@@ -277,7 +236,7 @@ class Supervisor:
         queue_timeout_ms: int,
         min_free_memory_mb: int = 0,
         memory: Callable[[], int] = available_memory,
-        metrics: Metrics | None = None,
+        recorder: Recorder = NULL_RECORDER,
         on_instance_gone: Callable[[Child], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         liveness_timeout_ms: int = 0,
@@ -303,7 +262,7 @@ class Supervisor:
         # Maintenance holds' TTLs: user id -> (deadline on the supervisor's clock, ttl_s); `tick`
         # ends the holds whose deadline has passed.
         self._hold_expiry: dict[str, tuple[float, float]] = {}
-        self.metrics = metrics or Metrics()
+        self.recorder = recorder  # what happened, for metrics (`stcs.metrics.Metrics`)
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
         # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
         # liveness); tests inject their own and drive the cull with `tick`.
@@ -448,7 +407,7 @@ class Supervisor:
             del self.registry[inst.user_id]
         if inst.start_task is not None:
             inst.start_task.cancel()
-        self.metrics.starts.labels("abandoned").inc()
+        self.recorder.instance_start("abandoned")
         log.info("start abandoned", user_id=inst.user_id, reason="nobody waits")
 
     def _take_new_user(self, user_id: str, address: str | None) -> None:
@@ -457,7 +416,7 @@ class Supervisor:
         assert self._new_users is not None
         wait = self._new_users.take(address)
         if wait > 0:
-            self.metrics.new_user_refusals.inc()
+            self.recorder.new_user_refusal()
             log.info("new user refused", user_id=user_id, client=address, reason="rate")
             raise NewUsersRateLimitError(
                 "too many new users from this address; retry later",
@@ -494,7 +453,7 @@ class Supervisor:
         except BaseException as exc:
             self._finalize(inst)
             if not isinstance(exc, (asyncio.CancelledError, ShuttingDownError)):
-                self.metrics.starts.labels("failed").inc()
+                self.recorder.instance_start("failed")
             if isinstance(exc, StartFailedError) and not isinstance(exc, DirectoryLockedError):
                 self._failed(inst.user_id, "start failed")
             # Waiters re-raise this; a cancelled start (shutdown) is reported as such to them.
@@ -516,8 +475,7 @@ class Supervisor:
             inst.unclaimed = True  # every client left while it started: evictable at once
             log.info("instance unclaimed", user_id=inst.user_id, pid=child.pid)
         inst.started.set_result(None)
-        self.metrics.starts.labels("ok").inc()
-        self.metrics.start_duration.observe(child.start_ms / 1000)
+        self.recorder.instance_start("ok", child.start_ms / 1000)
         log.info(
             "instance started",
             user_id=inst.user_id,
@@ -552,7 +510,7 @@ class Supervisor:
                         self._queue.granted(place)
                         place = None
                         self._wake_queue()  # the next in turn looks again
-                        self.metrics.queue_wait.observe(time.monotonic() - queued_at)
+                        self.recorder.queue_wait(time.monotonic() - queued_at)
                     return
                 if at_head:
                     victim = self._pick_victim()
@@ -564,7 +522,7 @@ class Supervisor:
                     self._queue.add(place)
                     queued_at = time.monotonic()
                     if low_memory and not full:
-                        self.metrics.memory_floor.inc()
+                        self.recorder.memory_floor_wait()
                     log.info(
                         "start queued",
                         user_id=inst.user_id,
@@ -574,7 +532,7 @@ class Supervisor:
                 self._ask_half_closed(inst)
                 remaining = deadline - self._clock()
                 if remaining <= 0:
-                    self.metrics.queue_timeouts.inc()
+                    self.recorder.queue_timeout()
                     retry_after = max(1, math.ceil(min(self.evict_min_idle, self.queue_timeout)))
                     log.warning(
                         "start queue timed out",
@@ -618,7 +576,7 @@ class Supervisor:
         structlog.contextvars.clear_contextvars()
         code = await child.wait()
         if inst.phase is not Phase.STOPPING:
-            self.metrics.stops.labels("crashed").inc()
+            self.recorder.instance_stop("crashed")
             log.info(
                 "instance stopped",
                 user_id=inst.user_id,
@@ -651,7 +609,7 @@ class Supervisor:
             return
         left = backoff.until - self._clock()
         if left > 0:
-            self.metrics.backoff_refusals.inc()
+            self.recorder.backoff_refusal()
             if backoff.over_memory:
                 raise MemoryLimitError(
                     f"{backoff.over_memory}; retry in {math.ceil(left)} s",
@@ -671,7 +629,7 @@ class Supervisor:
         backoff.over_memory = over_memory
         delay = backoff.delay
         backoff.until = self._clock() + delay
-        self.metrics.start_backoffs.inc()
+        self.recorder.start_backoff()
         log.warning(
             "start backing off",
             user_id=user_id,
@@ -712,7 +670,7 @@ class Supervisor:
             if child is not None:
                 started = time.monotonic()
                 code = await self.launcher.stop(child)
-                self.metrics.stops.labels(reason).inc()
+                self.recorder.instance_stop(reason)
                 log.info(
                     "instance stopped",
                     user_id=inst.user_id,

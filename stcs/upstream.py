@@ -362,6 +362,57 @@ class UpstreamPool:
             raise
         return resp
 
+    async def fetch(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        json_body: bytes | None = None,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> tuple[int, bytes]:
+        """One small call of stcs's own (a heartbeat probe, a quota's count): ``method path``
+        (``path`` as on the wire, latin-1) with ``json_body`` (JSON bytes, or none) on a pooled
+        connection of ``target``; the status and the whole body (bytes).
+
+        Within ``timeout_s`` seconds in all, connecting within ``connect_timeout_s`` of them.
+        Raises UnreachableError, UpstreamFailedError or TimeoutError; a connection whose
+        answer was not read to its end is closed, never pooled.
+        """
+        return await asyncio.wait_for(
+            self._fetch(target, method, path, json_body, connect_timeout_s), timeout_s
+        )
+
+    async def _fetch(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        json_body: bytes | None,
+        connect_timeout_s: float,
+    ) -> tuple[int, bytes]:
+        conn = await asyncio.wait_for(self._get(target), connect_timeout_s)
+        address = target.address
+        if isinstance(address, str):
+            host = b"localhost"
+        else:
+            host = b"%s:%d" % (address[0].encode(), address[1])
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
+        if json_body is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(json_body)
+        resp = UpstreamResponse(self, conn, method == "HEAD")
+        conn._response = resp
+        try:
+            transport = conn.transport
+            assert transport is not None
+            transport.write(head + b"\r\n" + (json_body or b""))
+            await resp._wait_head()
+            body = await resp.read()
+        finally:
+            resp.release()  # pooled again only after a complete answer
+        return resp.status, body
+
     def close(self) -> None:
         for target in list(self._idle):
             self.forget(target)

@@ -220,7 +220,7 @@ class Handler:
                 if admission.wants_body and request.has_body and not isinstance(body, bytes):
                     body, small = await cycle.whole_body(), True  # quotas count its ids
                 # Quotas: the user's write lock, then disk and chroma's own counts.
-                await admission.check_write(lease.port, body if isinstance(body, bytes) else None)
+                await admission.check_write(lease.child, body if isinstance(body, bytes) else None)
                 if request.has_body and not small:
                     body, chunked = await cycle.body_for_upstream()
                 head = upstream_head(request, b"127.0.0.1:%d" % lease.port, headers, body, chunked)

@@ -6,19 +6,20 @@ fastest real stand-in (tests/upstreams/heartbeat.py); one real chroma shows the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 import requests
 
 from stcs.launcher import ChromaLauncher
 from stcs.layout import Layout
 from stcs.supervisor import Supervisor
+from stcs.upstream import UpstreamPool
 from tests.harness import StcsServer, client_for, new_token
 
 STANDIN = Path(__file__).parents[1] / "upstreams" / "heartbeat.py"
@@ -37,10 +38,10 @@ async def test_1000_users_started_and_culled_leave_no_lock_file_and_logs_only_un
     db = tmp_path / "db"
     layout = Layout(db)
     now = [1000.0]
-    async with aiohttp.ClientSession() as session:
+    with contextlib.closing(UpstreamPool()) as pool:
         launcher = ChromaLauncher(
             db,
-            session,
+            pool,
             command=[sys.executable, "-S", str(STANDIN)],
             user_ids_are_secret=True,
             log_retention_ms=3_600_000,

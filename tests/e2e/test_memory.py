@@ -21,8 +21,10 @@ import requests
 from stcs.errors import MemoryLimitError
 from stcs.launcher import Child
 from stcs.memory import MemoryWatch, ProcessTable, pss_bytes
-from stcs.supervisor import Phase, Supervisor
+from stcs.snapshot import Phase
+from stcs.supervisor import Supervisor
 from tests.harness import ADMIN, HDR, StcsServer, client_for, new_token, scrape
+from tests.tally import Tally
 
 MB = 2**20
 DIM = 2048  # the attack's vectors: 8 KiB each as float32 in chroma's index
@@ -227,7 +229,12 @@ async def test_the_watch_stops_only_the_instance_over_its_limit_and_backs_it_off
     clock = [1000.0]
     launcher = HogLauncher({"hog": 60, "small": 5}, clock, stop_s=5.0)
     sup = Supervisor(
-        launcher, ttl_ms=600000, max_instances=5, queue_timeout_ms=1000, clock=lambda: clock[0]
+        launcher,
+        ttl_ms=600000,
+        max_instances=5,
+        queue_timeout_ms=1000,
+        clock=lambda: clock[0],
+        recorder=(tally := Tally()),
     )
     watch = MemoryWatch(sup, lambda user: 40 if user == "hog" else 0, interval_ms=100)
     try:
@@ -242,7 +249,7 @@ async def test_the_watch_stops_only_the_instance_over_its_limit_and_backs_it_off
             async with sup.acquire("hog"):
                 pass
         assert refused.value.retry_after_s == 1  # 1 s from the end of the stop, not its start
-        assert sup.metrics.stops.labels("memory")._value.get() == 1
+        assert tally["instance_stop", "memory"] == 1
         assert sup.registry["small"].phase is Phase.READY
         assert sup.registry["small"].child.pid == small_pid  # type: ignore[union-attr]
         assert not sup.stop_for_memory("small", small_pid + 1, 99 * MB, 99 * MB, 1)  # stale pid

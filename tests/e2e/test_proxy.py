@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -20,6 +21,7 @@ from yarl import URL
 
 from stcs.app import STATE, create_app
 from stcs.config import load_settings
+from stcs.upstream import UpstreamPool
 from tests.harness import ECHO, StcsServer, client_for, new_token, user_dirs, vectors
 
 MB = 1024 * 1024
@@ -270,8 +272,8 @@ async def test_unreachable_ready_instance_is_replaced_and_the_request_retried(
 async def test_a_port_stays_reserved_until_its_child_is_released(tmp_path: Path) -> None:
     from stcs.launcher import ChromaLauncher
 
-    async with aiohttp.ClientSession() as session:
-        launcher = ChromaLauncher(tmp_path / "db", session)
+    with contextlib.closing(UpstreamPool()) as pool:
+        launcher = ChromaLauncher(tmp_path / "db", pool)
         child = await launcher.launch("port-owner")
         assert child.port in launcher.ports.lent
         child.process.kill()

@@ -481,13 +481,11 @@ async def test_a_request_bound_to_a_dead_child_never_reaches_its_old_port(tmp_pa
     """The lease is bound to the child incarnation: once that child has exited, nothing is
     sent to its port, whoever listens there now, and the port is not handed to another child
     of ours while a lease refers to it."""
-    import aiohttp
-
     from stcs.launcher import ChromaLauncher
     from stcs.upstream import UnreachableError, UpstreamPool
 
-    async with aiohttp.ClientSession() as session:
-        launcher = ChromaLauncher(tmp_path / "db", session)
+    with contextlib.closing(UpstreamPool()) as probes:
+        launcher = ChromaLauncher(tmp_path / "db", probes)
         child = await launcher.launch("victim")
         child.leases += 1  # a request holds a lease on this incarnation
         child.process.kill()

@@ -25,6 +25,7 @@ from stcs.errors import (
     LookupsPerAddressError,
 )
 from tests.harness import AuthServer, free_port
+from tests.tally import Tally
 
 
 @pytest.fixture
@@ -267,8 +268,7 @@ async def test_a_lookup_is_cancelled_when_its_last_waiter_leaves(
     ``authMaxConcurrentLookups`` for the auth server's whole answer."""
     auth_server.delay = 1.0
     auth_server.answers["valid"] = (200, {"userId": "u1"})
-    results: list[str] = []
-    r = resolver(session, auth_server.url, max_concurrent=1, on_lookup=results.append)
+    r = resolver(session, auth_server.url, max_concurrent=1, recorder=(tally := Tally()))
     gone = [asyncio.ensure_future(r.resolve("bad")) for _ in range(2)]
     await asyncio.sleep(0.2)
     for waiter in gone:
@@ -278,7 +278,7 @@ async def test_a_lookup_is_cancelled_when_its_last_waiter_leaves(
     auth_server.delay = 0.1
     assert await r.resolve("valid") == "u1"
     assert asyncio.get_running_loop().time() - started < 0.8  # not behind the 1 s lookup
-    assert results.count("abandoned") == 1  # two waiters, one shared lookup
+    assert tally["auth_lookup", "abandoned"] == 1  # two waiters, one shared lookup
 
 
 async def test_lookups_in_flight_are_bounded_per_client_address(

@@ -17,7 +17,9 @@ import pytest
 
 from stcs.errors import CapacityTimeoutError, NewUsersRateLimitError, ShuttingDownError
 from stcs.launcher import Child
-from stcs.supervisor import Phase, Supervisor
+from stcs.snapshot import Phase
+from stcs.supervisor import Supervisor
+from tests.tally import Tally
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,9 +85,20 @@ async def launcher() -> AsyncIterator[SleepLauncher]:
 
 
 def supervisor(launcher: SleepLauncher, **kw: object) -> Supervisor:
-    options: dict[str, object] = {"ttl_ms": 60_000, "max_instances": 10, "queue_timeout_ms": 300}
+    options: dict[str, object] = {
+        "ttl_ms": 60_000,
+        "max_instances": 10,
+        "queue_timeout_ms": 300,
+        "recorder": Tally(),
+    }
     options.update(kw)
     return Supervisor(launcher, **options)  # type: ignore[arg-type]
+
+
+def tally(sup: Supervisor) -> Tally:
+    """The events ``sup`` reported (`supervisor` gives each one its own `Tally`)."""
+    assert isinstance(sup.recorder, Tally)
+    return sup.recorder
 
 
 async def lease_once(sup: Supervisor, user: str) -> None:
@@ -167,7 +180,7 @@ async def test_no_start_below_the_memory_floor(launcher: SleepLauncher) -> None:
     with pytest.raises(CapacityTimeoutError):
         await lease_once(sup, "u")
     assert launcher.launches == {}
-    assert sup.metrics.memory_floor._value.get() == 1
+    assert tally(sup)["memory_floor_wait"] == 1
     free["bytes"] = 600 * 2**20
     await lease_once(sup, "u")
     assert launcher.launches == {"u": 1}
@@ -384,7 +397,7 @@ async def test_a_start_nobody_waits_for_any_more_is_abandoned_before_it_spawns(
     clock.now += 31  # "a" is evictable
     await lease_once(sup, "c")  # nothing queued ahead of "c"
     assert "b" not in launcher.launches
-    assert sup.metrics.starts.labels("abandoned")._value.get() == 1
+    assert tally(sup)["instance_start", "abandoned"] == 1
     await sup.close()
 
 
@@ -441,7 +454,7 @@ async def test_new_users_are_bounded_per_client_address(launcher: SleepLauncher)
     clock.now += 30
     async with sup.acquire("n3", requester=attacker):
         pass
-    assert sup.metrics.new_user_refusals._value.get() == 1
+    assert tally(sup)["new_user_refusal"] == 1
     await sup.close()
 
 

@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from stcs.chroma_api import classify
 from stcs.config import load_settings
-from stcs.metrics import Metrics
-from stcs.quotas import Quotas, classify
+from stcs.quotas import Quotas
+from stcs.recorder import NULL_RECORDER
+from stcs.upstream import UpstreamPool
 
 HEARTBEAT = "/api/v2/heartbeat"
 
@@ -61,7 +63,7 @@ async def test_token_bucket_refills_at_the_rate(tmp_path: Any) -> None:
         cli={"userRequestsPerSecond": "4", "userRequestBurst": "2"}, environ={}
     ).settings
     now = [100.0]
-    quotas = Quotas(settings, tmp_path, Metrics(), clock=lambda: now[0])
+    quotas = Quotas(settings, tmp_path, UpstreamPool(), NULL_RECORDER, clock=lambda: now[0])
     from stcs.errors import UserRateLimitError
 
     for _ in range(2):

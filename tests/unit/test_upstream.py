@@ -246,3 +246,37 @@ async def test_a_101_switch_is_refused_not_tunnelled() -> None:
     async with fixed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n\x00\x01") as srv:
         with pytest.raises(UpstreamFailedError):
             await UpstreamPool().request(srv, GET, None)
+
+
+async def test_fetch_returns_status_and_body_and_reuses_its_connection() -> None:
+    """A probe or a count (`UpstreamPool.fetch`) rides the pool: keep-alive, one connection."""
+    async with fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n42") as srv:
+        pool = UpstreamPool()
+        for _ in range(3):
+            assert await pool.fetch(srv, "GET", "/c/count", timeout_s=1.0) == (200, b"42")
+        assert srv.connections == 1
+        assert srv.heads[0] == b"GET /c/count HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % srv.port
+        pool.close()
+
+
+async def test_fetch_sends_a_json_body_with_its_length() -> None:
+    async with fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") as srv:
+        pool = UpstreamPool()
+        assert await pool.fetch(srv, "POST", "/g", b'{"ids":[]}', timeout_s=1.0) == (200, b"{}")
+        assert b"Content-Length: 10\r\n" in srv.heads[0]
+        assert b"Content-Type: application/json\r\n" in srv.heads[0]
+        pool.close()
+
+
+async def test_fetch_times_out_and_never_pools_the_silent_connection() -> None:
+    """A wedged child (no answer) costs ``timeout_s``, and its connection is not reused."""
+    async with RawServer(lambda _head: None) as srv:
+        pool = UpstreamPool()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await pool.fetch(srv, "GET", "/api/v2/heartbeat", timeout_s=0.2)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        with pytest.raises(TimeoutError):
+            await pool.fetch(srv, "GET", "/api/v2/heartbeat", timeout_s=0.2)
+        assert srv.connections == 2
+        pool.close()
