@@ -31,6 +31,7 @@ from aiohttp import web
 from chromadb.config import Settings
 from prometheus_client.parser import text_string_to_metric_families
 
+from stcs.launcher import Child
 from stcs.launcher import free_port as free_port  # re-exported: the one free-port probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -439,3 +440,45 @@ def cli(
     elif db is not None:
         extra += ["--db", str(db)]
     return stcs_cli(*args, *extra, timeout=timeout)
+
+
+# -- a launcher of tiny real processes, for the supervisor's policy tests ----------------------
+
+
+class ProcessLauncher:
+    """The launcher contract the supervisor uses (`stcs.launcher.ChromaLauncher`: ``launch``,
+    ``stop``, ``kill``, ``probe``, ``rotate_log``) over real, tiny processes instead of chroma:
+    what the supervisor decides is what is observed.  Subclasses make the process (`spawn`)."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    async def spawn(self, user_id: str) -> asyncio.subprocess.Process:
+        raise NotImplementedError
+
+    async def launch(self, user_id: str) -> Child:
+        process = await self.spawn(user_id)
+        child = Child(
+            user_id=user_id,
+            port=40000 + len(self.children),
+            process=process,
+            log_path=Path("/dev/null"),
+            started_at=time.time(),
+        )
+        self.children.append(child)
+        return child
+
+    async def stop(self, child: Child) -> int:
+        if child.returncode is None:
+            child.process.terminate()
+        return await child.wait()
+
+    def rotate_log(self, child: Child) -> None:
+        pass
+
+    async def probe(self, child: Child, timeout_s: float) -> bool:
+        return child.returncode is None
+
+    def kill(self, child: Child) -> None:
+        if child.returncode is None:
+            child.process.kill()

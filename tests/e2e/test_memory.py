@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import chromadb.errors
 import numpy as np
@@ -23,7 +22,7 @@ from stcs.launcher import Child
 from stcs.memory import MemoryWatch, ProcessTable, pss_bytes
 from stcs.snapshot import Phase
 from stcs.supervisor import Supervisor
-from tests.harness import ADMIN, HDR, StcsServer, client_for, new_token, scrape
+from tests.harness import ADMIN, HDR, ProcessLauncher, StcsServer, client_for, new_token, scrape
 from tests.tally import Tally
 
 MB = 2**20
@@ -185,41 +184,27 @@ HOG = "import sys, time; b = bytearray(int(sys.argv[1]) * 2**20); print('ready',
 HOG += "time.sleep(3600)"
 
 
-class HogLauncher:
+class HogLauncher(ProcessLauncher):
     """Starts, per user, a Python process holding ``mb[user]`` MB (a real process, no chroma).
     A stop moves the injected clock on by ``stop_s`` (a chroma finishing its requests in
     flight after SIGTERM) before it terminates the process."""
 
     def __init__(self, mb: dict[str, int], clock: list[float], stop_s: float) -> None:
+        super().__init__()
         self.mb = mb
         self.clock = clock
         self.stop_s = stop_s
-        self.children: list[Child] = []
 
-    async def launch(self, user_id: str) -> Child:
+    async def spawn(self, user_id: str) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", HOG, str(self.mb[user_id]), stdout=asyncio.subprocess.PIPE
         )
         assert process.stdout is not None and await process.stdout.readline() == b"ready\n"
-        child = Child(user_id, 40000 + len(self.children), process, Path("/dev/null"), 0.0)
-        self.children.append(child)
-        return child
+        return process
 
     async def stop(self, child: Child) -> int:
         self.clock[0] += self.stop_s
-        if child.returncode is None:
-            child.process.terminate()
-        return await child.wait()
-
-    def rotate_log(self, child: Child) -> None:
-        pass
-
-    async def probe(self, child: Child, timeout_s: float) -> bool:
-        return child.returncode is None
-
-    def kill(self, child: Child) -> None:
-        if child.returncode is None:
-            child.process.kill()
+        return await super().stop(child)
 
 
 async def test_the_watch_stops_only_the_instance_over_its_limit_and_backs_it_off() -> None:

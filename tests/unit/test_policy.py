@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -19,51 +18,31 @@ from stcs.errors import CapacityTimeoutError, NewUsersRateLimitError, ShuttingDo
 from stcs.launcher import Child
 from stcs.snapshot import Phase
 from stcs.supervisor import Supervisor
+from tests.harness import ProcessLauncher
 from tests.tally import Tally
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class SleepLauncher:
+class SleepLauncher(ProcessLauncher):
     """Starts ``sleep 3600`` per user (a real process, ~ms): what the supervisor decides is
     what is observed.  ``gate`` (when set) holds every launch until it is set."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.launches: Counter[str] = Counter()
         self.stops: list[str] = []
         self.gate: asyncio.Event | None = None
-        self.children: list[Child] = []
 
-    async def launch(self, user_id: str) -> Child:
+    async def spawn(self, user_id: str) -> asyncio.subprocess.Process:
         self.launches[user_id] += 1
         if self.gate is not None:
             await self.gate.wait()
-        process = await asyncio.create_subprocess_exec("sleep", "3600")
-        child = Child(
-            user_id=user_id,
-            port=40000 + len(self.children),
-            process=process,
-            log_path=Path("/dev/null"),
-            started_at=time.time(),
-        )
-        self.children.append(child)
-        return child
+        return await asyncio.create_subprocess_exec("sleep", "3600")
 
     async def stop(self, child: Child) -> int:
         self.stops.append(child.user_id)
-        if child.returncode is None:
-            child.process.terminate()
-        return await child.wait()
-
-    def rotate_log(self, child: Child) -> None:
-        pass
-
-    async def probe(self, child: Child, timeout_s: float) -> bool:
-        return child.returncode is None
-
-    def kill(self, child: Child) -> None:
-        if child.returncode is None:
-            child.process.kill()
+        return await super().stop(child)
 
 
 class Clock:
