@@ -48,7 +48,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -129,7 +129,6 @@ class Instance:
     user_id: str
     phase: Phase = Phase.STARTING
     child: Child | None = None
-    in_flight: int = 0
     requests: int = 0
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
@@ -150,6 +149,36 @@ class Instance:
     stop_task: asyncio.Future[None] | None = None
     start_task: asyncio.Task[None] | None = None
     stop_error: RequestError | None = None  # why policy stopped it, for its requests in flight
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a lease on this instance: its child's count (`Child.leases`, the
+        one owner of that fact: it also keeps the port while a lease lives)."""
+        child = self.child
+        return child.leases if child is not None else 0
+
+    def lease(self) -> Child:
+        """One request lease more on the ready instance's child (`Supervisor.acquire`, in the
+        same step as its phase check: the cull never sees it idle meanwhile)."""
+        child = self.child
+        assert child is not None
+        child.lease()
+        self.requests += 1
+        self.drained.clear()
+        return child
+
+    def unlease(self, child: Child, now: float, hung_up: bool | None) -> None:
+        """The request leasing ``child`` ended at ``now`` (the supervisor's clock, s).
+        ``hung_up``: its client half-closed mid-request (None: a caller with no client)."""
+        child.unlease()
+        self.last_active = now
+        self.last_active_wall = time.time()
+        if hung_up is not None:
+            # A client that hung up mid-request is not between two requests: its instance is
+            # not kept from others for min(30 s, dbTTL).
+            self.unclaimed = hung_up
+        if not child.leases:
+            self.drained.set()
 
     def idle_for(self, now: float) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""
@@ -173,18 +202,24 @@ class Lease:
 
 class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
-    every request's path)."""
+    every request's path).  The lease is taken (`Instance.lease`) inside ``ready`` and given
+    back (`Instance.unlease`) on exit."""
 
-    __slots__ = ("_check", "_child", "_inst", "_requester", "_supervisor", "_user_id")
+    __slots__ = ("_check", "_child", "_clock", "_inst", "_ready", "_requester", "_user_id")
 
     def __init__(
         self,
-        supervisor: Supervisor,
+        ready: Callable[
+            [str, Callable[[], None] | None, Requester | None],
+            Awaitable[tuple[Instance, Child, bool]],
+        ],
+        clock: Callable[[], float],
         user_id: str,
         check: Callable[[], None] | None,
         requester: Requester | None,
     ) -> None:
-        self._supervisor = supervisor
+        self._ready = ready
+        self._clock = clock
         self._user_id = user_id
         self._check = check
         self._requester = requester
@@ -192,12 +227,7 @@ class _LeaseContext:
         self._child: Child | None = None
 
     async def __aenter__(self) -> Lease:
-        inst, cold = await self._supervisor._ready_instance(
-            self._user_id, self._check, self._requester
-        )
-        child = inst.child
-        assert child is not None
-        child.lease()
+        inst, child, cold = await self._ready(self._user_id, self._check, self._requester)
         self._inst = inst
         self._child = child
         return Lease(instance=inst, child=child, cold_start=cold)
@@ -206,16 +236,8 @@ class _LeaseContext:
         inst = self._inst
         child = self._child
         assert inst is not None and child is not None
-        child.unlease()
-        inst.in_flight -= 1
-        inst.last_active = self._supervisor._clock()
-        inst.last_active_wall = time.time()
-        if self._requester is not None:
-            # A client that hung up mid-request is not between two requests: its instance is
-            # not kept from others for min(30 s, dbTTL).
-            inst.unclaimed = self._requester.eof
-        if not inst.in_flight:
-            inst.drained.set()
+        requester = self._requester
+        inst.unlease(child, self._clock(), requester.eof if requester is not None else None)
 
 
 def available_memory() -> int:
@@ -338,14 +360,16 @@ class Supervisor:
         starts back off), NewUsersRateLimitError, CapacityTimeoutError or ShuttingDownError
         on entry.
         """
-        return _LeaseContext(self, user_id, check, requester)
+        return _LeaseContext(self._ready_instance, self._clock, user_id, check, requester)
 
     async def _ready_instance(
         self,
         user_id: str,
         check: Callable[[], None] | None = None,
         requester: Requester | None = None,
-    ) -> tuple[Instance, bool]:
+    ) -> tuple[Instance, Child, bool]:
+        """``user_id``'s ready instance, leased (`Instance.lease`), its child and whether the
+        request waited for a start (raises as `acquire`)."""
         deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
         while True:
@@ -376,12 +400,9 @@ class Supervisor:
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
             if inst.phase is Phase.READY:
-                # Counted synchronously with the phase check: no await between them, so the
+                # Leased synchronously with the phase check: no await between them, so the
                 # cull can never see this instance idle while the request is being handed in.
-                inst.in_flight += 1
-                inst.requests += 1
-                inst.drained.clear()
-                return inst, cold
+                return inst, inst.lease(), cold
             cold = True
             if inst.phase is Phase.STARTING:
                 await self._await_start(inst, requester)
