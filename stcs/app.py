@@ -1,21 +1,20 @@
 """The control plane: the aiohttp application, its routes and the owners of resources.
 
-Endpoints: ``GET /health`` (no auth), ``GET /auth``, ``GET /admin-health``, ``/admin/*`` and
-``GET /metrics`` (admin key).  It listens on a private unix socket; the relay (`stcs.relay`, the
-data plane) owns the public port, answers ``GET /health`` and ``GET /auth`` itself, passes the
-other control paths here unchanged and proxies everything else to the users' chroma servers.
+Endpoints: ``GET /admin-health``, ``/admin/*`` and ``GET /metrics`` (admin key).  It listens on
+a private unix socket; the relay (`stcs.relay`, the data plane) owns the public port, answers
+``GET /health``, ``GET /ready`` and ``GET /auth`` itself, passes the other control paths here
+unchanged (other methods on those three get 405 here) and proxies everything else to the users'
+chroma servers.
 
-The services are built once, by `open_state` (one ``cleanup_ctx`` entry), and torn down in
-reverse order on shutdown: the supervisor (children), quotas, pools and sessions, the ``dbPath``
-lock.
+The services are built once, by `open_state`, and torn down in reverse order: the supervisor
+(children), quotas, pools and sessions, the ``dbPath`` lock.  `server.serve` opens the state and
+hands it to the relay and to `create_app`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -32,20 +31,18 @@ from stcs.auth import (
     ExistingUsersResolver,
     Resolver,
     UuidResolver,
-    extract_token,
     tls_context,
-    validate_user_id,
 )
 from stcs.config import Settings
 from stcs.datadir import DbPathLock, stop_orphans
-from stcs.errors import RequestError, UserBlockedError
+from stcs.errors import RequestError
 from stcs.launcher import ChromaLauncher
 from stcs.layout import Layout
 from stcs.memory import MemoryWatch
 from stcs.metrics import Metrics
 from stcs.placement import Placement
 from stcs.quotas import Quotas
-from stcs.state import INFO, STATE, State
+from stcs.state import STATE, State
 from stcs.supervisor import Supervisor
 from stcs.upstream import UpstreamPool
 
@@ -72,23 +69,12 @@ def answer_response(answer: ErrorAnswer) -> web.Response:
     )
 
 
-_REQUEST_IDS = itertools.count(1)
-_ID_PREFIX = os.urandom(4).hex()  # this process's requests: unique across restarts
-
-
-def next_request_id() -> str:
-    """A request id unique within and across runs (a random per-process prefix and a counter;
-    cheaper than a UUID on the hot path)."""
-    return f"{_ID_PREFIX}{next(_REQUEST_IDS):08x}"
-
-
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn typed errors into chroma's error responses; never a traceback for a client.
 
     The request line, metrics and in-flight count of control-plane requests are the relay's
     (`stcs.relay`), which passes every request to this application."""
-    request[INFO] = {"user_id": None}
     try:
         return await handler(request)
     except RequestError as exc:
@@ -100,31 +86,15 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         return answer_response(UNEXPECTED)
 
 
-async def health(request: web.Request) -> web.Response:
-    """``GET /health``: 200 ``{"status": "ok"}``, 503 while shutting down.  No auth."""
-    if request.app[STATE].shutting_down:
-        return web.json_response({"status": "shutting down"}, status=503)
-    return web.json_response({"status": "ok"})
+def _answered_by_the_relay(allowed: frozenset[str]) -> Handler:
+    """A control-plane route for a path the relay answers itself (``GET /health``, ``/ready``,
+    ``/auth``): what reaches it is another method, relayed here unchanged; it gets the 405
+    (with ``Allow``) that aiohttp's router gives a method a path does not take."""
 
+    async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
 
-async def ready(request: web.Request) -> web.Response:
-    """``GET /ready``, as the relay answers it (`stcs.readiness`).  No auth."""
-    reason = request.app[STATE].readiness.reason()
-    if reason is None:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready", "reason": reason}, status=503)
-
-
-async def auth_only(request: web.Request) -> web.Response:
-    """``GET /auth``: authenticate only (for nginx ``auth_request``): 204 with the user id in
-    ``X-Stcs-User-Id``; 401/503/502 as the error table, 403 for a blocked user.  Starts no
-    instance."""
-    state = request.app[STATE]
-    user_id = validate_user_id(await state.resolver.resolve(extract_token(request.headers)))
-    request[INFO]["user_id"] = user_id
-    if user_id in state.blocklist:
-        raise UserBlockedError("this user is blocked")
-    return web.Response(status=204, headers={"X-Stcs-User-Id": user_id})
+    return method_not_allowed
 
 
 @contextlib.asynccontextmanager
@@ -257,33 +227,26 @@ async def _resolver(
     return resolver, health
 
 
-_SETTINGS = web.AppKey("stcs_settings", Settings)
-
-
-async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_state(app[_SETTINGS]) as state:
-        app[STATE] = state
-        yield
-
-
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].begin_shutdown()  # already begun when `server.serve` runs the app
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the stcs application for ``settings`` (nothing starts until it is run).
+def create_app(state: State) -> web.Application:
+    """Build the control application on ``state`` (opened by `open_state`, whose owner —
+    `server.serve`, or a test — closes it after the application is cleaned up).
 
-    Serve it with `SERVER_OPTIONS` passed to aiohttp's server (as `cli` does).
+    Serve it with `SERVER_OPTIONS` passed to aiohttp's server.
     """
     app = web.Application(middlewares=[request_middleware])
-    app[_SETTINGS] = settings
-    app.cleanup_ctx.append(_state_ctx)  # app[STATE]: built once at startup (`open_state`)
+    app[STATE] = state
     app.on_shutdown.append(_on_shutdown)
-    app.router.add_get("/health", health, allow_head=True)
-    app.router.add_get("/ready", ready, allow_head=True)
+    # GET /health, /ready (and HEAD) and GET /auth are the relay's (`stcs.relay.handler`).
+    get_head = _answered_by_the_relay(frozenset({"GET", "HEAD"}))
+    app.router.add_route("*", "/health", get_head)
+    app.router.add_route("*", "/ready", get_head)
     admin.add_routes(app)
-    app.router.add_get("/auth", auth_only, allow_head=False)
+    app.router.add_route("*", "/auth", _answered_by_the_relay(frozenset({"GET"})))
     return app
 
 
-__all__ = ["INFO", "SERVER_OPTIONS", "STATE", "create_app"]
+__all__ = ["SERVER_OPTIONS", "STATE", "create_app", "open_state"]

@@ -278,7 +278,6 @@ def _serve(resolved: Resolved, load: Callable[[], Resolved] | None = None) -> in
 
     from stcs import log as log_mod
     from stcs.activation import listen_sockets
-    from stcs.app import create_app
     from stcs.server import serve
 
     settings = resolved.settings
@@ -340,7 +339,7 @@ def _serve(resolved: Resolved, load: Callable[[], Resolved] | None = None) -> in
     try:
         run(
             serve(
-                create_app(settings),
+                settings,
                 host=settings.listen_host,
                 port=settings.app_port,
                 ssl_context=ssl_context,

@@ -141,7 +141,8 @@ class Child:
 
     It holds its user's directory lock until `release` (called once the process is reaped and
     forgotten) and its port until then *and* until no request lease refers to it any more
-    (``leases``: `lease`/`unlease`, called by the supervisor): until both, no other child can
+    (``leases``: `lease`/`unlease`, through `supervisor.Instance`, whose requests in flight
+    they are: the one count of them): until both, no other child can
     be given the port, so a request bound to this incarnation can never reach another user's
     server.  As an
     upstream `Target`, it is unreachable from the moment its process has exited.

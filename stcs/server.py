@@ -10,10 +10,10 @@ never finish and would be cut at the timeout.  So the order here is (as uvicorn'
 2. ``/health`` turns 503 and new requests on open connections get 503 ``ShuttingDownError``;
 3. the listening socket closes, idle keep-alive connections close (busy ones keep reading);
 4. wait until the requests in flight are done, at most ``grace_s`` seconds;
-5. the remaining client connections are aborted; aiohttp closes the control socket and
-   `app.open_state` tears the services down in reverse: the supervisor stops every child
-   (SIGTERM, then SIGKILL after ``dbStopTimeout``), quotas, pools and sessions close, the
-   ``dbPath`` lock is released.
+5. the remaining client connections are aborted; aiohttp closes the control socket, then
+   `serve` closes the state it opened (`app.open_state`), tearing the services down in
+   reverse: the supervisor stops every child (SIGTERM, then SIGKILL after ``dbStopTimeout``),
+   quotas, pools and sessions close, the ``dbPath`` lock is released.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from aiohttp import web
 from stcs import activation
 from stcs import log as log_mod
 from stcs import reload as reload_mod
-from stcs.app import SERVER_OPTIONS
-from stcs.config import Resolved
+from stcs.app import SERVER_OPTIONS, create_app, open_state
+from stcs.config import Resolved, Settings
 from stcs.relay import Relay
-from stcs.state import STATE, State
+from stcs.state import State
 
 log = structlog.get_logger("stcs.server")
 
@@ -75,7 +75,7 @@ def raise_fd_limit(max_connections: int, held_ports: int = 0) -> int:
 
 
 async def serve(
-    app: web.Application,
+    settings: Settings,
     *,
     host: str,
     port: int,
@@ -84,8 +84,10 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     load: Callable[[], Resolved] | None = None,
 ) -> None:
-    """Serve ``app`` behind the relay on ``host:port`` until SIGTERM or SIGINT, then shut down
-    as above.
+    """Serve ``settings``'s stcs on ``host:port`` until SIGTERM or SIGINT, then shut down as
+    above.  The one owner of the service's lifecycle: it opens the `State` (`app.open_state`),
+    hands it to the relay and to the control application (`app.create_app`), and closes it
+    last.
 
     ``sockets``: listening sockets passed by systemd (`stcs.activation`), served instead of
     binding ``host:port``; at shutdown stcs only stops accepting on them (the listening socket
@@ -108,65 +110,74 @@ async def serve(
         loop.add_signal_handler(sig, on_signal)
     # SIGHUP: reopen logFile (logrotate) and reload the settings, in `_on_hup`'s task.
     loop.add_signal_handler(signal.SIGHUP, hup.set)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=HANDLER_CLOSE_TIMEOUT_S,
-        **SERVER_OPTIONS,
-    )
     # The control socket lives in a fresh 0700 directory: only stcs's uid can reach it.
     control_dir = tempfile.mkdtemp(prefix="stcs-control-")
     control_socket = os.path.join(control_dir, "control.sock")
-    relay: Relay | None = None
-    hup_task: asyncio.Task[None] | None = None
     try:
-        await runner.setup()  # builds the State (`app.open_state`): dbPath lock, ..., supervisor
-        await web.UnixSite(runner, control_socket).start()
-        state = app[STATE]
-        raise_fd_limit(
-            state.settings.max_connections, state.ports.counts().size if state.ports else 0
-        )
-        relay = Relay(state, control_socket)
-        scheme = "https" if ssl_context else "http"
-        if sockets:
-            servers = [
-                await loop.create_server(relay, sock=sock, ssl=ssl_context, backlog=1024)
-                for sock in sockets
-            ]
-            for sock in sockets:
-                url = f"{scheme}://{activation.describe(sock)}"
-                log.info("listening", url=url, socket_activation=True)
-        else:
-            servers = [await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)]
-            log.info("listening", url=f"{scheme}://{host}:{port}")
-        state.readiness.mark_started()
-        hup_task = asyncio.create_task(_on_hup(hup, state, relay, load), name="stcs-sighup")
-        await stop.wait()
+        # The services (dbPath lock, ..., supervisor): opened first, closed last, in reverse.
+        async with open_state(settings) as state:
+            runner = web.AppRunner(
+                create_app(state),
+                handle_signals=False,
+                access_log=None,
+                shutdown_timeout=HANDLER_CLOSE_TIMEOUT_S,
+                **SERVER_OPTIONS,
+            )
+            relay: Relay | None = None
+            hup_task: asyncio.Task[None] | None = None
+            try:
+                await runner.setup()
+                await web.UnixSite(runner, control_socket).start()
+                raise_fd_limit(
+                    state.settings.max_connections, state.ports.counts().size if state.ports else 0
+                )
+                relay = Relay(state, control_socket)
+                scheme = "https" if ssl_context else "http"
+                if sockets:
+                    servers = [
+                        await loop.create_server(relay, sock=sock, ssl=ssl_context, backlog=1024)
+                        for sock in sockets
+                    ]
+                    for sock in sockets:
+                        url = f"{scheme}://{activation.describe(sock)}"
+                        log.info("listening", url=url, socket_activation=True)
+                else:
+                    servers = [
+                        await loop.create_server(relay, host, port, ssl=ssl_context, backlog=1024)
+                    ]
+                    log.info("listening", url=f"{scheme}://{host}:{port}")
+                state.readiness.mark_started()
+                hup_task = asyncio.create_task(_on_hup(hup, state, relay, load), name="stcs-sighup")
+                await stop.wait()
 
-        state.begin_shutdown()
-        log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
-        # Stop accepting at once: with socket activation new connections now wait in the
-        # kernel's backlog for the next stcs instead of being accepted and refused here.
-        for server in servers:
-            server.close()
-        relay.close_idle()
-        started = time.monotonic()
-        drained = asyncio.ensure_future(state.idle.wait())
-        hurried = asyncio.ensure_future(hurry.wait())
-        await asyncio.wait({drained, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
-        drained.cancel()
-        hurried.cancel()
-        if state.in_flight:
-            log.warning("requests still in flight at shutdown", count=state.in_flight)
-        else:
-            log.info("requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1))
+                state.begin_shutdown()
+                log.info("shutting down", requests_in_flight=state.in_flight, grace_s=grace_s)
+                # Stop accepting at once: with socket activation new connections now wait in the
+                # kernel's backlog for the next stcs instead of being accepted and refused here.
+                for server in servers:
+                    server.close()
+                relay.close_idle()
+                started = time.monotonic()
+                drained = asyncio.ensure_future(state.idle.wait())
+                hurried = asyncio.ensure_future(hurry.wait())
+                await asyncio.wait(
+                    {drained, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                drained.cancel()
+                hurried.cancel()
+                if state.in_flight:
+                    log.warning("requests still in flight at shutdown", count=state.in_flight)
+                else:
+                    log.info(
+                        "requests drained", drain_ms=round((time.monotonic() - started) * 1000, 1)
+                    )
+            finally:
+                if hup_task is not None:
+                    hup_task.cancel()
+                if relay is not None:
+                    relay.close_all()
+                await runner.cleanup()
     finally:
-        if hup_task is not None:
-            hup_task.cancel()
-        if relay is not None:
-            relay.close_all()
-        await runner.cleanup()
         shutil.rmtree(control_dir, ignore_errors=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

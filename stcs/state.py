@@ -1,14 +1,14 @@
 """What the request handlers (`relay`, `app`, `admin`) share: one `State`, built once.
 
 Every service in it exists from the start of serving to its end (`app.open_state` builds them
-in order and tears them down in reverse), so no handler checks for a missing one.
+in order and tears them down in reverse; `server.serve` holds it open around both planes), so
+no handler checks for a missing one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -61,4 +61,3 @@ class State:
 
 
 STATE = web.AppKey("stcs_state", State)
-INFO = web.RequestKey("stcs_request_info", dict[str, Any])  # what the request line logs

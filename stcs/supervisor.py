@@ -1,8 +1,9 @@
 """When chroma servers run: the registry of user id -> `Instance` and its policies.
 
 * Single-flight starts: every request for a user whose server is starting awaits that one start.
-* In-flight counting: `Supervisor.acquire` leases an instance for the life of one request; an
-  instance with a request in flight is never stopped by policy, however long the request runs.
+* In-flight counting: `Supervisor.acquire` leases an instance for the life of one request
+  (`Instance.lease` / `unlease`, counted once, on its child); an instance with a request in
+  flight is never stopped by policy, however long the request runs.
 * Idle cull: an instance idle (nothing in flight) for ``dbTTL`` ms is stopped.
 * Capacity: at most ``dbMaxInstances`` children, and none started while less than
   ``dbMinFreeMemoryMB`` is available.  When full, the least recently used instance idle for at
@@ -31,6 +32,8 @@
   user's next start wait 1 s, doubling per failure up to 60 s; meanwhile their requests fail
   at once with StartBackoffError (seconds left as its retry-after), nothing is spawned.  An
   instance that stays up ``BACKOFF_STABLE_S`` (or an admin hold's release) clears it.
+  The table of back-offs is `holds.Backoffs`, the holds' `holds.Holds`, both on the injected
+  clock.
 * Memory (``userMaxMemoryMB``, `stcs.memory.MemoryWatch`): an instance whose process tree uses
   more than its user's limit (PSS) is stopped (reason ``memory``) and the user backs off as
   after a crash; meanwhile their requests fail with MemoryLimitError, which names the limit.
@@ -48,7 +51,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,6 +68,7 @@ from stcs.errors import (
     StartFailedError,
 )
 from stcs.fairness import AddressBuckets, Client, QueuePlace, StartQueue
+from stcs.holds import BACKOFF_STABLE_S, Backoffs, Holds
 from stcs.launcher import Child, Launcher, describe_exit
 from stcs.memory import available_memory as _available_memory
 from stcs.recorder import NULL_RECORDER, Recorder
@@ -77,10 +81,6 @@ QUEUE_POLL_S = 0.1  # queued starts re-check eviction candidates and free memory
 LOG_ROTATE_S = 1.0  # how often the children's output files are checked against their bound
 HOUSEKEEPING_S = 2.0  # how often the launcher's housekeeping runs (port hold, old child logs)
 MB = 1024 * 1024
-BACKOFF_FIRST_S = 1.0  # the first back-off after a failure; doubles with each further one
-BACKOFF_MAX_S = 60.0
-BACKOFF_STABLE_S = 60.0  # an instance up this long ends its user's back-off series
-BACKOFF_FORGET_S = 600.0  # a back-off over this long ago with no start since is forgotten
 # Deaths that come from outside (an operator's kill, the OOM killer, a shutdown): an occasional
 # one is not a crash loop, and the next request restarts the instance at once.
 EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -103,21 +103,6 @@ class Requester(Client, Protocol):
     def check_gone(self) -> None: ...
 
 
-@dataclass
-class Backoff:
-    """A user's failed-start series: ``failures`` in a row, no start before ``until``
-    (monotonic seconds of the supervisor's clock)."""
-
-    failures: int = 0
-    until: float = 0.0
-    over_memory: str = ""  # the last failure was a memory stop: what it said (names the limit)
-
-    @property
-    def delay(self) -> float:
-        """Seconds of back-off after ``failures`` failures: 1, 2, 4, ... `BACKOFF_MAX_S`."""
-        return float(min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S))
-
-
 @dataclass(eq=False)
 class Instance:
     """One user's chroma server as the supervisor tracks it.
@@ -129,7 +114,6 @@ class Instance:
     user_id: str
     phase: Phase = Phase.STARTING
     child: Child | None = None
-    in_flight: int = 0
     requests: int = 0
     last_active: float = field(default_factory=time.monotonic)
     last_active_wall: float = field(default_factory=time.time)
@@ -150,6 +134,36 @@ class Instance:
     stop_task: asyncio.Future[None] | None = None
     start_task: asyncio.Task[None] | None = None
     stop_error: RequestError | None = None  # why policy stopped it, for its requests in flight
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a lease on this instance: its child's count (`Child.leases`, the
+        one owner of that fact: it also keeps the port while a lease lives)."""
+        child = self.child
+        return child.leases if child is not None else 0
+
+    def lease(self) -> Child:
+        """One request lease more on the ready instance's child (`Supervisor.acquire`, in the
+        same step as its phase check: the cull never sees it idle meanwhile)."""
+        child = self.child
+        assert child is not None
+        child.lease()
+        self.requests += 1
+        self.drained.clear()
+        return child
+
+    def unlease(self, child: Child, now: float, hung_up: bool | None) -> None:
+        """The request leasing ``child`` ended at ``now`` (the supervisor's clock, s).
+        ``hung_up``: its client half-closed mid-request (None: a caller with no client)."""
+        child.unlease()
+        self.last_active = now
+        self.last_active_wall = time.time()
+        if hung_up is not None:
+            # A client that hung up mid-request is not between two requests: its instance is
+            # not kept from others for min(30 s, dbTTL).
+            self.unclaimed = hung_up
+        if not child.leases:
+            self.drained.set()
 
     def idle_for(self, now: float) -> float:
         """Seconds since the last request ended (0 while one is in flight)."""
@@ -173,18 +187,24 @@ class Lease:
 
 class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
-    every request's path)."""
+    every request's path).  The lease is taken (`Instance.lease`) inside ``ready`` and given
+    back (`Instance.unlease`) on exit."""
 
-    __slots__ = ("_check", "_child", "_inst", "_requester", "_supervisor", "_user_id")
+    __slots__ = ("_check", "_child", "_clock", "_inst", "_ready", "_requester", "_user_id")
 
     def __init__(
         self,
-        supervisor: Supervisor,
+        ready: Callable[
+            [str, Callable[[], None] | None, Requester | None],
+            Awaitable[tuple[Instance, Child, bool]],
+        ],
+        clock: Callable[[], float],
         user_id: str,
         check: Callable[[], None] | None,
         requester: Requester | None,
     ) -> None:
-        self._supervisor = supervisor
+        self._ready = ready
+        self._clock = clock
         self._user_id = user_id
         self._check = check
         self._requester = requester
@@ -192,12 +212,7 @@ class _LeaseContext:
         self._child: Child | None = None
 
     async def __aenter__(self) -> Lease:
-        inst, cold = await self._supervisor._ready_instance(
-            self._user_id, self._check, self._requester
-        )
-        child = inst.child
-        assert child is not None
-        child.lease()
+        inst, child, cold = await self._ready(self._user_id, self._check, self._requester)
         self._inst = inst
         self._child = child
         return Lease(instance=inst, child=child, cold_start=cold)
@@ -206,16 +221,8 @@ class _LeaseContext:
         inst = self._inst
         child = self._child
         assert inst is not None and child is not None
-        child.unlease()
-        inst.in_flight -= 1
-        inst.last_active = self._supervisor._clock()
-        inst.last_active_wall = time.time()
-        if self._requester is not None:
-            # A client that hung up mid-request is not between two requests: its instance is
-            # not kept from others for min(30 s, dbTTL).
-            inst.unclaimed = self._requester.eof
-        if not inst.in_flight:
-            inst.drained.set()
+        requester = self._requester
+        inst.unlease(child, self._clock(), requester.eof if requester is not None else None)
 
 
 def available_memory() -> int:
@@ -258,16 +265,13 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._culler: asyncio.Task[None] | None = None
         self._rotator: asyncio.Task[None] | None = None
-        self._holds: dict[str, asyncio.Event] = {}  # user id -> set when the hold is released
-        # Maintenance holds' TTLs: user id -> (deadline on the supervisor's clock, ttl_s); `tick`
-        # ends the holds whose deadline has passed.
-        self._hold_expiry: dict[str, tuple[float, float]] = {}
+        # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
+        # liveness, hold TTLs); tests inject their own and drive the cull with `tick`.
+        self._clock = clock
+        self._holds = Holds(clock)  # admin stop, block, backup; `tick` ends those with a TTL
+        self._backoffs = Backoffs(clock)  # users whose starts failed: no start for a while
         self.recorder = recorder  # what happened, for metrics (`stcs.metrics.Metrics`)
         self._on_instance_gone = on_instance_gone  # called with a forgotten child
-        # Monotonic seconds for every policy decision (idle, eviction, queue deadline, back-off,
-        # liveness); tests inject their own and drive the cull with `tick`.
-        self._clock = clock
-        self._backoff: dict[str, Backoff] = {}
         self.liveness_timeout = liveness_timeout_ms / 1000  # 0: no liveness probes
         self._liveness: asyncio.Task[None] | None = None
         self._closed = False  # close() began: no new start, no new lease
@@ -298,7 +302,7 @@ class Supervisor:
     async def close(self) -> None:
         """Refuse new work, cancel pending starts and stop every child concurrently."""
         self._closed = True
-        self._hold_expiry.clear()
+        self._holds.drop_ttls()
         self._wake_queue()
         for task in (self._culler, self._rotator, self._liveness):
             if task is not None:
@@ -338,14 +342,16 @@ class Supervisor:
         starts back off), NewUsersRateLimitError, CapacityTimeoutError or ShuttingDownError
         on entry.
         """
-        return _LeaseContext(self, user_id, check, requester)
+        return _LeaseContext(self._ready_instance, self._clock, user_id, check, requester)
 
     async def _ready_instance(
         self,
         user_id: str,
         check: Callable[[], None] | None = None,
         requester: Requester | None = None,
-    ) -> tuple[Instance, bool]:
+    ) -> tuple[Instance, Child, bool]:
+        """``user_id``'s ready instance, leased (`Instance.lease`), its child and whether the
+        request waited for a start (raises as `acquire`)."""
         deadline = self._clock() + self.queue_timeout  # the queue wait counts from arrival
         cold = False
         while True:
@@ -353,7 +359,7 @@ class Supervisor:
                 raise ShuttingDownError("server is shutting down")
             if check is not None:
                 check()
-            hold = self._holds.get(user_id)
+            hold = self._holds.waiting_on(user_id)
             if hold is not None:  # held (admin stop, backup): wait, bounded like the queue
                 remaining = deadline - self._clock()
                 try:
@@ -376,12 +382,9 @@ class Supervisor:
                 self.registry[user_id] = inst
                 inst.start_task = self._spawn_task(self._start(inst, deadline))
             if inst.phase is Phase.READY:
-                # Counted synchronously with the phase check: no await between them, so the
+                # Leased synchronously with the phase check: no await between them, so the
                 # cull can never see this instance idle while the request is being handed in.
-                inst.in_flight += 1
-                inst.requests += 1
-                inst.drained.clear()
-                return inst, cold
+                return inst, inst.lease(), cold
             cold = True
             if inst.phase is Phase.STARTING:
                 await self._await_start(inst, requester)
@@ -594,7 +597,7 @@ class Supervisor:
                 requests_in_flight=inst.in_flight,
             )
             if self._clock() - inst.ready_at >= BACKOFF_STABLE_S:
-                self._backoff.pop(inst.user_id, None)
+                self._backoffs.clear(inst.user_id)
             elif -code not in EXTERNAL_SIGNALS:
                 self._failed(inst.user_id, "crashed soon after start")
             self._finalize(inst)
@@ -603,53 +606,40 @@ class Supervisor:
 
     def _check_backoff(self, user_id: str) -> None:
         """Raise StartBackoffError (``retry_after_s``: whole seconds left) while
-        ``user_id``'s starts back off."""
-        backoff = self._backoff.get(user_id)
-        if backoff is None:
+        ``user_id``'s starts back off (MemoryLimitError after a memory stop)."""
+        in_force = self._backoffs.left(user_id)
+        if in_force is None:
             return
-        left = backoff.until - self._clock()
-        if left > 0:
-            self.recorder.backoff_refusal()
-            if backoff.over_memory:
-                raise MemoryLimitError(
-                    f"{backoff.over_memory}; retry in {math.ceil(left)} s",
-                    retry_after_s=math.ceil(left),
-                )
-            raise StartBackoffError(
-                "this user's chroma server failed to start recently; retry later",
+        left, backoff = in_force
+        self.recorder.backoff_refusal()
+        if backoff.over_memory:
+            raise MemoryLimitError(
+                f"{backoff.over_memory}; retry in {math.ceil(left)} s",
                 retry_after_s=math.ceil(left),
             )
+        raise StartBackoffError(
+            "this user's chroma server failed to start recently; retry later",
+            retry_after_s=math.ceil(left),
+        )
 
     def _failed(self, user_id: str, reason: str, over_memory: str = "") -> None:
         """Record a failed start (or early crash, or memory stop: ``over_memory`` says what
         its requests are told) of ``user_id``: back off 1 s, 2 s, 4 s, ... up to
-        `BACKOFF_MAX_S`."""
-        backoff = self._backoff.setdefault(user_id, Backoff())
-        backoff.failures += 1
-        backoff.over_memory = over_memory
-        delay = backoff.delay
-        backoff.until = self._clock() + delay
+        `holds.BACKOFF_MAX_S`."""
+        backoff = self._backoffs.fail(user_id, over_memory)
         self.recorder.start_backoff()
         log.warning(
             "start backing off",
             user_id=user_id,
             reason=reason,
             failures=backoff.failures,
-            backoff_ms=int(delay * 1000),
+            backoff_ms=int(backoff.delay * 1000),
         )
 
-    def _settle_backoffs(self, now: float) -> None:
-        """End the series of users whose instance has been up `BACKOFF_STABLE_S`, and forget
-        back-offs long over (the table stays as small as the set of failing users)."""
-        for user_id, backoff in list(self._backoff.items()):
-            inst = self.registry.get(user_id)
-            stable = (
-                inst is not None
-                and inst.phase is Phase.READY
-                and now - inst.ready_at >= BACKOFF_STABLE_S
-            )
-            if stable or now - backoff.until >= BACKOFF_FORGET_S:
-                del self._backoff[user_id]
+    def _ready_since(self, user_id: str) -> float | None:
+        """When ``user_id``'s instance became ready (the supervisor's clock), None if none is."""
+        inst = self.registry.get(user_id)
+        return inst.ready_at if inst is not None and inst.phase is Phase.READY else None
 
     def _stop_soon(self, inst: Instance, reason: str) -> asyncio.Future[None]:
         """Begin stopping ``inst`` (idempotent).  The phase turns STOPPING *now*, in the same
@@ -681,11 +671,10 @@ class Supervisor:
                     stop_ms=round((time.monotonic() - started) * 1000, 1),
                 )
         finally:
-            backoff = self._backoff.get(inst.user_id)
-            if reason == "memory" and backoff is not None:
+            if reason == "memory":
                 # From the end of the stop (a SIGTERM'd chroma finishes its requests in flight
                 # first), as a crash's counts from the exit: else a slow stop eats the back-off.
-                backoff.until = max(backoff.until, self._clock() + backoff.delay)
+                self._backoffs.run_from_now(inst.user_id)
             self._finalize(inst)
 
     def _finalize(self, inst: Instance) -> None:
@@ -724,10 +713,9 @@ class Supervisor:
         Returns the instances it culled.  Called by the cull loop (every ``dbTTL``/10, at most
         1 s); tests call it with their own clock.  (Liveness is probed by its own loop: it
         waits on the children's answers.)"""
-        if self._hold_expiry:
-            self._expire_holds(now)
-        if self._backoff:
-            self._settle_backoffs(now)
+        self._expire_holds(now)
+        if self._backoffs:
+            self._backoffs.settle(now, self._ready_since)
         culled = []
         for inst in list(self.registry.values()):
             if (
@@ -864,10 +852,7 @@ class Supervisor:
 
         Raises TimeoutError (the hold is released) when in-flight requests outlast the drain.
         """
-        if user_id not in self._holds:
-            self._holds[user_id] = asyncio.Event()
-        if ttl_s is not None:
-            self._hold_expiry[user_id] = (self._clock() + ttl_s, ttl_s)
+        self._holds.hold(user_id, ttl_s)
         inst = self.registry.get(user_id)
         if inst is None:
             return False
@@ -900,21 +885,17 @@ class Supervisor:
     def release_hold(self, user_id: str) -> None:
         """End a hold: waiting requests go on (and start the instance again).  Also ends the
         user's start back-off: the maintenance (a restore) may have fixed what failed."""
-        self._backoff.pop(user_id, None)
-        self._hold_expiry.pop(user_id, None)
-        hold = self._holds.pop(user_id, None)
-        if hold is not None:
-            hold.set()
+        self._backoffs.clear(user_id)
+        self._holds.release(user_id)
 
     def has_maintenance_hold(self, user_id: str) -> bool:
         """Whether ``user_id`` is under a hold with a TTL (`hold` with ``ttl_s``)."""
-        return user_id in self._hold_expiry
+        return self._holds.has_ttl(user_id)
 
     def _expire_holds(self, now: float) -> None:
-        for user_id, (deadline, ttl_s) in list(self._hold_expiry.items()):
-            if now >= deadline:
-                self.release_hold(user_id)
-                log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
+        for user_id, ttl_s in self._holds.expired(now):
+            self.release_hold(user_id)
+            log.warning("hold expired", user_id=user_id, ttl_s=ttl_s)
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -940,7 +921,7 @@ class Supervisor:
             )
         return Snapshot(
             instances=tuple(instances),
-            held=tuple(sorted(self._holds)),
+            held=self._holds.users(),
             slots_used=self._slots_used,
             max_instances=self.max_instances,
             queue_length=len(self._queue),

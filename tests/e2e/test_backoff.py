@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from stcs.supervisor import BACKOFF_STABLE_S
+from stcs.holds import BACKOFF_STABLE_S
 from tests.harness import ADMIN, StcsServer, new_token, scrape
 
 

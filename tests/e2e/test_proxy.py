@@ -19,8 +19,6 @@ import requests
 from chromadb.errors import InvalidArgumentError
 from yarl import URL
 
-from stcs.app import STATE, create_app
-from stcs.config import load_settings
 from stcs.upstream import UpstreamPool
 from tests.harness import ECHO, StcsServer, client_for, new_token, user_dirs, vectors
 
@@ -232,20 +230,6 @@ def test_admin_health_lists_instances_and_memory(echo_server: StcsServer) -> Non
     assert memory["kbInstanceUse"] == sum(i["memKb"] for i in body["instances"])
     assert memory["kbTotal"] > memory["kbAvailable"] > 0
     assert memory["nMaxInstancesEstimate"] >= 2
-
-
-async def test_health_is_ok_then_503_while_shutting_down(
-    aiohttp_client: Any, tmp_path: Path
-) -> None:
-    settings = load_settings(cli={"dbPath": str(tmp_path / "db")}, environ={}).settings
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    resp = await client.get("/health")
-    assert resp.status == 200 and await resp.json() == {"status": "ok"}
-    await app.shutdown()
-    assert app[STATE].shutting_down
-    resp = await client.get("/health")
-    assert resp.status == 503
 
 
 async def test_unreachable_ready_instance_is_replaced_and_the_request_retried(

@@ -4,8 +4,9 @@ always fails, in-process.  Real failing children: tests/e2e/test_backoff.py."""
 from __future__ import annotations
 
 from stcs.errors import StartBackoffError, StartFailedError
+from stcs.holds import BACKOFF_MAX_S
 from stcs.launcher import Child
-from stcs.supervisor import BACKOFF_MAX_S, Supervisor
+from stcs.supervisor import Supervisor
 from tests.tally import Tally
 
 

@@ -247,6 +247,22 @@ async def test_a_port_stays_held_while_a_lease_refers_to_its_child(
     await sup.close()
 
 
+async def test_a_lease_is_counted_once_on_the_child_and_read_by_the_instance(
+    launcher: SleepLauncher,
+) -> None:
+    clock = Clock()
+    sup = supervisor(launcher, clock=clock)
+    async with sup.acquire("u") as first, sup.acquire("u") as second:
+        inst, child = first.instance, first.child
+        assert second.child is child and child.leases == 2 and inst.in_flight == 2
+        assert not inst.drained.is_set() and inst.idle_for(clock.now + 1e6) == 0
+        clock.now += 7
+    assert child.leases == 0 and inst.in_flight == 0 and inst.drained.is_set()
+    assert inst.requests == 2 and inst.last_active == clock.now
+    assert sup.tick(clock.now + 60) == [inst]  # idle since the last lease ended
+    await sup.close()
+
+
 async def test_a_maintenance_hold_ends_by_itself_at_its_ttl(launcher: SleepLauncher) -> None:
     clock = Clock()
     sup = supervisor(launcher, queue_timeout_ms=10_000, clock=clock)
