@@ -31,9 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from stcs.auth import normalize_user_id
 from stcs.config import Settings
@@ -150,11 +148,18 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
             db_lock.release()
 
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 Bar: TypeAlias = "tqdm[NoReturn]"  # a string: tqdm is generic only to type checkers
 
 
 def progress_bar(total: int, desc: str, progress: bool | None) -> Bar:
     """A byte progress bar on stderr; ``progress`` None shows it only on a terminal."""
+    # Imported here: every subcommand imports this module (through `stcs.cluster`), and only
+    # backup and restore draw a bar (setup.sh's check-config may run on a bare python3).
+    from tqdm import tqdm
+
     return tqdm(
         total=total,
         unit="B",
