@@ -373,6 +373,45 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
+        targets = {"direct": direct, "nginx": nginx, "stcs": base}
+        BULK_ROWS[:] = bulk({k: v for k, v in targets.items() if v}, procs, auth, col.id)
+        for row in BULK_ROWS:
+            print(row, flush=True)
+    return rows
+
+
+BULK_ROWS: list[str] = []
+BULK_MB, BULK_REPEAT = 1_000_000, 8
+
+
+def bulk(
+    targets: dict[str, str], procs: dict[str, psutil.Process], auth: dict[str, str], coll: str
+) -> list[str]:
+    """A 1 MB add (an upsert of one record with a 1 MB document) and a 1 MB get (that record,
+    its document included), `BULK_REPEAT` times each, one at a time on a keep-alive
+    connection: MB/s, and the proxy's CPU ms per MB (user + system), per target."""
+    document = "d" * BULK_MB
+    add = json.dumps({"ids": ["bulk"], "embeddings": [[0.5] * 384], "documents": [document]})
+    get = json.dumps({"ids": ["bulk"], "include": ["documents"]})
+    rows = []
+    for name, path, body in (("1 MB add", "upsert", add), ("1 MB get", "get", get)):
+        cells = []
+        for key, url in targets.items():
+            session = requests.Session()
+            target = f"{url}{API}/{coll}/{path}"
+            headers = {**auth, "Content-Type": "application/json"}
+            session.post(target, data=body, headers=headers, timeout=120).raise_for_status()
+            proc = procs.get(key)
+            before, started, size = tree_cpu_s(proc) if proc else 0.0, time.monotonic(), 0
+            for _ in range(BULK_REPEAT):
+                answer = session.post(target, data=body, headers=headers, timeout=120)
+                answer.raise_for_status()
+                size += len(body) + len(answer.content)
+            took = time.monotonic() - started
+            mb = size / 1e6
+            cpu = f"{(tree_cpu_s(proc) - before) / mb * 1e3:.2f}" if proc else "-"
+            cells.append(f"{mb / took:.1f} MB/s, {cpu} ms CPU/MB")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -863,6 +902,14 @@ def render(sections: dict[str, list[str]], took: float) -> str:
             "stcs CPU (µs/req) | nginx CPU (µs/req) | errors |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
+            + "\n"
+        )
+    if BULK_ROWS:
+        parts.append(
+            f"## 1 MB bodies ({BULK_REPEAT} requests one at a time, keep-alive)\n\n"
+            "MB/s counts request and response bodies; CPU is the proxy's user + system time "
+            "per MB moved.\n\n| request | direct | nginx | stcs |\n|---|---|---|---|\n"
+            + "\n".join(BULK_ROWS)
             + "\n"
         )
     if sections.get("instructions"):
