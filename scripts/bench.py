@@ -214,6 +214,10 @@ http {{
     access_log off;
     client_body_temp_path {dir};
     proxy_temp_path {dir};
+    # 1 MB bodies (the bulk rows) in memory: no temp files, which nginx's workers (nobody)
+    # could not write inside the benchmark's private temporary directory.
+    client_body_buffer_size 2m;
+    proxy_max_temp_file_size 0;
     upstream chroma {{ server 127.0.0.1:{upstream}; keepalive 32; }}
     server {{
         listen 127.0.0.1:{port};
@@ -247,10 +251,12 @@ def reference_server(argv: list[str], url: str) -> Iterator[str | None]:
 REFERENCE_PROCS: dict[str, psutil.Process] = {}
 
 
-def tree_cpu_s(proc: psutil.Process) -> float:
-    """User + system seconds of ``proc`` and its children (nginx: master and worker)."""
+def tree_cpu_s(proc: psutil.Process, children: bool = True) -> float:
+    """User + system seconds of ``proc`` and (``children``) its children: nginx's master and
+    worker; stcs's own process alone (its children are the chroma instances it proxies to,
+    whose CPU is not the proxy's)."""
     total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in [proc, *(proc.children(recursive=True) if children else ())]:
         with contextlib.suppress(psutil.NoSuchProcess):
             t = p.cpu_times()
             total += t.user + t.system
@@ -373,6 +379,46 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
+        targets = {"direct": direct, "nginx": nginx, "stcs": base}
+        BULK_ROWS[:] = bulk({k: v for k, v in targets.items() if v}, procs, auth, col.id)
+        for row in BULK_ROWS:
+            print(row, flush=True)
+    return rows
+
+
+BULK_ROWS: list[str] = []
+BULK_MB, BULK_REPEAT = 1_000_000, 20  # CPU times tick at 10 ms: enough MB to show nginx
+
+
+def bulk(
+    targets: dict[str, str], procs: dict[str, psutil.Process], auth: dict[str, str], coll: str
+) -> list[str]:
+    """A 1 MB add (an upsert of one record with a 1 MB document) and a 1 MB get (that record,
+    its document included), `BULK_REPEAT` times each, one at a time on a keep-alive
+    connection: MB/s, and the proxy's CPU ms per MB (user + system), per target."""
+    document = "d" * BULK_MB
+    add = json.dumps({"ids": ["bulk"], "embeddings": [[0.5] * 384], "documents": [document]})
+    get = json.dumps({"ids": ["bulk"], "include": ["documents"]})
+    rows = []
+    for name, path, body in (("1 MB add", "upsert", add), ("1 MB get", "get", get)):
+        cells = []
+        for key, url in targets.items():
+            session = requests.Session()
+            target = f"{url}{API}/{coll}/{path}"
+            headers = {**auth, "Content-Type": "application/json"}
+            session.post(target, data=body, headers=headers, timeout=120).raise_for_status()
+            proc = procs.get(key)
+            tree = key != "stcs"
+            before, started, size = tree_cpu_s(proc, tree) if proc else 0.0, time.monotonic(), 0
+            for _ in range(BULK_REPEAT):
+                answer = session.post(target, data=body, headers=headers, timeout=120)
+                answer.raise_for_status()
+                size += len(body) + len(answer.content)
+            took = time.monotonic() - started
+            mb = size / 1e6
+            cpu = f"{(tree_cpu_s(proc, tree) - before) / mb * 1e3:.2f}" if proc else "-"
+            cells.append(f"{mb / took:.1f} MB/s, {cpu} ms CPU/MB")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -394,11 +440,12 @@ def interleaved(
         wrk(url, 1, headers, body, connections)  # warm-up
     for _ in range(rounds):
         for key, url in urls.items():
-            before = tree_cpu_s(procs[key]) if key in procs else 0.0
+            tree = key != "stcs"
+            before = tree_cpu_s(procs[key], tree) if key in procs else 0.0
             result = wrk(url, seconds, headers, body, connections)
             runs[key].append(result)
             if key in procs:
-                used = tree_cpu_s(procs[key]) - before
+                used = tree_cpu_s(procs[key], tree) - before
                 cpu_us[key].append(used / (result.rps * seconds) * 1e6)
     return runs, cpu_us
 
@@ -863,6 +910,14 @@ def render(sections: dict[str, list[str]], took: float) -> str:
             "stcs CPU (µs/req) | nginx CPU (µs/req) | errors |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
+            + "\n"
+        )
+    if BULK_ROWS:
+        parts.append(
+            f"## 1 MB bodies ({BULK_REPEAT} requests one at a time, keep-alive)\n\n"
+            "MB/s counts request and response bodies; CPU is the proxy's user + system time "
+            "per MB moved.\n\n| request | direct | nginx | stcs |\n|---|---|---|---|\n"
+            + "\n".join(BULK_ROWS)
             + "\n"
         )
     if sections.get("instructions"):

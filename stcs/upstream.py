@@ -342,19 +342,25 @@ class UpstreamPool:
             if body is None or isinstance(body, bytes):
                 transport.write(head + body if body else head)
             else:
-                transport.write(head)
+                # The head goes out with the first piece of the body: one write, not two.
+                pending = head
                 async for chunk in body:
                     if not chunk:
                         continue
                     if conn.closed:
                         raise UpstreamFailedError("upstream closed the connection")
                     if chunked:
-                        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                        transport.writelines((pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    elif pending:
+                        transport.writelines((pending, chunk))
                     else:
                         transport.write(chunk)
+                    pending = b""
                     await conn.drain()
                 if chunked:
-                    transport.write(b"0\r\n\r\n")
+                    transport.write(pending + b"0\r\n\r\n")
+                elif pending:
+                    transport.write(pending)
             await resp._wait_head()
         except BaseException:
             conn._response = None

@@ -155,11 +155,23 @@ class RequestCycle:
         if held and not conn.closed and conn.transport is not None:
             conn.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
-    def write_chunk(self, chunk: bytes) -> None:
-        """One piece of a streamed answer in the chunked coding (RFC 9112 §7.1)."""
+    def write_chunk(self, chunk: bytes, head: bytes = b"") -> None:
+        """One piece of a streamed answer in the chunked coding (RFC 9112 §7.1), after
+        ``head`` (the response head, with the first piece): one write."""
         transport = self.conn.transport
         assert transport is not None
-        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        transport.writelines((head, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+
+    def write_after(self, head: bytes, chunk: bytes) -> None:
+        """A piece of a streamed answer after ``head`` (empty but for the first piece): one
+        write (``writelines``: no copy of ``chunk``)."""
+        conn = self.conn
+        if conn.closed or conn.transport is None:
+            return
+        if head:
+            conn.transport.writelines((head, chunk))
+        else:
+            conn.transport.write(chunk)
 
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` (after the auth and size checks), once."""
@@ -198,7 +210,9 @@ class RequestCycle:
         data = b"".join(request.body)
         request.body.clear()
         request.buffered = 0
-        self.conn.update_reading()
+        flow = self.conn.flow
+        if flow.reading_paused or flow.backlog:  # held back by this body: read on
+            self.conn.update_reading()
         return data
 
     async def prefetch(self) -> None:
@@ -216,23 +230,30 @@ class RequestCycle:
     async def _more_body(self) -> None:
         """Wait for the next piece of the body (or its end, or an error).  Raises
         RequestTimeoutError after ``bodyTimeout`` without one; CancelledError if the client
-        left (logged 499)."""
+        left (logged 499).
+
+        A future resolved by the parser's callbacks (`Request.wake`) and one timer handle on
+        the loop: no task, no ``asyncio.wait_for`` (a task and a timer per wait)."""
         request = self.request
-        more = request.more
-        assert more is not None
         conn = self.conn
         if conn.closed:
             raise asyncio.CancelledError
-        more.clear()
+        loop = conn.loop
+        waiter: asyncio.Future[bool] = loop.create_future()
+        request.waiter = waiter
         limits = conn.listener.limits
+        timer = loop.call_later(limits.body_timeout_s, _time_out, waiter)
         try:
-            await asyncio.wait_for(more.wait(), limits.body_timeout_s)
-        except asyncio.TimeoutError:
+            arrived = await waiter
+        finally:
+            timer.cancel()
+            request.waiter = None
+        if not arrived:
             request.body_error = RequestTimeoutError(
                 f"no request body bytes for {limits.body_timeout_ms} ms"
             )
             conn.stop_parsing()
-            raise request.body_error from None
+            raise request.body_error
 
     async def stream_body(self) -> AsyncIterator[bytes]:
         """The body as it arrives, with back-pressure on the client.  Raises
@@ -253,3 +274,9 @@ class RequestCycle:
             if request.complete:
                 return
             await self._more_body()
+
+
+def _time_out(waiter: asyncio.Future[bool]) -> None:
+    """``bodyTimeout`` passed without body bytes: the waiting cycle resumes with False."""
+    if not waiter.done():
+        waiter.set_result(False)

@@ -307,20 +307,25 @@ async def relay_response(
             headers.append((b"Transfer-Encoding", b"chunked"))
         cycle.response_started = True
         cycle.send_held()  # a streamed answer goes out as it comes
-        cycle.write(response_head(status, resp.reason, headers, close))
+        # The head goes out with the first piece of the body (usually in the same read from
+        # chroma): one write, not two.
+        pending = response_head(status, resp.reason, headers, close)
         writable = conn.flow.writable
         try:
             async for chunk in resp.chunks():
                 if conn.closed:
                     raise asyncio.CancelledError
                 if chunked:
-                    cycle.write_chunk(chunk)
+                    cycle.write_chunk(chunk, pending)
                 else:
-                    cycle.write(chunk)
+                    cycle.write_after(pending, chunk)
+                pending = b""
                 if not writable.is_set():
                     await writable.wait()
             if chunked:
-                cycle.write(b"0\r\n\r\n")
+                cycle.write(pending + b"0\r\n\r\n")
+            elif pending:
+                cycle.write(pending)
         except UpstreamFailedError as exc:
             # The status line is gone already: abort, so the client sees a broken response,
             # not a short one that looks complete.

@@ -44,12 +44,12 @@ class Request:
         "headers",
         "keep_alive",
         "method",
-        "more",
         "received",
         "reject",
         "special",
         "url",
         "version",
+        "waiter",
     )
 
     def __init__(self) -> None:
@@ -69,7 +69,17 @@ class Request:
         self.received = 0  # body bytes received in all
         self.complete = False
         self.body_error: RequestError | None = None  # the body failed (size, timeout, framing)
-        self.more: asyncio.Event | None = None  # set when body bytes (or its end) arrive
+        # The cycle waiting for body bytes (or the body's end, or an error): resolved by `wake`.
+        self.waiter: asyncio.Future[bool] | None = None
+
+    def wake(self) -> None:
+        """Resume the cycle waiting in `RequestCycle._more_body`, if one is (body bytes, the
+        body's end, an error or the client's leaving arrived)."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(True)
 
     @property
     def has_body(self) -> bool:

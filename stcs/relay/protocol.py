@@ -178,8 +178,8 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         self.flow.lost()
         msg = self.active
-        if msg is not None and msg.more is not None:
-            msg.more.set()
+        if msg is not None:
+            msg.wake()
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: stop its request (logged as 499)
 
@@ -350,8 +350,7 @@ class ClientConnection(asyncio.Protocol):
                     f"request body exceeds the limit of {self.limits.max_body_size} bytes"
                 )
                 self.stop_parsing()
-            if msg.more is not None:
-                msg.more.set()
+            msg.wake()
             return
         pieces = msg.body
         if len(body) < PIECE_GATHER:
@@ -363,8 +362,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             pieces.append(body)
         msg.buffered += len(body)
-        if msg.more is not None:
-            msg.more.set()
+        msg.wake()
         if msg.buffered > BODY_HIGH_WATER:
             self.update_reading()
 
@@ -374,14 +372,12 @@ class ClientConnection(asyncio.Protocol):
             return
         msg.complete = True
         self.msg = None
-        if msg.more is not None:
-            msg.more.set()
+        msg.wake()
 
     # -- pipelining -------------------------------------------------------------------------
 
     def _serve(self, msg: Request) -> None:
         self.active = msg
-        msg.more = asyncio.Event()
         cycle = RequestCycle(self, msg)
         self.task = self.loop.create_task(cycle.run(self.listener.handler))
 
@@ -478,8 +474,7 @@ class ClientConnection(asyncio.Protocol):
             # The body of the request being served is broken (bad chunk): fail it.
             msg.body_error = BadRequestError(f"malformed request body: {reason}")
             self.stop_parsing()
-            if msg.more is not None:
-                msg.more.set()
+            msg.wake()
             return
         self._refuse_head(BadRequestError(f"malformed request: {reason}"))
 

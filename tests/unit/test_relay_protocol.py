@@ -598,3 +598,69 @@ async def test_reloaded_limits_apply_to_new_connections_and_open_ones_keep_their
     await until(lambda: bool(before_transport.written) and bool(after_transport.written))
     assert statuses(before_transport) == [200]
     assert statuses(after_transport) == [431]
+
+
+# -- the body path: what a request with a body costs (issue 24) -----------------------------
+
+
+@contextlib.contextmanager
+def counting_tasks() -> Any:
+    """Count the tasks created on the running loop meanwhile (``counted[0]``)."""
+    loop = asyncio.get_running_loop()
+    counted = [0]
+    previous = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        counted[0] += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+    try:
+        yield counted
+    finally:
+        loop.set_task_factory(previous)
+
+
+async def test_a_body_after_its_head_costs_one_task_not_one_per_wait(
+    listener: Listener, handler: EchoHandler
+) -> None:
+    """Head and body in separate reads (as http.client and httpx send them): the cycle waits
+    for the body on a future and one loop timer, not ``asyncio.wait_for`` (a task and a
+    timer per wait: 2 tasks per request before, and one more per further piece)."""
+    conn, transport = connect(listener)
+    body = b"q" * 7800
+    with counting_tasks() as counted:
+        conn.data_received(head("POST", "/echo/q", f"Content-Length: {len(body)}"))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the cycle runs and waits for the body
+        for start in range(0, len(body), 2600):  # and the body comes in three pieces
+            conn.data_received(body[start : start + 2600])
+            await asyncio.sleep(0)
+        await until(lambda: statuses(transport) == [200])
+    assert counted[0] == 1  # the cycle's own task
+    assert len(handler.seen[0]["body"]) == len(body)
+    assert conn.active is None and conn.phase != CLOSED
+
+
+async def test_a_stalled_body_still_gets_408_at_the_body_timeout(
+    listener: Listener, handler: EchoHandler
+) -> None:
+    conn, transport = connect(listener)
+    started = time.monotonic()
+    conn.data_received(head("POST", "/echo/slow", "Content-Length: 100") + b"x" * 10)
+    await until(lambda: transport.ended)
+    assert 0.25 < time.monotonic() - started < 3.0  # bodyTimeout 0.3 s
+    assert statuses(transport) == [408]
+    assert listener.state.in_flight == 0
+
+
+async def test_a_client_that_leaves_mid_body_ends_its_cycle(listener: Listener) -> None:
+    conn, transport = connect(listener)
+    conn.data_received(head("POST", "/echo/gone", "Content-Length: 100") + b"x" * 10)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    request = conn.active
+    assert request is not None and request.waiter is not None
+    conn.connection_lost(None)
+    await until(lambda: listener.state.in_flight == 0)
+    assert request.waiter is None and not transport.written
