@@ -236,6 +236,16 @@ def get(front: Front, path: str, **headers: str) -> Answer:
     return Answer(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content)
 
 
+def assert_refused_503_with_retry_after(f: Front) -> None:
+    """A new user's request through ``f`` is refused 503 + ``Retry-After`` (≥ 1 s) in chroma's
+    shape: the Python client raises `RateLimitError`."""
+    with pytest.raises(RateLimitError):
+        f.client(new_token()).heartbeat()
+    answer = get(f, "/api/v2/heartbeat", **{"X-Chroma-Token": new_token()})
+    answer.chroma(503, "RateLimitError", RateLimitError)
+    assert int(answer.headers["retry-after"]) >= 1
+
+
 # -- the rows ---------------------------------------------------------------------------------
 
 
@@ -406,12 +416,7 @@ def test_no_instance_slot_raises_rate_limit_error_with_retry_after(
 ) -> None:
     total_mb = psutil.virtual_memory().total // MB
     server = stcs("--dbMinFreeMemoryMB", str(total_mb * 2), "--queueTimeout", "1000")
-    f = front(kind, server)
-    with pytest.raises(RateLimitError):
-        f.client(new_token()).heartbeat()
-    answer = get(f, "/api/v2/heartbeat", **{"X-Chroma-Token": new_token()})
-    answer.chroma(503, "RateLimitError", RateLimitError)
-    assert int(answer.headers["retry-after"]) >= 1
+    assert_refused_503_with_retry_after(front(kind, server))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -484,12 +489,7 @@ def test_more_than_max_connections_raises_rate_limit_error(
     # One connection straight to stcs holds the only slot: each one the front server opens is
     # one too many.
     with hold_the_only_connection(server):
-        f = front(kind, server)
-        with pytest.raises(RateLimitError):
-            f.client(new_token()).heartbeat()
-        answer = get(f, "/api/v2/heartbeat", **{"X-Chroma-Token": new_token()})
-        answer.chroma(503, "RateLimitError", RateLimitError)
-        assert int(answer.headers["retry-after"]) >= 1
+        assert_refused_503_with_retry_after(front(kind, server))
 
 
 # -- item 4: the admin endpoints ----------------------------------------------------------------
