@@ -120,7 +120,11 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         if found:
             log.warning("stopped leftover chroma servers", count=len(found), pids=found)
         metrics = Metrics()
-        resolver, auth_server = await _resolver(settings, metrics, stack)
+        layout = Layout(db_dir)
+        # The ring is read through the state's settings once serving, so a reload applies it.
+        holder: list[State] = []
+        placement = Placement(lambda: holder[0].settings if holder else settings, layout)
+        resolver, auth_server = await _resolver(settings, metrics, stack, placement)
         # The one client to the children: proxied requests, heartbeat probes, quotas' counts.
         upstream_pool = UpstreamPool()
         stack.callback(upstream_pool.close)
@@ -139,10 +143,6 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             log_retention_ms=settings.child_log_retention,
         )
         stack.callback(chroma.ports.close)  # after the supervisor has stopped every child
-        layout = Layout(db_dir)
-        # The ring is read through the state's settings once serving, so a reload applies it.
-        holder: list[State] = []
-        placement = Placement(lambda: holder[0].settings if holder else settings, layout)
         supervisor = Supervisor(
             chroma,
             ttl_ms=settings.db_ttl,
@@ -190,11 +190,15 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
 
 
 async def _resolver(
-    settings: Settings, metrics: Metrics, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    metrics: Metrics,
+    stack: contextlib.AsyncExitStack,
+    placement: Placement | None = None,
 ) -> tuple[Resolver, AuthServerHealth | None]:
     """Token -> user id: the auth server's answer (its session closed by ``stack``), else the
-    token as a UUID; with ``autoCreateUsers: false`` only users whose directory exists.  Also
-    the auth server's health (None in UUID mode)."""
+    token as a UUID; with ``autoCreateUsers: false`` only users whose directory exists (in a
+    cluster, ``placement``'s ring tells a misrouted user from an unknown one).  Also the auth
+    server's health (None in UUID mode)."""
     resolver: Resolver
     health: AuthServerHealth | None = None
     if settings.auth_server_endpoint:
@@ -223,7 +227,12 @@ async def _resolver(
     else:
         resolver = UuidResolver()
     if not settings.auto_create_users:
-        resolver = ExistingUsersResolver(resolver, settings.db_dir)
+        resolver = ExistingUsersResolver(
+            resolver,
+            settings.db_dir,
+            check_owner=placement.check_owner if placement else None,
+            in_cluster=placement.in_cluster if placement else None,
+        )
     return resolver, health
 
 

@@ -155,21 +155,46 @@ class ExistingUsersResolver:
 
     One stat per request (~1 µs), not a cache: a user removed by an operator (hold, delete
     the directory, release) is refused from the next request on.
+
+    In a cluster (docs/scale-out.md) a user's directory is on one node only, and
+    ``check_owner(userId)`` (`stcs.placement.Placement.check_owner`) raises NotOwnerError for a
+    user the ring places on another node: such a user, absent here, is refused as misrouted
+    (503 + ``Retry-After``: the router or a move will bring them to their node), not as
+    unknown; and `resolve_anywhere` (``GET /auth``, which the router asks of any node)
+    does not look for the directory at all — the node the ring gives the user to does.
     """
 
-    def __init__(self, inner: Resolver, db_dir: Path) -> None:
+    def __init__(
+        self,
+        inner: Resolver,
+        db_dir: Path,
+        check_owner: Callable[[str], None] | None = None,
+        in_cluster: Callable[[], bool] | None = None,
+    ) -> None:
         self._inner = inner
         self._db_dir = str(db_dir)
+        self._check_owner = check_owner
+        self._in_cluster = in_cluster
 
     async def resolve(self, token: str, client: Client | None = None) -> str:
-        """The user id of ``token`` if that user exists.  Raises what ``inner`` raises, and
-        AuthError for a user with no directory."""
+        """The user id of ``token`` if that user exists here.  Raises what ``inner`` raises,
+        NotOwnerError for a user absent here whom the ring places on another node, and
+        UnknownUserError (AuthError) for a user with no directory."""
         user_id = validate_user_id(await self._inner.resolve(token, client))  # a name before a stat
         # One stat of a local directory (~1 µs): cheaper inline than any hand-off to a thread.
         if not os.path.isdir(os.path.join(self._db_dir, user_id)):  # noqa: ASYNC240
+            if self._check_owner is not None:
+                self._check_owner(user_id)
             log.debug("unknown user refused", user_id=user_id)
             raise UnknownUserError("unknown user")
         return user_id
+
+    async def resolve_anywhere(self, token: str, client: Client | None = None) -> str:
+        """For ``GET /auth``: in a cluster, the user id of ``token`` wherever the user lives
+        (no directory check); on a single node, `resolve`."""
+        if self._in_cluster is not None and self._in_cluster():
+            return validate_user_id(await self._inner.resolve(token, client))
+        return await self.resolve(token, client)
 
 
 def create_user(db_dir: Path, user_id: str) -> bool:

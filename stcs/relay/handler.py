@@ -116,7 +116,10 @@ class Handler:
         request = cycle.request
         try:
             token = extract_token(request.special)
-            user_id = validate_user_id(await state.resolver.resolve(token, cycle.conn))
+            resolver = state.resolver
+            # In a cluster the router asks any node: the user may live on another one.
+            resolve = getattr(resolver, "resolve_anywhere", resolver.resolve)
+            user_id = validate_user_id(await resolve(token, cycle.conn))
             cycle.user_id = user_id
             if user_id in state.blocklist:
                 raise UserBlockedError("this user is blocked")
