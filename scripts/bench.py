@@ -379,10 +379,55 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
+            if body is not None and connections > 1:
+                PACED_ROWS[:] = paced(targets, procs, runs, cpu_us, rounds, seconds, auth)
+                for row in PACED_ROWS:
+                    print(row, flush=True)
         targets = {"direct": direct, "nginx": nginx, "stcs": base}
         BULK_ROWS[:] = bulk({k: v for k, v in targets.items() if v}, procs, auth, col.id)
         for row in BULK_ROWS:
             print(row, flush=True)
+    return rows
+
+
+PACED_ROWS: list[str] = []
+
+
+def paced(
+    targets: dict[str, str | None],
+    procs: dict[str, psutil.Process],
+    query_runs: dict[str, list[Wrk]],
+    query_cpu: dict[str, list[float]],
+    rounds: int,
+    seconds: int,
+    auth: dict[str, str],
+) -> list[str]:
+    """The body's own cost (issue 24): heartbeats through each proxy *paced* to the rate the
+    query ran at through it (wrk's ``delay``), so that both requests are measured at the same
+    rate.  A proxy's CPU per request depends on the rate: at thousands of requests a second one
+    wake-up of the event loop serves several requests and the caches stay warm; at a query's
+    few hundred each request pays its own wake-ups with cold caches.  Comparing a query with a
+    heartbeat at full speed therefore counts that, not the body.  Rows: per proxy, CPU µs per
+    paced heartbeat, per query, and the difference."""
+    rows = []
+    for key in ("stcs", "nginx"):
+        url = targets.get(key)
+        if not url or key not in procs or not query_cpu.get(key):
+            continue
+        rate = statistics.median(r.rps for r in query_runs[key])
+        # Each of the 8 connections waits `delay` ms after each answer (a heartbeat answers in
+        # well under a millisecond): 8 connections at the query's rate.
+        lua = f"function delay() return {max(1, round(8 * 1000 / rate))} end\n"
+        runs, cpu = interleaved(
+            {key: f"{url}/api/v2/heartbeat"}, {key: procs[key]}, rounds, seconds, auth, None, 8, lua
+        )
+        hb = statistics.median(cpu[key])
+        query = statistics.median(query_cpu[key])
+        got = statistics.median(r.rps for r in runs[key])
+        rows.append(
+            f"| {key} | {rate:,.0f} / {got:,.0f} | {_cpu(cpu, key)} | {_cpu(query_cpu, key)} | "
+            f"**{query - hb:+.0f}** |"
+        )
     return rows
 
 
@@ -430,19 +475,21 @@ def interleaved(
     headers: dict[str, str],
     body: str | None,
     connections: int,
+    script: str = "",
 ) -> tuple[dict[str, list[Wrk]], dict[str, list[float]]]:
     """``rounds`` rounds of wrk on each of ``urls`` in turn (after a 1 s warm-up each): the
     results per key, and for each key of ``procs`` (``"stcs"``, ``"nginx"``) that process
-    tree's CPU µs (user + system) per request in its rounds."""
+    tree's CPU µs (user + system) per request in its rounds.  ``script``: wrk Lua added to
+    each run (a ``delay`` to pace it)."""
     runs: dict[str, list[Wrk]] = {key: [] for key in urls}
     cpu_us: dict[str, list[float]] = {key: [] for key in procs}
     for url in urls.values():
-        wrk(url, 1, headers, body, connections)  # warm-up
+        wrk(url, 1, headers, body, connections, script)  # warm-up
     for _ in range(rounds):
         for key, url in urls.items():
             tree = key != "stcs"
             before = tree_cpu_s(procs[key], tree) if key in procs else 0.0
-            result = wrk(url, seconds, headers, body, connections)
+            result = wrk(url, seconds, headers, body, connections, script)
             runs[key].append(result)
             if key in procs:
                 used = tree_cpu_s(procs[key], tree) - before
@@ -910,6 +957,18 @@ def render(sections: dict[str, list[str]], took: float) -> str:
             "stcs CPU (µs/req) | nginx CPU (µs/req) | errors |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(sections["throughput"])
+            + "\n"
+        )
+    if PACED_ROWS:
+        parts.append(
+            "## The body's own cost: query against heartbeat at the same rate (issue 24)\n\n"
+            "The query row above against heartbeats paced (wrk `delay`, 8 connections) to the "
+            "rate the query ran at through the same proxy, in the same run: a proxy's CPU per "
+            "request falls as the rate rises (one event-loop wake-up serves several requests, "
+            "caches stay warm), so only requests at one rate compare what a body costs.\n\n"
+            "| proxy | query req/s / paced heartbeat req/s | CPU per paced heartbeat (µs) | "
+            "CPU per query (µs) | query - heartbeat (µs) |\n|---|---|---|---|---|\n"
+            + "\n".join(PACED_ROWS)
             + "\n"
         )
     if BULK_ROWS:
