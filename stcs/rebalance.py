@@ -505,6 +505,7 @@ def _pass_one(
                 continue
             src, dst = admins[move["from"]], admins[move["to"]]
             try:
+                _check_target(dst, user)
                 dst.request("PUT", f"/admin/users/{user}/placement", body={"state": "arriving"})
                 manifest, size, files = copy_pass(src, dst, user, bar)
             except OperationError as exc:
@@ -518,6 +519,23 @@ def _pass_one(
             state.save()
     finally:
         bar.close()
+
+
+def _check_target(dst: NodeAdmin, user: str) -> None:
+    """Raise OperationError when ``dst`` serves ``user`` with data of its own (a copy the plan
+    could not see: the new node is not surveyed): it is never overwritten.  An ``arriving``
+    copy (ours, partial) or a ``moved`` one (stale, from an earlier move) is."""
+    try:
+        found = dst.request("GET", f"/admin/users/{user}/manifest")
+    except OperationError as exc:
+        if " 404 " in str(exc):
+            return
+        raise
+    if found.get("placement") == "home" and found.get("files"):
+        raise OperationError(
+            f"{dst.node} already serves {user} with {len(found['files'])} files of its own: "
+            "keep one copy first (mark it arriving there to have it replaced)"
+        )
 
 
 def _pass_two(

@@ -49,6 +49,9 @@ FREE_MARGIN_BYTES = 64 << 20  # an import leaves at least this much free on dbPa
 MAX_PATH = 4096  # bytes of a relative path (PATH_MAX)
 BLOCK = tarfile.BLOCKSIZE
 
+# What walking to a member's place fails with when a symlink or a file is on the way, or a
+# directory has the file's name.
+_NOT_BENEATH = frozenset((errno.ELOOP, errno.ENOTDIR, errno.EISDIR))
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -304,16 +307,24 @@ def import_tar(user_dir: str, stream: io.RawIOBase) -> ImportReport:
         with tarfile.open(fileobj=buffered, mode="r|", errorlevel=2) as tar:
             for member in tar:
                 parts = check_relpath(member.name)
-                if member.isdir():
-                    os.close(walk_dirs(root, parts, create=True))
-                    continue
-                if not member.isreg() or member.issparse():
+                if not (member.isdir() or member.isreg()) or member.issparse():
                     raise BadAdminRequestError(
                         f"{member.name!r}: only regular files and directories are imported"
                     )
-                source = tar.extractfile(member)
-                assert source is not None  # a regular member always has one
-                _write_member(root, parts, member, source)
+                try:
+                    if member.isdir():
+                        os.close(walk_dirs(root, parts, create=True))
+                        continue
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular member always has one
+                    _write_member(root, parts, member, source)
+                except OSError as exc:
+                    if exc.errno not in _NOT_BENEATH:
+                        raise
+                    raise BadAdminRequestError(
+                        f"{member.name!r}: not a path inside the user's directory "
+                        f"({exc.strerror}: a symlink or a file on the way)"
+                    ) from None
                 report.files += 1
                 report.bytes += member.size
     except (tarfile.TarError, EOFError) as exc:
