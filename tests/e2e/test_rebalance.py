@@ -11,7 +11,7 @@ import os
 import signal
 import tarfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import chromadb
@@ -60,18 +60,22 @@ def client(node: StcsServer, user: str) -> chromadb.api.ClientAPI:
     )
 
 
+def rows(i: int, n: int) -> Sequence[float]:
+    return [float(i), float(n - i), 1.0, 0.5]
+
+
 def fill(node: StcsServer, user: str, n: int) -> None:
     col = client(node, user).get_or_create_collection("docs")
     col.upsert(
         ids=[f"{user[:8]}-{i}" for i in range(n)],
-        embeddings=[[float(i), float(n - i), 1.0, 0.5] for i in range(n)],
+        embeddings=[rows(i, n) for i in range(n)],
         documents=[f"doc {i} of {user}" for i in range(n)],
     )
 
 
 def look(node: StcsServer, user: str) -> tuple[int, list[str]]:
     col = client(node, user).get_collection("docs")
-    hits = col.query(query_embeddings=[[3.0, 1.0, 1.0, 0.5]], n_results=3)
+    hits = col.query(query_embeddings=[rows(3, 4)], n_results=3)
     return col.count(), hits["ids"][0]
 
 

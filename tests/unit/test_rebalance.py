@@ -27,7 +27,7 @@ def f(path: str, size: int, mtime: int) -> dict[str, object]:
 def test_a_pass_copies_what_differs_and_prunes_what_the_source_lacks() -> None:
     source = [f("a", 1, 10), f("b", 2, 20), f("c", 3, 30)]
     target = [f("a", 1, 10), f("b", 2, 21), f("old", 9, 1)]
-    copy, prune = delta(source, target)  # type: ignore[arg-type]
+    copy, prune = delta(source, target)
     assert [x["path"] for x in copy] == ["b", "c"]
     assert prune == ["old"]
 
@@ -37,10 +37,10 @@ def test_pass_two_copies_again_a_file_written_in_pass_ones_tick() -> None:
     the same clock tick as pass 1's read would otherwise be missed."""
     taken = 100 * RECENT_NS
     same = [f("quiet", 5, taken - 3 * RECENT_NS), f("recent", 5, taken - RECENT_NS // 2)]
-    copy, prune = delta(same, same, recent_since_ns=taken - RECENT_NS)  # type: ignore[arg-type]
+    copy, prune = delta(same, same, recent_since_ns=taken - RECENT_NS)
     assert [x["path"] for x in copy] == ["recent"]
     assert prune == []
-    assert delta(same, same) == ([], [])  # type: ignore[arg-type]
+    assert delta(same, same) == ([], [])
 
 
 def test_state_file_resumes_the_same_change_and_refuses_another(tmp_path: Path) -> None:
