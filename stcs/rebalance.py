@@ -44,6 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +59,7 @@ from stcs.localfiles import private_partial, publish
 HOLD_TTL_S = 600  # a hold this process forgets (killed) ends by itself: the user serves again
 HOLD_REFRESH_S = 60  # holds are renewed this often during pass 2
 HOLD_DRAIN_S = 60  # requests in flight on a source may finish for this long
+HOLD_PARALLEL = 8  # hold calls in flight at once
 RECENT_NS = 2_000_000_000  # pass 2 copies files this recent again whatever their size, mtime
 RELOAD_TIMEOUT_S = 120
 PATHS_PER_CALL = 1000  # paths per export or prune call (a JSON body of ~100 kB)
@@ -283,9 +285,17 @@ class Holds:
             timeout=HOLD_DRAIN_S + 60,
         )
 
-    def hold(self, user: str) -> None:
-        self.since.setdefault(user, time.monotonic())
-        self._hold(user)
+    def hold_all(self, users: list[str]) -> None:
+        """Hold ``users``, at most `HOLD_PARALLEL` calls at once (each waits for the user's
+        requests in flight and the stop of its chroma: one after the other, the first user
+        would wait for every other's).  Raises OperationError (the first failure; the holds
+        taken stay recorded, for `release_all`)."""
+        now = time.monotonic()
+        for user in users:
+            self.since.setdefault(user, now)
+        with ThreadPoolExecutor(max_workers=min(HOLD_PARALLEL, max(1, len(users)))) as pool:
+            for _ in pool.map(self._hold, users):
+                pass
         self._renewed = time.monotonic()
 
     def refresh(self) -> None:
@@ -456,8 +466,7 @@ def rebalance(
             _notify(options, "pass1")
             step = HOLD
         if step == HOLD:
-            for user in moves:
-                holds.hold(user)
+            holds.hold_all(list(moves))
             _notify(options, "hold")
             _pass_two(state, admins, holds, report, options)
             if report.failed:

@@ -155,7 +155,6 @@ def test_rebalance_two_to_three_moves_users_with_their_data_then_cleanup(
     done = cli_rebalance(tmp_path, old, new, router)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"moved {len(move)} users" in done.stdout
-    print(done.stdout)
 
     for user in move:
         target, source = by_name[ring_new.owner(user)], by_name[ring_old.owner(user)]

@@ -105,8 +105,8 @@ def test_a_node_list_set_by_a_rebalance_wins_until_the_config_changes(tmp_path: 
     current = [Settings(db_path=str(tmp_path), cluster_nodes=",".join(NODES), cluster_self=ME)]
     layout = Layout(tmp_path)
     placement = Placement(lambda: current[0], layout)
-    four = NODES + ["10.0.0.14:8000"]
-    new_here = [u for u in users_owned(ME, 200) if Ring.of(four).owner(u) != ME][0]
+    four = [*NODES, "10.0.0.14:8000"]
+    new_here = next(u for u in users_owned(ME, 200) if Ring.of(four).owner(u) != ME)
     placement.admit_start(new_here)  # owned by ME under the three-node ring
     placement.set_nodes(",".join(four))
     assert placement.view()["nodes"] == four and placement.view()["nodesFrom"] == "rebalance"
@@ -115,8 +115,9 @@ def test_a_node_list_set_by_a_rebalance_wins_until_the_config_changes(tmp_path: 
 
     restarted = Placement(lambda: current[0], layout)  # a restart keeps it
     assert restarted.nodes() == (",".join(four), "rebalance")
-    current[0] = dataclasses.replace(current[0], cluster_nodes=",".join(NODES[:2] + [ME]))
-    assert restarted.nodes() == (",".join(NODES[:2] + [ME]), "config")
+    edited = f"{ME},10.0.0.15:8000"  # the operator edits clusterNodes: the config wins
+    current[0] = dataclasses.replace(current[0], cluster_nodes=edited)
+    assert restarted.nodes() == (edited, "config")
     assert "nodes" not in json.loads(layout.cluster_state.read_text())  # dropped for good
     current[0] = dataclasses.replace(current[0], cluster_nodes=",".join(NODES))
     assert restarted.nodes() == (",".join(NODES), "config")
