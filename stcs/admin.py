@@ -16,6 +16,11 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
   marked arriving or moved away (`stcs.placement`).
 * ``PUT /admin/users/{userId}/placement`` — mark a user ``arriving``, ``moved`` (``"to"``:
   the node) or ``home`` (clears the mark); the user's instance is stopped first.
+* ``PUT /admin/cluster`` — set this node's node list at run time (a rebalance's switch).
+* ``GET /admin/users/{userId}/manifest``, ``POST …/export``, ``POST …/import``, ``POST
+  …/prune``, ``DELETE …/data`` — copy a user's files between nodes (`stcs.transfer`): import
+  and prune only into a user marked ``arriving`` here, data removal only of one marked
+  ``moved``.
 * ``POST /admin/users/{userId}/hold[?ttl=S&drainTimeout=S]`` — hold a user for maintenance
   (backup, restore): the instance stops after its requests in flight, new requests wait; the hold
   ends with ``DELETE`` or after ``ttl`` seconds (default 600).
@@ -24,9 +29,12 @@ KEY``; 404 while no key is configured, 403 on a wrong one):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,16 +42,20 @@ import psutil
 import structlog
 from aiohttp import web
 
+from stcs import transfer
 from stcs.auth import USER_ID_RE, create_user, normalize_user_id, verify_admin_key
-from stcs.datadir import tree_bytes
+from stcs.datadir import lock_file, tree_bytes, unlock_file
 from stcs.errors import (
     BadAdminRequestError,
     InvalidUserIdError,
     NoInstanceError,
+    NoUserDataError,
+    PlacementConflictError,
 )
+from stcs.layout import Layout
 from stcs.memory import system_memory, tree_pss
 from stcs.metrics import CONTENT_TYPE
-from stcs.placement import HOME, STATES, Placement
+from stcs.placement import ARRIVING, HOME, MOVED, STATES, Placement
 from stcs.quotas import Quotas, check_overrides
 from stcs.snapshot import InstanceView, Phase
 from stcs.state import STATE, State
@@ -389,6 +401,193 @@ async def user_placement(request: web.Request) -> web.Response:
     return web.json_response({"userId": user_id, "state": mark, "stopped": stopped})
 
 
+async def set_cluster(request: web.Request) -> web.Response:
+    """``PUT /admin/cluster`` with ``{"nodes": "HOST:PORT,…"}``: use this node list from now
+    on (`Placement.set_nodes`: kept in ``cluster.json``, in force until ``clusterNodes``
+    changes in ``config.yml``); answers as ``GET``.  400 for a bad list or on a node that is
+    not in a cluster."""
+    placement = _placement(_state(request))
+    try:
+        body = await request.json()
+        nodes = body["nodes"]
+        if not isinstance(nodes, str):
+            raise ValueError("nodes must be a string")
+        await asyncio.to_thread(placement.set_nodes, nodes)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadAdminRequestError(f'expected {{"nodes": "HOST:PORT,…"}}: {exc}') from None
+    log.warning("cluster node list set", nodes=placement.run_nodes)
+    return web.json_response(placement.view())
+
+
+# -- a user's files, copied between nodes (stcs.transfer) ----------------------------------
+
+
+def _mark(state: State, user_id: str) -> str:
+    return state.placement.state_of(user_id) if state.placement is not None else HOME
+
+
+@contextlib.contextmanager
+def _transfer(state: State, user_id: str, required: str | None) -> Iterator[None]:
+    """One data call at a time per user, and only in placement mark ``required`` (None: any).
+    Raises PlacementConflictError."""
+    placement = _placement(state)
+    if required is not None and placement.state_of(user_id) != required:
+        raise PlacementConflictError(
+            f"{user_id} is not marked {required} on this node "
+            f"(it is {placement.state_of(user_id)}): refused"
+        )
+    if user_id in placement.transfers:
+        raise PlacementConflictError(f"another data call for {user_id} is under way")
+    placement.transfers.add(user_id)
+    try:
+        yield
+    finally:
+        placement.transfers.discard(user_id)
+
+
+async def _paths(request: web.Request) -> list[tuple[str, ...]]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadAdminRequestError('expected {"paths": [relative path, ...]}') from None
+    return transfer.check_paths(body.get("paths") if isinstance(body, dict) else None)
+
+
+async def user_manifest(request: web.Request) -> web.Response:
+    """``GET /admin/users/{userId}/manifest``: ``{"userId", "takenAtNs": int (this node's
+    wall clock in ns, read before the walk), "files": [{"path", "size": bytes, "mtimeNs":
+    int}], "blocked": bool, "limits": {key: value} (the overrides), "placement": mark}``
+    (`transfer.manifest`: regular files only, no symlink followed).  404 ``NotFoundError``
+    when the user has no directory here, unless marked ``arriving`` (an empty list)."""
+    state = _state(request)
+    user_id = _user_id(request)
+    mark = _mark(state, user_id)
+    taken = time.time_ns()
+    try:
+        files = await asyncio.to_thread(transfer.manifest, str(state.settings.db_dir / user_id))
+    except OSError as exc:
+        raise BadAdminRequestError(
+            f"{user_id}'s directory cannot be read: {exc.strerror}"
+        ) from None
+    if files is None:
+        if mark != ARRIVING:
+            raise NoUserDataError(f"no data for {user_id} on this node")
+        files = []
+    return web.json_response(
+        {
+            "userId": user_id,
+            "takenAtNs": taken,
+            "files": files,
+            "blocked": user_id in state.blocklist,
+            "limits": state.quotas.overrides.users.get(user_id, {}),
+            "placement": mark,
+        }
+    )
+
+
+async def user_export(request: web.Request) -> web.StreamResponse:
+    """``POST /admin/users/{userId}/export`` with ``{"paths": [...]}``: the files as an
+    uncompressed PAX tar, streamed (`transfer.ExportStream`: each member's mtime in ns as
+    ``STCS.mtime_ns``).  400 for a path outside the user's directory or not a regular file
+    (before any byte is sent); 404 when the user has no directory here."""
+    state = _state(request)
+    user_id = _user_id(request)
+    export = transfer.ExportStream(str(state.settings.db_dir / user_id), await _paths(request))
+    try:
+        await asyncio.to_thread(export.check)
+    except FileNotFoundError:
+        raise NoUserDataError(f"no data for {user_id} on this node") from None
+    except OSError as exc:
+        raise BadAdminRequestError(
+            f"{user_id}'s directory cannot be read: {exc.strerror}"
+        ) from None
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    await response.prepare(request)
+    pieces = export.pieces()
+    try:
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            await response.write(piece)
+    finally:
+        await asyncio.to_thread(pieces.close)
+    await response.write_eof()
+    log.info("user exported", user_id=user_id, files=export.files, bytes=export.bytes)
+    return response
+
+
+async def user_import(request: web.Request) -> web.Response:
+    """``POST /admin/users/{userId}/import`` with a tar body (as ``…/export`` sends it):
+    extract it into the user's directory (`transfer.import_tar`; files 0600 written to a
+    temporary name and renamed over, mtime from ``STCS.mtime_ns``; directories 0700).  Only
+    for a user marked ``arriving`` here (else 409: a served or stale copy is never
+    overwritten).  ``{"userId", "files": n, "bytes": n}``.  400 for a member that is not a
+    regular file or directory or whose path escapes, 507 when the disk lacks the room."""
+    state = _state(request)
+    user_id = _user_id(request)
+    with _transfer(state, user_id, ARRIVING):
+        db_dir = str(state.settings.db_dir)
+        if request.content_length is not None:
+            fd = os.open(db_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                transfer.check_free(fd, request.content_length)
+            finally:
+                os.close(fd)
+        reader = transfer.BodyReader(request.content, asyncio.get_running_loop())
+        report = await asyncio.to_thread(transfer.import_tar, os.path.join(db_dir, user_id), reader)
+    log.info("user imported", user_id=user_id, files=report.files, bytes=report.bytes)
+    return web.json_response({"userId": user_id, "files": report.files, "bytes": report.bytes})
+
+
+async def user_prune(request: web.Request) -> web.Response:
+    """``POST /admin/users/{userId}/prune`` with ``{"paths": [...]}``: delete those files,
+    then the directories left empty (`transfer.prune`).  Only for a user marked ``arriving``
+    here (else 409).  ``{"userId", "removed": n}``; 400 for a path outside the directory."""
+    state = _state(request)
+    user_id = _user_id(request)
+    paths = await _paths(request)
+    with _transfer(state, user_id, ARRIVING):
+        removed = await asyncio.to_thread(
+            transfer.prune, str(state.settings.db_dir / user_id), paths
+        )
+    log.info("user pruned", user_id=user_id, removed=removed)
+    return web.json_response({"userId": user_id, "removed": removed})
+
+
+def _remove_copy(layout: Layout, user_id: str) -> bool:
+    """Rename the user's directory into ``.stcs`` (so no request can ever see half of it),
+    then delete it; under the user's directory lock.  Whether there was one.  Raises
+    PlacementConflictError when a process holds the lock, OSError."""
+    layout.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = lock_file(layout.user_lock(user_id))
+    except BlockingIOError:
+        raise PlacementConflictError(f"{user_id}'s directory is open by a process") from None
+    try:
+        trash = layout.removed_copy(user_id, time.time_ns())
+        try:
+            os.rename(layout.user_dir(user_id), trash)
+        except FileNotFoundError:
+            return False
+    finally:
+        unlock_file(fd, layout.user_lock(user_id))
+    shutil.rmtree(trash)
+    return True
+
+
+async def user_data_delete(request: web.Request) -> web.Response:
+    """``DELETE /admin/users/{userId}/data``: remove the old copy of a user marked ``moved``
+    (`stcs cluster cleanup`), then clear the mark (the user is then one this node never saw:
+    the ring decides).  409 for a user not marked ``moved``.  ``{"userId", "removed": bool}``.
+    """
+    state = _state(request)
+    user_id = _user_id(request)
+    placement = _placement(state)
+    with _transfer(state, user_id, MOVED):
+        removed = await asyncio.to_thread(_remove_copy, Layout(state.settings.db_dir), user_id)
+        await asyncio.to_thread(placement.set_state, user_id, HOME)
+    log.warning("old copy removed", user_id=user_id, removed=removed)
+    return web.json_response({"userId": user_id, "removed": removed})
+
+
 async def add_user(request: web.Request) -> web.Response:
     """``PUT /admin/users/{userId}``: create the user's directory (0700), for
     ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed)."""
@@ -407,6 +606,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/instances/{user_id}", stop_instance)
     app.router.add_get("/admin/users", list_users)
     app.router.add_get("/admin/cluster", cluster_view)
+    app.router.add_put("/admin/cluster", set_cluster)
+    app.router.add_get("/admin/users/{user_id}/manifest", user_manifest, allow_head=False)
+    app.router.add_post("/admin/users/{user_id}/export", user_export)
+    app.router.add_post("/admin/users/{user_id}/import", user_import)
+    app.router.add_post("/admin/users/{user_id}/prune", user_prune)
+    app.router.add_delete("/admin/users/{user_id}/data", user_data_delete)
     app.router.add_put("/admin/users/{user_id}/placement", user_placement)
     app.router.add_put("/admin/users/{user_id}", add_user)
     app.router.add_route("POST", "/admin/users/{user_id}/block", block_user)

@@ -69,6 +69,9 @@ HTTP: dict[type, tuple[int, str]] = {
     e.AdminForbiddenError: (403, "AuthorizationError"),
     e.BadAdminRequestError: (400, "InvalidArgumentError"),
     e.NoInstanceError: (404, "NotFoundError"),
+    e.NoUserDataError: (404, "NotFoundError"),
+    e.PlacementConflictError: (409, "InvalidArgumentError"),
+    e.InsufficientStorageError: (507, "InternalError"),
 }
 
 

@@ -4,6 +4,10 @@
   (``GET /admin/users``) which users it holds, computes each user's owner under the new node
   list with nginx's own consistent hash (`stcs.ring`) and prints who moves where, with the
   bytes to copy.
+* ``stcs cluster rebalance --from … --to … --router-config PATH --reload-command CMD
+  [--dry-run] [--state FILE] [--yes]``: carries the plan out (`stcs.rebalance`).
+* ``stcs cluster cleanup --nodes … [--dry-run]``: removes the old copies of moved users whose
+  new node serves them.
 
 Nodes are named ``HOST:PORT`` exactly as the router's upstream block names them (the ring
 hashes that text: ``10.0.0.11:8000`` and ``node-a:8000`` are different rings).  Each node's
@@ -37,6 +41,7 @@ class NodeAdmin(AdminClient):
         self._key = admin_key
         self._context = None
         self.node = node
+        self.key = admin_key
 
 
 @dataclass
@@ -146,10 +151,52 @@ def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
     plan.add_argument("--from", dest="old", required=True, metavar="HOST:PORT,…")
     plan.add_argument("--to", dest="new", required=True, metavar="HOST:PORT,…")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    move = verbs.add_parser(
+        "rebalance",
+        parents=[settings],
+        help="move the users a node-list change moves, then switch the router",
+        description="Copy each moving user to its new node while it serves, hold the moving "
+        "users, copy what changed, render the router for --to and run --reload-command, then "
+        "release. Safe to interrupt and run again (--state). Old copies stay until "
+        "`stcs cluster cleanup`.",
+    )
+    move.add_argument("--from", dest="old", required=True, metavar="HOST:PORT,…")
+    move.add_argument("--to", dest="new", required=True, metavar="HOST:PORT,…")
+    move.add_argument(
+        "--router-config",
+        required=True,
+        metavar="PATH",
+        help="the router file `stcs render nginx-cluster -o` wrote (rendered again for --to)",
+    )
+    move.add_argument(
+        "--reload-command",
+        required=True,
+        metavar="CMD",
+        help="shell command that reloads the router, e.g. 'nginx -s reload'",
+    )
+    move.add_argument("--dry-run", action="store_true", help="print the plan and the steps only")
+    move.add_argument(
+        "--state",
+        default="stcs-rebalance.json",
+        metavar="FILE",
+        help="where the run records its steps (default ./stcs-rebalance.json)",
+    )
+    move.add_argument("--yes", action="store_true", help="do not ask before starting")
+    clean = verbs.add_parser(
+        "cleanup",
+        parents=[settings],
+        help="remove old copies of moved users whose new node serves them",
+    )
+    clean.add_argument("--nodes", required=True, metavar="HOST:PORT,…")
+    clean.add_argument("--dry-run", action="store_true", help="say what would be removed")
 
 
 def main(resolved: Resolved, args: argparse.Namespace) -> int:
     """Run ``stcs cluster``; the exit code."""
+    if args.cluster_command == "rebalance":
+        return _rebalance(resolved, args)
+    if args.cluster_command == "cleanup":
+        return _cleanup(resolved, args)
     try:
         old, new = parse_nodes(args.old), parse_nodes(args.new)
     except ValueError as exc:
@@ -190,3 +237,56 @@ def print_plan(plan: Plan) -> None:
         print(
             f"warning: {user} is on {on} but the current ring routes it to {owner}", file=sys.stderr
         )
+
+
+def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stcs.rebalance import RebalanceOptions, RebalanceRefused, rebalance
+
+    try:
+        old, new = parse_nodes(args.old), parse_nodes(args.new)
+    except ValueError as exc:
+        print(f"stcs cluster: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if old == new:
+        print("stcs cluster rebalance: --from and --to are the same list", file=sys.stderr)
+        return EXIT_USAGE
+    options = RebalanceOptions(
+        router_config=Path(args.router_config),
+        reload_command=args.reload_command,
+        state_path=Path(args.state),
+        dry_run=args.dry_run,
+    )
+    if not (args.yes or args.dry_run or Path(args.state).exists()):
+        if not sys.stdin.isatty():
+            print("stcs cluster rebalance: pass --yes (or --dry-run first)", file=sys.stderr)
+            return EXIT_USAGE
+        answer = input(f"move users from {args.old} to {args.new}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            return EXIT_USAGE
+    try:
+        report = rebalance(old, new, resolved.settings.admin_api_key, resolved.settings, options)
+    except RebalanceRefused as exc:
+        print(f"stcs cluster rebalance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OperationError as exc:
+        print(f"stcs cluster rebalance: {exc} (run again to resume)", file=sys.stderr)
+        return EXIT_FAILURE
+    return report.exit_code
+
+
+def _cleanup(resolved: Resolved, args: argparse.Namespace) -> int:
+    from stcs.rebalance import cleanup
+
+    try:
+        nodes = parse_nodes(args.nodes)
+    except ValueError as exc:
+        print(f"stcs cluster: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cleanup(nodes, resolved.settings.admin_api_key, dry_run=args.dry_run)
+    except OperationError as exc:
+        print(f"stcs cluster cleanup: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -8,7 +8,9 @@ point there) and use ``{{name}}`` placeholders: nginx and Apache both use ``$`` 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import re
 import string
 from collections.abc import Callable
@@ -133,7 +135,61 @@ def render(kind: str, settings: Settings, options: RenderOptions | None = None) 
         check_values(block_text, settings, opts)
         values["proxy_block"] = _Template(block_text).substitute(values)
     check_values(template, settings, opts)
-    return _Template(template).substitute(values)
+    text = _Template(template).substitute(values)
+    if kind == "nginx-cluster":
+        text = render_record(settings, opts) + text
+    return text
+
+
+# -- what a cluster router was rendered with (`stcs cluster rebalance` renders it again) --------
+
+RECORD_PREFIX = "# stcs-render: "
+
+
+def render_record(settings: Settings, options: RenderOptions) -> str:
+    """The comment line recording what ``nginx-cluster`` was rendered with: the options and the
+    settings the template reads (``appName``, ``maxBodySize``, ``webServerHost``), as JSON, so
+    ``stcs cluster rebalance`` renders the same router with another node list."""
+    doc = {
+        "kind": "nginx-cluster",
+        "listen": options.listen,
+        "nodes": list(options.nodes),
+        "adminFrom": list(options.admin_from),
+        "appName": settings.app_name,
+        "maxBodySize": settings.max_body_size,
+        "webServerHost": settings.web_server_host,
+    }
+    return RECORD_PREFIX + json.dumps(doc, separators=(",", ":")) + "\n"
+
+
+def read_record(text: str, settings: Settings) -> tuple[Settings, RenderOptions]:
+    """``(settings, options)`` to render the router again, from the `render_record` line of
+    the file ``text`` (``settings``: the rest of the settings).  Raises ConfigError when the
+    file has no such line or it is unreadable."""
+    for line in text.splitlines():
+        if line.startswith(RECORD_PREFIX):
+            try:
+                doc = json.loads(line[len(RECORD_PREFIX) :])
+                recorded = dataclasses.replace(
+                    settings,
+                    app_name=str(doc["appName"]),
+                    max_body_size=int(doc["maxBodySize"]),
+                    web_server_host=str(doc["webServerHost"]),
+                )
+                options = RenderOptions(
+                    listen=str(doc["listen"]),
+                    nodes=tuple(str(n) for n in doc["nodes"]),
+                    admin_from=tuple(str(n) for n in doc["adminFrom"]),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"the {RECORD_PREFIX.strip()} line is unreadable: {exc}"
+                ) from None
+            return recorded, options
+    raise ConfigError(
+        f"no '{RECORD_PREFIX.strip()}' line: render this file with this version's "
+        "`stcs render nginx-cluster` first (it records its options there)"
+    )
 
 
 def _networks(values: tuple[str, ...]) -> list[str]:

@@ -206,3 +206,19 @@ class BadAdminRequestError(RequestError):
 
 class NoInstanceError(RequestError):
     """An admin call about a user whose instance is not running."""
+
+
+class NoUserDataError(RequestError):
+    """An admin call about a user with no data directory on this node (``GET
+    /admin/users/{userId}/manifest``)."""
+
+
+class PlacementConflictError(RequestError):
+    """An admin data call the user's placement mark forbids (`stcs.transfer`): an import or a
+    prune into a user not marked ``arriving`` here (never overwrite a served or stale copy), a
+    data removal for a user not marked ``moved``, or another such call for the user under way."""
+
+
+class InsufficientStorageError(RequestError):
+    """An import refused: the disk holding ``dbPath`` has less free space than the data
+    announced plus a margin (`stcs.transfer.FREE_MARGIN_BYTES`); the message gives both."""

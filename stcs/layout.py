@@ -16,6 +16,7 @@ dot, `stcs.auth.USER_ID_RE`)::
         limits.json              per-user limit overrides
         cluster.json             users arriving here or moved away in a move (`stcs.placement`)
         restore-<userId>-<pid>/  a restore being staged; replaced-<userId>-<pid>/ what it replaced
+        removed-<userId>-<ns>/   an old copy being deleted (`DELETE /admin/users/{userId}/data`)
 """
 
 from __future__ import annotations
@@ -71,3 +72,6 @@ class Layout:
 
     def restore_trash(self, user_id: str, pid: int) -> Path:
         return self.state_dir / f"replaced-{user_id}-{pid}"
+
+    def removed_copy(self, user_id: str, stamp: int) -> Path:
+        return self.state_dir / f"removed-{user_id}-{stamp}"

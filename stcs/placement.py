@@ -13,6 +13,12 @@ The rule (issue 21; docs/scale-out.md): a node never creates or serves a user it
   before anything is created (a router with another node list, or a move in progress,
   sent them here).
 
+The node list is ``clusterNodes`` unless a rebalance set another at run time (``PUT
+/admin/cluster``, `Placement.set_nodes`): that list is kept in ``cluster.json`` with the
+``clusterNodes`` it replaced, and wins while ``config.yml`` still says that; once the operator
+changes ``clusterNodes`` (start or SIGHUP reload) the config wins and the stored list is
+dropped ("the newest change wins").
+
 Refusals are `errors.NotOwnerError` and `errors.UserMovingError` (503 ``InternalError`` with
 ``Retry-After``, `stcs.answers`).  The per-user marks are set by the rebalance through the
 admin API (``PUT /admin/users/{userId}/placement``) and persisted in
@@ -31,10 +37,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from stcs.config import Settings
 from stcs.errors import NotOwnerError, UserMovingError
 from stcs.layout import Layout
 from stcs.ring import Ring, parse_nodes
+
+log = structlog.get_logger("stcs.placement")
 
 RETRY_AFTER_S = 5  # a move's hold is short; a misrouted user waits for the router's reload
 
@@ -60,13 +70,55 @@ class Placement:
             saved = {}
         self.arriving: set[str] = set(saved.get("arriving", []))
         self.moved: dict[str, str] = dict(saved.get("moved", {}))
+        # The node list a rebalance set (`set_nodes`) and the clusterNodes it replaced.
+        self.run_nodes: str = str(saved.get("nodes") or "")
+        self.run_config_nodes: str = str(saved.get("configNodes") or "")
+        self.transfers: set[str] = set()  # users with a data call under way (`stcs.admin`)
+        if self.run_nodes and self.run_config_nodes == settings().cluster_nodes:
+            log.warning(
+                "cluster node list set by a rebalance is in use",
+                nodes=self.run_nodes,
+                config_nodes=self.run_config_nodes,
+                fix="put this list in clusterNodes of config.yml",
+            )
 
     # -- the ring -------------------------------------------------------------------------
+
+    def nodes(self) -> tuple[str, str]:
+        """(the node list in force as ``HOST:PORT,…``, ``"config"`` or ``"rebalance"``): the
+        list a rebalance set while ``clusterNodes`` is still the one it replaced, else
+        ``clusterNodes`` (a changed ``clusterNodes`` drops the stored list: the newest change
+        wins).  ``""`` outside a cluster."""
+        config_nodes = self._settings().cluster_nodes
+        if not self.run_nodes or not config_nodes:
+            return config_nodes, "config"
+        if self.run_config_nodes == config_nodes:
+            return self.run_nodes, "rebalance"
+        log.info(
+            "cluster node list from config replaces the one a rebalance set",
+            nodes=config_nodes,
+            dropped=self.run_nodes,
+        )
+        self.run_nodes = self.run_config_nodes = ""
+        self._save()
+        return config_nodes, "config"
+
+    def set_nodes(self, nodes: str) -> None:
+        """Use ``nodes`` (``HOST:PORT,…``, `ring.parse_nodes`; this node need not be in it: a
+        node being removed refuses every user it has no data for) until ``clusterNodes``
+        changes, and save it.  Raises ValueError (a bad list, or not a cluster node), OSError.
+        """
+        settings = self._settings()
+        if not settings.cluster_nodes or not settings.cluster_self:
+            raise ValueError("this node is not a cluster node (clusterNodes, clusterSelf unset)")
+        self.run_nodes = ",".join(parse_nodes(nodes))
+        self.run_config_nodes = settings.cluster_nodes
+        self._save()
 
     def ring(self) -> tuple[Ring, str] | None:
         """(the ring, this node's entry), or None outside a cluster."""
         settings = self._settings()
-        key = (settings.cluster_nodes, settings.cluster_self)
+        key = (self.nodes()[0], settings.cluster_self)
         if not key[0]:
             return None
         if key != self._ring_key:
@@ -130,19 +182,28 @@ class Placement:
             self.arriving.add(user_id)
         elif state == MOVED:
             self.moved[user_id] = to
+        self._save()
+
+    def _save(self) -> None:
         path = self._layout.cluster_state
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({"arriving": sorted(self.arriving), "moved": self.moved}))
+            doc: dict[str, Any] = {"arriving": sorted(self.arriving), "moved": self.moved}
+            if self.run_nodes:
+                doc.update(nodes=self.run_nodes, configNodes=self.run_config_nodes)
+            fh.write(json.dumps(doc))
         tmp.replace(path)
 
     def view(self) -> dict[str, Any]:
-        """``{"nodes": [...], "self": str, "arriving": [...], "moved": {user: node}}``."""
+        """``{"nodes": [...], "nodesFrom": "config" | "rebalance", "self": str, "arriving":
+        [...], "moved": {user: node}}``."""
         settings = self._settings()
+        nodes, source = self.nodes()
         return {
-            "nodes": parse_nodes(settings.cluster_nodes) if settings.cluster_nodes else [],
+            "nodes": parse_nodes(nodes) if nodes else [],
+            "nodesFrom": source,
             "self": settings.cluster_self,
             "arriving": sorted(self.arriving),
             "moved": dict(sorted(self.moved.items())),

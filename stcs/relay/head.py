@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 
 from stcs.errors import (
     BadRequestError,
@@ -28,6 +29,21 @@ SPECIAL = frozenset(
 )
 
 
+# `POST /admin/users/{userId}/import` (stcs.admin): a user's whole database, bounded by the
+# node's free disk space (stcs.transfer.check_free), not by maxBodySize.  The admin key is
+# checked before any of its body is read (`Handler._control`).
+IMPORT_PATH = re.compile(rb"/admin/users/[^/?]+/import")
+IMPORT_BODY_LIMIT = 1 << 62
+
+
+def body_limit(request: Request, limits: Limits) -> int:
+    """The most body bytes ``request`` may send: ``maxBodySize``, or `IMPORT_BODY_LIMIT` for an
+    admin import."""
+    if request.method == b"POST" and IMPORT_PATH.fullmatch(request.path):
+        return IMPORT_BODY_LIMIT
+    return limits.max_body_size
+
+
 class Request:
     """One request as parsed: head, then body pieces as they arrive (`ClientConnection`'s
     httptools callbacks fill it; the request's `RequestCycle` consumes the body)."""
@@ -35,6 +51,7 @@ class Request:
     __slots__ = (
         "body",
         "body_error",
+        "body_limit",
         "buffered",
         "chunked",
         "complete",
@@ -67,6 +84,7 @@ class Request:
         self.body: collections.deque[bytes | bytearray] = collections.deque()
         self.buffered = 0  # body bytes received and not consumed yet
         self.received = 0  # body bytes received in all
+        self.body_limit = 0  # the most body bytes accepted (`body_limit`), set with the head
         self.complete = False
         self.body_error: RequestError | None = None  # the body failed (size, timeout, framing)
         # The cycle waiting for body bytes (or the body's end, or an error): resolved by `wake`.
@@ -136,9 +154,10 @@ def check_head(request: Request, limits: Limits) -> RequestError | None:
     if expect is not None and expect.strip().lower() != b"100-continue":
         return BadRequestError("unsupported Expect")  # RFC 9110 §10.1.1: 417
     length = request.content_length
-    if length is not None and length > limits.max_body_size:
+    limit = body_limit(request, limits)
+    if length is not None and length > limit:
         return BodyTooLargeError(
-            f"request body of {length} bytes exceeds the limit of {limits.max_body_size} bytes"
+            f"request body of {length} bytes exceeds the limit of {limit} bytes"
         )
     te = request.special.get(b"transfer-encoding")
     if te is not None and te.strip().lower() != b"chunked":

@@ -33,7 +33,14 @@ from stcs.log import RefusalLog
 from stcs.metrics import Metrics
 from stcs.relay.cycle import BODY_HIGH_WATER, SMALL_BODY, RequestCycle, RequestHandler
 from stcs.relay.flow import FlowControl
-from stcs.relay.head import SPECIAL, Request, check_head, duplicate_field, framing
+from stcs.relay.head import (
+    SPECIAL,
+    Request,
+    body_limit,
+    check_head,
+    duplicate_field,
+    framing,
+)
 from stcs.relay.limits import Limits
 from stcs.relay.wire import CONTINUE, client_address, error_response
 
@@ -329,6 +336,7 @@ class ClientConnection(asyncio.Protocol):
         if msg.reject is None:
             msg.content_length, msg.chunked, msg.expect_continue = framing(msg.special, msg.version)
             msg.reject = check_head(msg, self.limits)
+            msg.body_limit = body_limit(msg, self.limits)
         if msg.reject is not None:
             # Its body (if any) is not read: nothing after this request can be trusted.
             self.stop_parsing()
@@ -344,10 +352,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.unpaid = 0
         msg.received += len(body)
-        if msg.received > self.limits.max_body_size:
+        if msg.received > msg.body_limit:
             if msg.body_error is None:
                 msg.body_error = BodyTooLargeError(
-                    f"request body exceeds the limit of {self.limits.max_body_size} bytes"
+                    f"request body exceeds the limit of {msg.body_limit} bytes"
                 )
                 self.stop_parsing()
             msg.wake()

@@ -42,6 +42,7 @@ import json
 import signal
 import socket
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -540,6 +541,26 @@ def test_admin_from_routes_the_admin_rows_for_that_network_only(
     Answer(bad.status_code, {k.lower(): v for k, v in bad.headers.items()}, bad.content).chroma(
         400, "InvalidArgumentError", InvalidArgumentError
     )
+    # admin data call the user's cluster mark forbids -> 409 InvalidArgumentError
+    served = requests.post(
+        f"{f.base}/admin/users/u1/prune", json={"paths": ["x"]}, headers=HDR, timeout=10
+    )
+    Answer(
+        served.status_code, {k.lower(): v for k, v in served.headers.items()}, served.content
+    ).chroma(409, "InvalidArgumentError", InvalidArgumentError)
+    # an import larger than the free disk space -> 507 InternalError (a tar header announcing
+    # 1 PB: refused before any of it is read)
+    requests.put(
+        f"{f.base}/admin/users/u2/placement", json={"state": "arriving"}, headers=HDR, timeout=30
+    ).raise_for_status()
+    header = tarfile.TarInfo("huge")
+    header.size = 10**15
+    full = requests.post(
+        f"{f.base}/admin/users/u2/import", data=header.tobuf(), headers=HDR, timeout=30
+    )
+    Answer(full.status_code, {k.lower(): v for k, v in full.headers.items()}, full.content).chroma(
+        507, "InternalError", InternalError
+    )
     # admin endpoint while no adminAPIKey is set -> 404 NotFoundError (stcs's own)
     keyless = front(kind, stcs(db=tmp_path / "keyless"), "--admin-from", "127.0.0.1")
     get(keyless, "/admin-health", **HDR).chroma(404, "NotFoundError", NotFoundError)
@@ -573,6 +594,8 @@ ROWS = {
     "admin endpoint with a wrong key": "test_admin_from_routes_the_admin_rows_for_that_network",
     "admin endpoint while no `adminAPIKey`": "test_admin_from_routes_the_admin_rows_for_that_n",
     "admin call with an unusable argument": "test_admin_from_routes_the_admin_rows_for_that_net",
+    "admin data call the user's cluster mark": "test_admin_from_routes_the_admin_rows_for_that_n",
+    "import (`POST /admin": "test_admin_from_routes_the_admin_rows_for_that_network",
     "a write over a per-user quota": "test_refusals_before_chroma_raise_the_same_exceptions",
     "over a user's request rate": "test_refusals_before_chroma_raise_the_same_exceptions",
 }

@@ -96,3 +96,45 @@ def test_cluster_settings_must_name_this_node_among_the_nodes(tmp_path: Path) ->
         with pytest.raises(ConfigError, match="cluster"):
             validate(dataclasses.replace(base, cluster_nodes=nodes, cluster_self=me), sources)
     validate(dataclasses.replace(base, cluster_nodes="a:1, b:2", cluster_self="b:2"), sources)
+
+
+def test_a_node_list_set_by_a_rebalance_wins_until_the_config_changes(tmp_path: Path) -> None:
+    """The newest change wins: ``PUT /admin/cluster``'s list (kept in cluster.json, across a
+    restart) is used while ``clusterNodes`` is the one it replaced; a new ``clusterNodes``
+    drops it."""
+    current = [Settings(db_path=str(tmp_path), cluster_nodes=",".join(NODES), cluster_self=ME)]
+    layout = Layout(tmp_path)
+    placement = Placement(lambda: current[0], layout)
+    four = [*NODES, "10.0.0.14:8000"]
+    new_here = next(u for u in users_owned(ME, 200) if Ring.of(four).owner(u) != ME)
+    placement.admit_start(new_here)  # owned by ME under the three-node ring
+    placement.set_nodes(",".join(four))
+    assert placement.view()["nodes"] == four and placement.view()["nodesFrom"] == "rebalance"
+    with pytest.raises(NotOwnerError):
+        placement.admit_start(new_here)  # the four-node ring gives it to another node
+
+    restarted = Placement(lambda: current[0], layout)  # a restart keeps it
+    assert restarted.nodes() == (",".join(four), "rebalance")
+    edited = f"{ME},10.0.0.15:8000"  # the operator edits clusterNodes: the config wins
+    current[0] = dataclasses.replace(current[0], cluster_nodes=edited)
+    assert restarted.nodes() == (edited, "config")
+    assert "nodes" not in json.loads(layout.cluster_state.read_text())  # dropped for good
+    current[0] = dataclasses.replace(current[0], cluster_nodes=",".join(NODES))
+    assert restarted.nodes() == (",".join(NODES), "config")
+
+
+def test_a_run_time_node_list_is_refused_outside_a_cluster_or_when_malformed(
+    tmp_path: Path,
+) -> None:
+    placement, _ = make(tmp_path, nodes="", me="")
+    with pytest.raises(ValueError, match="not a cluster node"):
+        placement.set_nodes(",".join(NODES))
+    placement, _ = make(tmp_path)
+    for bad in ("", "a,b", f"{ME},{ME}"):
+        with pytest.raises(ValueError):
+            placement.set_nodes(bad)
+    # A node being removed takes a list without itself: it then admits no new user.
+    placement.set_nodes(",".join(NODES[1:]))
+    for user in users_owned(ME):
+        with pytest.raises(NotOwnerError):
+            placement.admit_start(user)

@@ -1,0 +1,704 @@
+"""``stcs cluster rebalance`` and ``stcs cluster cleanup``: carry a node-list change out.
+
+Data moves through the operator's machine: this process pulls each moving user's files from
+the source node's admin API (``…/manifest``, ``…/export``) and pushes them to the target's
+(``…/import``, ``…/prune``; `stcs.transfer`).  No SSH, no shared disk, no trust between nodes.
+
+The steps (`rebalance`), each recorded in the state file *before* it runs, so an interrupted
+run started again with the same ``--from``/``--to`` resumes:
+
+1. **plan** (`cluster.compute_plan`); users found on two nodes refuse the run.
+2. **copy**: each target marks its users ``arriving`` (they are refused there), then pass 1
+   copies what differs (`delta`) while the user keeps serving on its source.
+3. **hold** every moving user on its source (``POST …/hold`` with a TTL): their new requests
+   wait instead of failing; their chroma stops.
+4. **pass 2**: the delta again, plus every file whose source mtime is within `RECENT_NS` of
+   pass 1's manifest (file times are coarse: a write in the same tick as pass 1's read leaves
+   size and mtime equal).  Chroma is stopped, so this copy is consistent.
+5. A failed copy (pass 1 or 2): every hold released, every user stays on its source, serving
+   (targets stay ``arriving``, refused, and the router is unchanged); exit 1.  The router
+   switch is all or nothing: nginx routes by the ring, not per user.
+6. Blocklist entry and limit overrides go to the target.
+7. The router file is rendered again with the ``--to`` nodes (`deploy.read_record`: the
+   options it was rendered with), the previous one kept as ``PATH.prev``, and the reload
+   command run; if it fails the previous file is put back and the holds released.
+8. **switch**: sources marked ``moved``, every node's list set to ``--to`` (``PUT
+   /admin/cluster``), targets marked ``home``, holds released.  Requests that waited on a
+   source then get 503 + ``Retry-After``; their retry goes through the new router to the
+   target.
+
+Old copies stay until `cleanup` (``DELETE …/data``, only where the new node serves the user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from stcs.backup import Bar, OperationError, progress_bar
+from stcs.cluster import NodeAdmin, Plan, compute_plan, print_plan, survey
+from stcs.config import Settings
+from stcs.deploy import read_record, render
+from stcs.errors import ConfigError
+from stcs.localfiles import private_partial, publish
+
+HOLD_TTL_S = 600  # a hold this process forgets (killed) ends by itself: the user serves again
+HOLD_REFRESH_S = 60  # holds are renewed this often during pass 2
+HOLD_DRAIN_S = 60  # requests in flight on a source may finish for this long
+HOLD_PARALLEL = 8  # hold calls in flight at once
+RECENT_NS = 2_000_000_000  # pass 2 copies files this recent again whatever their size, mtime
+RELOAD_TIMEOUT_S = 120
+PATHS_PER_CALL = 1000  # paths per export or prune call (a JSON body of ~100 kB)
+PIPE_CHUNK = 1 << 20
+HTTP_TIMEOUT_S = 600
+
+# The state file's steps, in order.
+COPY, HOLD, SWITCH, DONE = "copy", "hold", "switch", "done"
+
+
+class RebalanceRefused(OperationError):
+    """The run cannot start (usage, duplicates, a state file of another run, a router file
+    without its render record); the exit code is 2."""
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+
+
+def delta(
+    source: list[dict[str, Any]], target: list[dict[str, Any]], recent_since_ns: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(source files to copy, target paths to prune) from two manifests' ``files``.
+
+    A source file is copied when the target lacks it or its ``size`` or ``mtimeNs`` differs,
+    and (pass 2, ``recent_since_ns`` given) when its ``mtimeNs`` is at or after
+    ``recent_since_ns`` (pass 1's ``takenAtNs`` less `RECENT_NS`) even if both match.  Target
+    paths the source lacks are pruned.  Pure.
+    """
+    have = {f["path"]: f for f in target}
+    copy = []
+    for f in source:
+        mine = have.get(f["path"])
+        if (
+            mine is None
+            or mine["size"] != f["size"]
+            or mine["mtimeNs"] != f["mtimeNs"]
+            or (recent_since_ns is not None and f["mtimeNs"] >= recent_since_ns)
+        ):
+            copy.append(f)
+    wanted = {f["path"] for f in source}
+    return copy, sorted(p for p in have if p not in wanted)
+
+
+def write_private_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` at once (a 0600 temporary file renamed over it: the state
+    names users, and in UUID mode user ids are tokens).  Raises OSError."""
+    partial, handle = private_partial(path)
+    with handle:
+        handle.write(json.dumps(doc, indent=1).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    publish(partial, path, replace=True)
+
+
+class RunState:
+    """The state file: ``{"from", "to", "step", "moves": {user: {"from", "to", "phase",
+    "takenAtNs", "bytes", "files", "error"}}, "plan": {...}}``, saved before each step."""
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.path = path
+        self.doc = doc
+
+    @classmethod
+    def load(cls, path: Path, old: list[str], new: list[str]) -> RunState | None:
+        """The run recorded in ``path`` (None: no file).  Raises RebalanceRefused when it
+        records another change than ``old`` -> ``new``, or cannot be read."""
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise RebalanceRefused(f"state file {path} cannot be read: {exc}") from None
+        if doc.get("from") != old or doc.get("to") != new:
+            raise RebalanceRefused(
+                f"state file {path} records another change ({','.join(doc.get('from', []))} -> "
+                f"{','.join(doc.get('to', []))}); finish that one, or remove the file to start "
+                "this one"
+            )
+        return cls(path, doc)
+
+    @classmethod
+    def new(cls, path: Path, plan: Plan) -> RunState:
+        moves = {
+            user: {"from": a, "to": b, "phase": "planned", "takenAtNs": None, "bytes": 0}
+            for user, (a, b) in sorted(plan.moves.items())
+        }
+        doc = {
+            "from": plan.old,
+            "to": plan.new,
+            "step": COPY,
+            "moves": moves,
+            "plan": plan.as_json(),
+        }
+        return cls(path, doc)
+
+    @property
+    def step(self) -> str:
+        return str(self.doc["step"])
+
+    @property
+    def moves(self) -> dict[str, dict[str, Any]]:
+        moves: dict[str, dict[str, Any]] = self.doc["moves"]
+        return moves
+
+    def save(self, step: str | None = None) -> None:
+        if step is not None:
+            self.doc["step"] = step
+        write_private_json(self.path, self.doc)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class RebalanceReport:
+    """What a run did: ``exit_code`` (0 done, 1 failed and rolled back, 2 refused),
+    ``moved``: users now served by their new node; ``failed``: user -> why; ``bytes`` and
+    ``files`` copied (both passes); ``seconds`` in all; ``held_s``: user -> seconds held (their
+    requests waited; from the hold call to its release)."""
+
+    exit_code: int = 0
+    moved: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    held_s: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def held_p50_s(self) -> float:
+        return statistics.median(self.held_s.values()) if self.held_s else 0.0
+
+    @property
+    def held_max_s(self) -> float:
+        return max(self.held_s.values(), default=0.0)
+
+
+# -- talking to the nodes ---------------------------------------------------------------------
+
+
+def _http_error(method: str, url: str, exc: urllib.error.HTTPError) -> OperationError:
+    try:
+        message = json.loads(exc.read()).get("message", exc.reason)
+    except ValueError:
+        message = exc.reason
+    return OperationError(f"{method} {url}: {exc.code} {message}")
+
+
+@contextlib.contextmanager
+def _open(node: NodeAdmin, method: str, path: str, data: Any, content_type: str) -> Iterator[Any]:
+    headers = {"x-api-key": node.key, "Content-Type": content_type}
+    req = urllib.request.Request(f"{node.base}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            yield resp
+    except urllib.error.HTTPError as exc:
+        raise _http_error(method, f"{node.node}{path}", exc) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise OperationError(f"{method} {node.node}{path}: {exc}") from None
+
+
+def stream_files(src: NodeAdmin, dst: NodeAdmin, user: str, paths: list[str], bar: Bar) -> int:
+    """Export ``paths`` of ``user`` from ``src`` and import them into ``dst``, piped through
+    this process in `PIPE_CHUNK` pieces (memory stays bounded).  The bytes piped.  Raises
+    OperationError."""
+    piped = 0
+    body = json.dumps({"paths": paths}).encode()
+    with _open(src, "POST", f"/admin/users/{user}/export", body, "application/json") as tar:
+
+        def pieces() -> Iterator[bytes]:
+            nonlocal piped
+            while chunk := tar.read(PIPE_CHUNK):
+                piped += len(chunk)
+                bar.update(len(chunk))
+                yield chunk
+
+        # No Content-Length: urllib sends the iterator chunked.
+        with _open(dst, "POST", f"/admin/users/{user}/import", pieces(), "application/x-tar"):
+            pass
+    return piped
+
+
+def copy_pass(
+    src: NodeAdmin, dst: NodeAdmin, user: str, bar: Bar, recent_since_ns: int | None = None
+) -> tuple[dict[str, Any], int, int]:
+    """One pass for ``user``: manifests of both sides, then the delta exported, imported and
+    pruned.  (the source's manifest, bytes copied, files copied).  Raises OperationError."""
+    source = src.request("GET", f"/admin/users/{user}/manifest", timeout=HTTP_TIMEOUT_S)
+    target = dst.request("GET", f"/admin/users/{user}/manifest", timeout=HTTP_TIMEOUT_S)
+    if target.get("placement") != "arriving":
+        raise OperationError(f"{dst.node} does not mark {user} arriving: not copying over it")
+    copy, prune = delta(source["files"], target["files"], recent_since_ns)
+    size = sum(int(f["size"]) for f in copy)
+    bar.total = (bar.total or 0) + size
+    bar.refresh()
+    paths = [f["path"] for f in copy]
+    for i in range(0, len(paths), PATHS_PER_CALL):
+        stream_files(src, dst, user, paths[i : i + PATHS_PER_CALL], bar)
+    for i in range(0, len(prune), PATHS_PER_CALL):
+        dst.request(
+            "POST", f"/admin/users/{user}/prune", body={"paths": prune[i : i + PATHS_PER_CALL]}
+        )
+    return source, size, len(copy)
+
+
+class Holds:
+    """The holds this run takes on the sources: user -> (node, monotonic time of the hold
+    call); renewed with `refresh`, all released with `release_all`."""
+
+    def __init__(self, admins: dict[str, NodeAdmin], moves: dict[str, dict[str, Any]]) -> None:
+        self._admins = admins
+        self._moves = moves
+        self.since: dict[str, float] = {}
+        self.held_s: dict[str, float] = {}
+        self._renewed = 0.0
+
+    def _hold(self, user: str) -> None:
+        src = self._admins[self._moves[user]["from"]]
+        src.request(
+            "POST",
+            f"/admin/users/{user}/hold?ttl={HOLD_TTL_S}&drainTimeout={HOLD_DRAIN_S}",
+            timeout=HOLD_DRAIN_S + 60,
+        )
+
+    def hold_all(self, users: list[str]) -> None:
+        """Hold ``users``, at most `HOLD_PARALLEL` calls at once (each waits for the user's
+        requests in flight and the stop of its chroma: one after the other, the first user
+        would wait for every other's).  Raises OperationError (the first failure; the holds
+        taken stay recorded, for `release_all`)."""
+        now = time.monotonic()
+        for user in users:
+            self.since.setdefault(user, now)
+        with ThreadPoolExecutor(max_workers=min(HOLD_PARALLEL, max(1, len(users)))) as pool:
+            for _ in pool.map(self._hold, users):
+                pass
+        self._renewed = time.monotonic()
+
+    def refresh(self) -> None:
+        """Renew every hold (a later hold call sets a new TTL) once `HOLD_REFRESH_S` passed."""
+        if time.monotonic() - self._renewed < HOLD_REFRESH_S:
+            return
+        for user in self.since:
+            self._hold(user)
+        self._renewed = time.monotonic()
+
+    def check(self) -> None:
+        """Raise OperationError unless every source still holds its users (a hold that ended
+        by its TTL let the user write after pass 2)."""
+        by_node: dict[str, list[str]] = {}
+        for user in self.since:
+            by_node.setdefault(self._moves[user]["from"], []).append(user)
+        for node, users in by_node.items():
+            held = set(self._admins[node].request("GET", "/admin/instances").get("held", []))
+            lost = [u for u in users if u not in held]
+            if lost:
+                raise OperationError(f"{node} no longer holds {', '.join(lost)}")
+
+    def release_all(self) -> None:
+        """Release every hold (each tried; failures printed: the TTL ends them anyway)."""
+        for user in list(self.since):
+            src = self._admins[self._moves[user]["from"]]
+            try:
+                src.request("DELETE", f"/admin/users/{user}/hold")
+            except OperationError as exc:
+                print(
+                    f"warning: {exc} (the hold ends by itself in {HOLD_TTL_S} s)", file=sys.stderr
+                )
+            self.held_s[user] = time.monotonic() - self.since.pop(user)
+
+
+# -- the router -------------------------------------------------------------------------------
+
+
+def check_router(path: Path, settings: Settings, old: list[str], new: list[str]) -> str:
+    """The router file rendered again for ``new`` (its render record read; it must route to
+    ``old`` or, on a resumed run, ``new``).  Raises RebalanceRefused."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RebalanceRefused(f"--router-config {path}: {exc.strerror}") from None
+    try:
+        recorded, options = read_record(text, settings)
+    except ConfigError as exc:
+        raise RebalanceRefused(f"--router-config {path}: {exc}") from None
+    if list(options.nodes) not in (old, new):
+        raise RebalanceRefused(
+            f"--router-config {path} routes to {','.join(options.nodes)}, not to --from"
+        )
+    try:
+        return render("nginx-cluster", recorded, dataclasses.replace(options, nodes=tuple(new)))
+    except ConfigError as exc:
+        raise RebalanceRefused(f"--router-config {path}: {exc}") from None
+
+
+def switch_router(path: Path, text: str, reload_command: str, out: IO[str]) -> None:
+    """Install ``text`` at ``path`` (same mode; the previous file kept as ``PATH.prev``) and
+    run ``reload_command`` (a shell command, at most `RELOAD_TIMEOUT_S`).  On failure the
+    previous file is put back and OperationError raised."""
+    previous = path.read_bytes()
+    mode = path.stat().st_mode & 0o777
+    prev = path.with_name(path.name + ".prev")
+    _write_as(prev, previous, mode)
+    _write_as(path, text.encode(), mode)
+    print(f"router: {path} written (previous in {prev}); running {reload_command}", file=out)
+    try:
+        done = subprocess.run(
+            reload_command,
+            shell=True,
+            timeout=RELOAD_TIMEOUT_S,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        failure = "" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()}"
+    except subprocess.TimeoutExpired:
+        failure = f"no end within {RELOAD_TIMEOUT_S} s"
+    if failure:
+        _write_as(path, previous, mode)
+        raise OperationError(
+            f"reload command failed ({failure}); {path} put back as it was (reload the router "
+            "yourself if it took the new file)"
+        )
+
+
+def _write_as(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RebalanceOptions:
+    """A run's inputs besides the node lists (see ``stcs cluster rebalance --help``)."""
+
+    router_config: Path
+    reload_command: str
+    state_path: Path = Path("stcs-rebalance.json")
+    dry_run: bool = False
+    progress: bool | None = None  # None: a bar on a terminal only
+    on_step: Callable[[str], None] | None = None  # called after each step (tests interrupt)
+
+
+def rebalance(
+    old: list[str],
+    new: list[str],
+    admin_key: str,
+    settings: Settings,
+    options: RebalanceOptions,
+    out: IO[str] = sys.stdout,
+) -> RebalanceReport:
+    """Carry the change ``old`` -> ``new`` out (the module's steps); the report.
+
+    Raises RebalanceRefused (nothing changed: exit 2) and OperationError for a node that does
+    not answer outside a copy (the state file says where it stopped; run again).
+    """
+    started = time.monotonic()
+    report = RebalanceReport(dry_run=options.dry_run)
+    router_text = check_router(options.router_config, settings, old, new)
+    state = RunState.load(options.state_path, old, new)
+    if state is None:
+        plan = compute_plan(old, new, survey(old, admin_key))
+        if plan.duplicates:
+            raise RebalanceRefused(
+                "users are on more than one node: "
+                + ", ".join(f"{u} ({', '.join(n)})" for u, n in sorted(plan.duplicates.items()))
+                + "; keep one copy of each first"
+            )
+        if options.dry_run:
+            print_plan(plan)
+            _print_steps(plan, options, out)
+            return report
+        state = RunState.new(options.state_path, plan)
+        state.save()
+    elif options.dry_run:
+        print(f"a run is recorded in {options.state_path} at step {state.step!r}", file=out)
+        return report
+    if state.step == DONE:
+        print(
+            f"this change is done ({options.state_path}); remove the file to start another",
+            file=out,
+        )
+        return report
+    admins = {n: NodeAdmin(n, admin_key) for n in dict.fromkeys(old + new)}
+    moves = state.moves
+    holds = Holds(admins, moves)
+    step = state.step
+    try:
+        if step == COPY:
+            _pass_one(state, admins, report, options)
+            if report.failed:
+                return _failed(state, holds, report, out, started)
+            state.save(HOLD)
+            _notify(options, "pass1")
+            step = HOLD
+        if step == HOLD:
+            holds.hold_all(list(moves))
+            _notify(options, "hold")
+            _pass_two(state, admins, holds, report, options)
+            if report.failed:
+                return _failed(state, holds, report, out, started)
+            _carry_user_state(state, admins)
+            holds.check()
+            switch_router(options.router_config, router_text, options.reload_command, out)
+            state.save(SWITCH)
+            _notify(options, "router")
+            step = SWITCH
+        if step == SWITCH:
+            for user in moves:
+                holds.since.setdefault(user, time.monotonic())
+            _switch(state, admins, old, new)
+            holds.release_all()
+            for move in moves.values():
+                move["phase"] = "moved"
+            state.save(DONE)
+    except OperationError as exc:
+        report.failed.setdefault("*", str(exc))
+        if step != SWITCH:
+            return _failed(state, holds, report, out, started)
+        raise
+    report.held_s.update(holds.held_s)
+    report.moved = sorted(moves)
+    report.seconds = time.monotonic() - started
+    _summary(report, new, out)
+    return report
+
+
+def _notify(options: RebalanceOptions, step: str) -> None:
+    if options.on_step is not None:
+        options.on_step(step)
+
+
+def _pass_one(
+    state: RunState, admins: dict[str, NodeAdmin], report: RebalanceReport, opts: RebalanceOptions
+) -> None:
+    moves = state.moves
+    bar = progress_bar(0, "pass 1 (live)", opts.progress)
+    try:
+        for n, (user, move) in enumerate(moves.items(), 1):
+            bar.set_description(f"pass 1 (live) {n}/{len(moves)}")
+            if move["phase"] == "copied":
+                continue
+            src, dst = admins[move["from"]], admins[move["to"]]
+            try:
+                _check_target(dst, user)
+                dst.request("PUT", f"/admin/users/{user}/placement", body={"state": "arriving"})
+                manifest, size, files = copy_pass(src, dst, user, bar)
+            except OperationError as exc:
+                move.update(phase="failed", error=str(exc))
+                report.failed[user] = str(exc)
+            else:
+                move.update(phase="copied", takenAtNs=manifest["takenAtNs"], error=None)
+                move["bytes"] = int(move.get("bytes") or 0) + size
+                report.bytes += size
+                report.files += files
+            state.save()
+    finally:
+        bar.close()
+
+
+def _check_target(dst: NodeAdmin, user: str) -> None:
+    """Raise OperationError when ``dst`` serves ``user`` with data of its own (a copy the plan
+    could not see: the new node is not surveyed): it is never overwritten.  An ``arriving``
+    copy (ours, partial) or a ``moved`` one (stale, from an earlier move) is."""
+    try:
+        found = dst.request("GET", f"/admin/users/{user}/manifest")
+    except OperationError as exc:
+        if " 404 " in str(exc):
+            return
+        raise
+    if found.get("placement") == "home" and found.get("files"):
+        raise OperationError(
+            f"{dst.node} already serves {user} with {len(found['files'])} files of its own: "
+            "keep one copy first (mark it arriving there to have it replaced)"
+        )
+
+
+def _pass_two(
+    state: RunState,
+    admins: dict[str, NodeAdmin],
+    holds: Holds,
+    report: RebalanceReport,
+    opts: RebalanceOptions,
+) -> None:
+    moves = state.moves
+    bar = progress_bar(0, "pass 2 (held)", opts.progress)
+    try:
+        for n, (user, move) in enumerate(moves.items(), 1):
+            bar.set_description(f"pass 2 (held) {n}/{len(moves)}")
+            holds.refresh()
+            src, dst = admins[move["from"]], admins[move["to"]]
+            taken = move.get("takenAtNs")
+            since = 0 if taken is None else int(taken) - RECENT_NS  # 0: every file again
+            try:
+                manifest, size, files = copy_pass(src, dst, user, bar, since)
+            except OperationError as exc:
+                move.update(phase="failed", error=str(exc))
+                report.failed[user] = str(exc)
+            else:
+                move.update(phase="held-copied", manifest=_user_state(manifest))
+                move["bytes"] = int(move.get("bytes") or 0) + size
+                report.bytes += size
+                report.files += files
+            state.save()
+    finally:
+        bar.close()
+
+
+def _user_state(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"blocked": bool(manifest.get("blocked")), "limits": manifest.get("limits") or {}}
+
+
+def _carry_user_state(state: RunState, admins: dict[str, NodeAdmin]) -> None:
+    """The source's blocklist entry and limit overrides (as pass 2's manifest gave them, taken
+    under the hold) onto the target."""
+    for user, move in state.moves.items():
+        dst = admins[move["to"]]
+        carried = move.get("manifest") or {}
+        dst.request("POST" if carried.get("blocked") else "DELETE", f"/admin/users/{user}/block")
+        dst.request("PUT", f"/admin/users/{user}/limits", body=carried.get("limits") or {})
+
+
+def _switch(state: RunState, admins: dict[str, NodeAdmin], old: list[str], new: list[str]) -> None:
+    """Sources ``moved``, every node's list ``new``, targets ``home`` (each call idempotent:
+    a resumed run repeats them)."""
+    for user, move in state.moves.items():
+        admins[move["from"]].request(
+            "PUT", f"/admin/users/{user}/placement", body={"state": "moved", "to": move["to"]}
+        )
+    for node in dict.fromkeys(old + new):
+        admins[node].request("PUT", "/admin/cluster", body={"nodes": ",".join(new)})
+    for user, move in state.moves.items():
+        admins[move["to"]].request("PUT", f"/admin/users/{user}/placement", body={"state": "home"})
+
+
+def _failed(
+    state: RunState, holds: Holds, report: RebalanceReport, out: IO[str], started: float
+) -> RebalanceReport:
+    holds.release_all()
+    report.held_s.update(holds.held_s)
+    state.doc["failures"] = dict(report.failed)
+    state.save(COPY)  # a rerun copies again (the users served meanwhile)
+    report.exit_code = 1
+    report.seconds = time.monotonic() - started
+    for user, why in sorted(report.failed.items()):
+        print(f"failed: {user}: {why}", file=out)
+    print(
+        "nothing switched: every user is served by its source node as before (targets keep "
+        f"partial copies marked arriving). Fix the cause and run again ({state.path}).",
+        file=out,
+    )
+    return report
+
+
+def _print_steps(plan: Plan, options: RebalanceOptions, out: IO[str]) -> None:
+    print(
+        f"""
+would run (state in {options.state_path}):
+  1. mark {len(plan.moves)} users arriving on their targets; copy them live (pass 1)
+  2. hold them on their sources (TTL {HOLD_TTL_S} s); copy what changed (pass 2)
+  3. carry blocklist entries and limit overrides
+  4. render {options.router_config} for {",".join(plan.new)} (previous kept as .prev); run:
+     {options.reload_command}
+  5. sources: moved; every node's list: {",".join(plan.new)}; targets: home; release holds""",
+        file=out,
+    )
+
+
+def _summary(report: RebalanceReport, new: list[str], out: IO[str]) -> None:
+    print(
+        f"moved {len(report.moved)} users, {report.bytes / 2**20:.1f} MB in {report.files} "
+        f"files, in {report.seconds:.1f} s; held p50 {report.held_p50_s:.2f} s, "
+        f"max {report.held_max_s:.2f} s",
+        file=out,
+    )
+    print(
+        "old copies stay on the source nodes (refused there) until `stcs cluster cleanup "
+        f"--nodes ...`; put clusterNodes: {shlex.quote(','.join(new))} in every node's "
+        "config.yml (the nodes use it already, until their clusterNodes changes)",
+        file=out,
+    )
+
+
+# -- cleanup ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CleanupReport:
+    """``removed``: (node, user) old copies deleted (or, dry run, that would be);
+    ``skipped``: (node, user, why)."""
+
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def cleanup(
+    nodes: list[str], admin_key: str, dry_run: bool = False, out: IO[str] = sys.stdout
+) -> CleanupReport:
+    """Delete each old copy (a user marked ``moved`` on a node) whose new node lists the user
+    as ``home`` (``DELETE /admin/users/{userId}/data``); others are skipped with a warning.
+    Raises OperationError for a node in ``nodes`` that does not answer."""
+    report = CleanupReport()
+    found = survey(nodes, admin_key)
+    admins = {n: NodeAdmin(n, admin_key) for n in nodes}
+    for node in nodes:
+        gone = [u["userId"] for u in found[node] if u.get("placement") == "moved"]
+        if not gone:
+            continue
+        went = admins[node].request("GET", "/admin/cluster").get("moved", {})
+        for user in gone:
+            to = str(went.get(user, ""))
+            if to not in found:
+                try:
+                    found[to] = survey([to], admin_key)[to] if to else []
+                except OperationError as exc:
+                    found[to] = []
+                    print(f"warning: {exc}", file=sys.stderr)
+            if not any(u["userId"] == user and u.get("placement") == "home" for u in found[to]):
+                why = f"its new node {to or '(unknown)'} does not serve it"
+                report.skipped.append((node, user, why))
+                print(f"warning: kept {user} on {node}: {why}", file=sys.stderr)
+                continue
+            if not dry_run:
+                admins[node].request("DELETE", f"/admin/users/{user}/data")
+            report.removed.append((node, user))
+            print(
+                f"{'would remove' if dry_run else 'removed'} {user} on {node} (now on {to})",
+                file=out,
+            )
+    if not report.removed and not report.skipped:
+        print("no old copies", file=out)
+    return report

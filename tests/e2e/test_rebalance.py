@@ -1,0 +1,341 @@
+"""``stcs cluster rebalance`` and ``cleanup`` with real nodes (issue 21 item 3): users move with
+their data, blocklist entry and limits; a failed or interrupted run leaves users serving on
+their source; the transfer endpoints refuse what would write outside a user's directory or
+over a copy that is served."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tarfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import chromadb
+import pytest
+import requests
+from chromadb.config import Settings
+
+from stcs.rebalance import RebalanceOptions, rebalance
+from stcs.ring import Ring
+from tests.harness import ADMIN, StcsServer, stcs_cli
+
+LIST = "/api/v2/tenants/default_tenant/databases/default_database/collections"
+KEY = {"x-api-key": ADMIN}
+
+
+def node_name(node: StcsServer) -> str:
+    return f"127.0.0.1:{node.port}"
+
+
+def start_nodes(
+    stcs: Callable[..., StcsServer], tmp_path: Path, lists: list[int], *extra: str
+) -> list[StcsServer]:
+    """Nodes ``0..len(lists)-1``; node ``i``'s clusterNodes is the first ``lists[i]`` nodes
+    (itself included), set by a reload once every port is known."""
+    configs = [tmp_path / f"n{i}.yml" for i in range(len(lists))]
+    for c in configs:
+        c.write_text("logLevel: info\n")
+    nodes = [
+        stcs("--config", str(c), "--adminAPIKey", ADMIN, *extra, db=tmp_path / c.stem, name=c.stem)
+        for c in configs
+    ]
+    names = [node_name(n) for n in nodes]
+    for c, node, me, k in zip(configs, nodes, names, lists, strict=True):
+        c.write_text(f"logLevel: info\nclusterNodes: {','.join(names[:k])}\nclusterSelf: {me}\n")
+        os.kill(node.pid, signal.SIGHUP)
+        node.wait_event("settings reloaded")
+    return nodes
+
+
+def client(node: StcsServer, user: str) -> chromadb.api.ClientAPI:
+    return chromadb.HttpClient(
+        host="127.0.0.1",
+        port=node.port,
+        headers={"X-Chroma-Token": user},
+        settings=Settings(anonymized_telemetry=False),
+    )
+
+
+def rows(i: int, n: int) -> Sequence[float]:
+    return [float(i), float(n - i), 1.0, 0.5]
+
+
+def fill(node: StcsServer, user: str, n: int) -> None:
+    col = client(node, user).get_or_create_collection("docs")
+    col.upsert(
+        ids=[f"{user[:8]}-{i}" for i in range(n)],
+        embeddings=[rows(i, n) for i in range(n)],
+        documents=[f"doc {i} of {user}" for i in range(n)],
+    )
+
+
+def look(node: StcsServer, user: str) -> tuple[int, list[str]]:
+    col = client(node, user).get_collection("docs")
+    hits = col.query(query_embeddings=[rows(3, 4)], n_results=3)
+    return col.count(), hits["ids"][0]
+
+
+def get(node: StcsServer, user: str) -> requests.Response:
+    return requests.get(f"{node.url}{LIST}", headers={"X-Chroma-Token": user}, timeout=60)
+
+
+def users_for(
+    ring_old: Ring, ring_new: Ring, moving: int, staying: int
+) -> tuple[list[str], list[str]]:
+    ids = [str(uuid.UUID(int=i * 7919 + 11)) for i in range(2000)]
+    move = [u for u in ids if ring_old.owner(u) != ring_new.owner(u)][:moving]
+    stay = [u for u in ids if ring_old.owner(u) == ring_new.owner(u)][:staying]
+    return move, stay
+
+
+def router_file(tmp_path: Path, nodes: list[StcsServer]) -> Path:
+    path = tmp_path / "router.conf"
+    args = [a for n in nodes for a in ("--node", node_name(n))]
+    stcs_cli(
+        "render", "nginx-cluster", "--listen", "127.0.0.1:9", *args, "-o", str(path), check=True
+    )
+    return path
+
+
+def cli_rebalance(tmp_path: Path, old: list[str], new: list[str], router: Path, *more: str):  # type: ignore[no-untyped-def]
+    return stcs_cli(
+        "cluster",
+        "rebalance",
+        "--from",
+        ",".join(old),
+        "--to",
+        ",".join(new),
+        "--router-config",
+        str(router),
+        "--reload-command",
+        f"echo reloaded >> {tmp_path / 'reloads.log'}",
+        "--state",
+        str(tmp_path / "state.json"),
+        "--yes",
+        "--adminAPIKey",
+        ADMIN,
+        *more,
+        cwd=tmp_path,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_rebalance_two_to_three_moves_users_with_their_data_then_cleanup(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    move, stay = users_for(ring_old, ring_new, 3, 2)
+    before = {}
+    for i, user in enumerate(move + stay):
+        home = by_name[ring_old.owner(user)]
+        fill(home, user, 40 + i)
+        before[user] = look(home, user)
+    blocked, limited = move[0], move[1]
+    requests.post(
+        f"{by_name[ring_old.owner(blocked)].url}/admin/users/{blocked}/block",
+        headers=KEY,
+        timeout=30,
+    ).raise_for_status()
+    requests.put(
+        f"{by_name[ring_old.owner(limited)].url}/admin/users/{limited}/limits",
+        json={"userMaxCollections": 7},
+        headers=KEY,
+        timeout=30,
+    ).raise_for_status()
+    router = router_file(tmp_path, [a, b])
+
+    done = cli_rebalance(tmp_path, old, new, router)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"moved {len(move)} users" in done.stdout
+
+    for user in move:
+        target, source = by_name[ring_new.owner(user)], by_name[ring_old.owner(user)]
+        assert target is c
+        if user != blocked:
+            assert look(target, user) == before[user]  # count and nearest ids equal
+        gone = get(source, user)
+        if user == blocked:
+            assert gone.status_code == 403  # still blocked there too (checked first)
+        else:
+            assert gone.status_code == 503 and "moved" in gone.json()["message"], gone.text
+    assert get(c, blocked).status_code == 403  # the block moved along
+    limits = requests.get(f"{c.url}/admin/users/{limited}/limits", headers=KEY, timeout=30).json()
+    assert limits["overrides"] == {"userMaxCollections": 7}
+    for user in stay:
+        assert look(by_name[ring_old.owner(user)], user) == before[user]
+    for node in (a, b, c):
+        view = requests.get(f"{node.url}/admin/cluster", headers=KEY, timeout=30).json()
+        assert (view["nodes"], view["nodesFrom"]) == (new, "rebalance")
+    assert f"server {node_name(c)} max_fails=0;" in router.read_text()
+    assert f"server {node_name(c)}" not in (tmp_path / "router.conf.prev").read_text()
+    assert (tmp_path / "reloads.log").read_text() == "reloaded\n"
+    assert oct((tmp_path / "state.json").stat().st_mode & 0o777) == "0o600"
+
+    # A rerun of a finished change changes nothing.
+    again = cli_rebalance(tmp_path, old, new, router)
+    assert again.returncode == 0 and "done" in again.stdout
+
+    # Cleanup removes the old copies (their new node serves them), nothing else.
+    dry = stcs_cli(
+        "cluster", "cleanup", "--nodes", ",".join(new), "--dry-run", "--adminAPIKey", ADMIN
+    )
+    assert dry.returncode == 0 and dry.stdout.count("would remove") == len(move)
+    assert all((by_name[ring_old.owner(u)].db / u).is_dir() for u in move)
+    clean = stcs_cli("cluster", "cleanup", "--nodes", ",".join(new), "--adminAPIKey", ADMIN)
+    assert clean.returncode == 0 and clean.stdout.count("removed") == len(move), clean.stdout
+    for user in move:
+        assert not (by_name[ring_old.owner(user)].db / user).exists()
+        assert (c.db / user).is_dir()
+    for user in stay:
+        assert (by_name[ring_old.owner(user)].db / user).is_dir()
+    # The source no longer knows the user: the ring (the new list) gives it to c.
+    assert get(by_name[ring_old.owner(move[1])], move[1]).status_code == 503
+
+
+@pytest.mark.slow
+def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resumes(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    move, _ = users_for(ring_old, ring_new, 2, 0)
+    for user in move:
+        fill(by_name[ring_old.owner(user)], user, 30)
+    router = router_file(tmp_path, [a, b])
+    rendered = router.read_text()
+
+    # The target already serves one of them (a copy made by a misrouted client): it is never
+    # overwritten, the run fails and switches nothing.
+    fill(c, move[0], 1)
+    failed = cli_rebalance(tmp_path, old, new, router)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "nothing switched" in failed.stdout
+    assert router.read_text() == rendered and not (tmp_path / "reloads.log").exists()
+    for user in move:
+        assert look(by_name[ring_old.owner(user)], user)[0] == 30  # still served on its source
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert move[0] in state["failures"], state
+
+    # The operator resolves it (the stray copy is to be replaced: marked arriving), then a run
+    # in-process stops after pass 1: the users keep serving on their source; a rerun completes.
+    requests.put(
+        f"{c.url}/admin/users/{move[0]}/placement",
+        json={"state": "arriving"},
+        headers=KEY,
+        timeout=30,
+    ).raise_for_status()
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(step: str) -> None:
+        if step == "pass1":
+            raise Interrupted
+
+    from stcs.config import Settings as StcsSettings
+
+    with pytest.raises(Interrupted):
+        rebalance(
+            old,
+            new,
+            ADMIN,
+            StcsSettings(),
+            RebalanceOptions(
+                router,
+                f"echo reloaded >> {tmp_path / 'reloads.log'}",
+                tmp_path / "state.json",
+                progress=False,
+                on_step=stop,
+            ),
+            io.StringIO(),
+        )
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == "hold"
+    for user in move:
+        fill(by_name[ring_old.owner(user)], user, 35)  # 5 records more, after pass 1
+    resumed = cli_rebalance(tmp_path, old, new, router)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for user in move:
+        assert look(c, user)[0] == 35  # pass 2 carried the writes made after pass 1
+
+
+def test_transfer_endpoints_refuse_hostile_paths_and_overwriting_a_served_user(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    (node,) = start_nodes(stcs, tmp_path, [1], "--maxBodySize", "4096")
+    home, arriving = str(uuid.uuid4()), str(uuid.uuid4())
+    fill(node, home, 5)
+    base = f"{node.url}/admin/users"
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("big.bin")
+        info.size = 100_000  # over maxBodySize: imports are bounded by free disk space instead
+        t.addfile(info, io.BytesIO(b"z" * 100_000))
+    body = tar.getvalue()
+
+    # Import into a user served here: 409, nothing written.
+    refused = requests.post(f"{base}/{home}/import", data=body, headers=KEY, timeout=30)
+    assert refused.status_code == 409, refused.text
+    assert not (node.db / home / "big.bin").exists()
+
+    requests.put(
+        f"{base}/{arriving}/placement", json={"state": "arriving"}, headers=KEY, timeout=30
+    ).raise_for_status()
+    empty = requests.get(f"{base}/{arriving}/manifest", headers=KEY, timeout=30).json()
+    assert empty["files"] == [] and empty["placement"] == "arriving"
+    ok = requests.post(f"{base}/{arriving}/import", data=body, headers=KEY, timeout=30)
+    assert ok.status_code == 200 and ok.json()["bytes"] == 100_000, ok.text
+    # Without the admin key the same body is refused before it is read.
+    assert requests.post(f"{base}/{arriving}/import", data=body, timeout=30).status_code == 403
+
+    # Path traversal in each endpoint: 400, nothing read or written outside.
+    (tmp_path / "outside").write_text("secret")
+    (node.db / home / "peek").symlink_to(tmp_path / "outside")
+    for path in ("../../outside", "/etc/passwd", "peek"):
+        resp = requests.post(
+            f"{base}/{home}/export", json={"paths": [path]}, headers=KEY, timeout=30
+        )
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+    listed = requests.get(f"{base}/{home}/manifest", headers=KEY, timeout=30).json()["files"]
+    assert "peek" not in [f["path"] for f in listed] and listed
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("../" + home + "/evil")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"evil"))
+    resp = requests.post(f"{base}/{arriving}/import", data=evil.getvalue(), headers=KEY, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert not (node.db / home / "evil").exists()
+    resp = requests.post(
+        f"{base}/{arriving}/prune",
+        json={"paths": ["../" + home + "/chroma.sqlite3"]},
+        headers=KEY,
+        timeout=30,
+    )
+    assert resp.status_code == 400
+    assert (node.db / home / "chroma.sqlite3").exists()
+    assert (
+        requests.post(
+            f"{base}/{home}/prune", json={"paths": ["x"]}, headers=KEY, timeout=30
+        ).status_code
+        == 409
+    )
+    # The old copy of a user not marked moved is never removed.
+    assert requests.delete(f"{base}/{home}/data", headers=KEY, timeout=30).status_code == 409
+
+    # A maintenance hold (backup, rebalance) survives a placement mark.
+    requests.post(f"{base}/{home}/hold?ttl=60", headers=KEY, timeout=60).raise_for_status()
+    requests.put(
+        f"{base}/{home}/placement", json={"state": "moved", "to": "x:1"}, headers=KEY, timeout=60
+    ).raise_for_status()
+    held = requests.get(f"{node.url}/admin/instances", headers=KEY, timeout=30).json()["held"]
+    assert home in held
