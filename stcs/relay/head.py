@@ -39,7 +39,12 @@ IMPORT_BODY_LIMIT = 1 << 62
 def body_limit(request: Request, limits: Limits) -> int:
     """The most body bytes ``request`` may send: ``maxBodySize``, or `IMPORT_BODY_LIMIT` for an
     admin import."""
-    if request.method == b"POST" and IMPORT_PATH.fullmatch(request.path):
+    path = request.path
+    if (
+        path.startswith(b"/admin/users/")
+        and request.method == b"POST"
+        and IMPORT_PATH.fullmatch(path)
+    ):
         return IMPORT_BODY_LIMIT
     return limits.max_body_size
 
