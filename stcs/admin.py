@@ -402,20 +402,22 @@ async def user_placement(request: web.Request) -> web.Response:
 
 
 async def set_cluster(request: web.Request) -> web.Response:
-    """``PUT /admin/cluster`` with ``{"nodes": "HOST:PORT,…"}``: use this node list from now
-    on (`Placement.set_nodes`: kept in ``cluster.json``, in force until ``clusterNodes``
-    changes in ``config.yml``); answers as ``GET``.  400 for a bad list or on a node that is
-    not in a cluster."""
+    """``PUT /admin/cluster`` with ``{"nodes": "HOST:PORT,…", "next": "HOST:PORT,…"}``: use
+    this node list from now on (`Placement.set_nodes`: kept in ``cluster.json``, in force until
+    ``clusterNodes`` changes in ``config.yml``); ``next`` (optional; absent or empty clears
+    it): the list a change under way goes to — never-seen users whose node differs between the
+    two are refused until the change is done.  Answers as ``GET``.  400 for a bad list or on a
+    node that is not in a cluster."""
     placement = _placement(_state(request))
     try:
         body = await request.json()
-        nodes = body["nodes"]
-        if not isinstance(nodes, str):
-            raise ValueError("nodes must be a string")
-        await asyncio.to_thread(placement.set_nodes, nodes)
+        nodes, following = body["nodes"], body.get("next") or ""
+        if not isinstance(nodes, str) or not isinstance(following, str):
+            raise ValueError("nodes and next must be strings")
+        await asyncio.to_thread(placement.set_nodes, nodes, following)
     except (ValueError, KeyError, TypeError) as exc:
         raise BadAdminRequestError(f'expected {{"nodes": "HOST:PORT,…"}}: {exc}') from None
-    log.warning("cluster node list set", nodes=placement.run_nodes)
+    log.warning("cluster node list set", nodes=placement.run_nodes, next=placement.run_next)
     return web.json_response(placement.view())
 
 

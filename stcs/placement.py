@@ -73,6 +73,9 @@ class Placement:
         # The node list a rebalance set (`set_nodes`) and the clusterNodes it replaced.
         self.run_nodes: str = str(saved.get("nodes") or "")
         self.run_config_nodes: str = str(saved.get("configNodes") or "")
+        # A change under way (``PUT /admin/cluster`` with ``next``): the node list it goes to.
+        self.run_next: str = str(saved.get("next") or "")
+        self._next_ring: tuple[str, Ring] | None = None
         self.transfers: set[str] = set()  # users with a data call under way (`stcs.admin`)
         if self.run_nodes and self.run_config_nodes == settings().cluster_nodes:
             log.warning(
@@ -99,19 +102,25 @@ class Placement:
             nodes=config_nodes,
             dropped=self.run_nodes,
         )
-        self.run_nodes = self.run_config_nodes = ""
+        self.run_nodes = self.run_config_nodes = self.run_next = ""
         self._save()
         return config_nodes, "config"
 
-    def set_nodes(self, nodes: str) -> None:
+    def set_nodes(self, nodes: str, next_nodes: str = "") -> None:
         """Use ``nodes`` (``HOST:PORT,…``, `ring.parse_nodes`; this node need not be in it: a
         node being removed refuses every user it has no data for) until ``clusterNodes``
-        changes, and save it.  Raises ValueError (a bad list, or not a cluster node), OSError.
+        changes, and save it.  ``next_nodes``: the list a change under way goes to (a
+        rebalance, from its first copy to its switch): meanwhile a never-seen user is created
+        here only if *both* rings give them to this node — one created on their old node
+        during the move would not be in the move, and after the switch the router would send
+        them to an empty database on the new one.  Raises ValueError (a bad list, or not a
+        cluster node), OSError.
         """
         settings = self._settings()
         if not settings.cluster_nodes or not settings.cluster_self:
             raise ValueError("this node is not a cluster node (clusterNodes, clusterSelf unset)")
         self.run_nodes = ",".join(parse_nodes(nodes))
+        self.run_next = ",".join(parse_nodes(next_nodes)) if next_nodes else ""
         self.run_config_nodes = settings.cluster_nodes
         self._save()
 
@@ -162,11 +171,27 @@ class Placement:
         """Raises NotOwnerError when the ring places ``user_id`` on another node (outside a
         cluster, never).  Called for a user with no directory here."""
         ring = self.ring()
-        if ring is not None and ring[0].owner(user_id) != ring[1]:
+        if ring is None:
+            return
+        if ring[0].owner(user_id) != ring[1]:
             raise NotOwnerError(
                 "this user belongs to another node of the cluster; retry later",
                 retry_after_s=RETRY_AFTER_S,
             )
+        following = self.next_ring()
+        if following is not None and following.owner(user_id) != ring[1]:
+            raise NotOwnerError(
+                "the cluster is moving this user's place to another node; retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+
+    def next_ring(self) -> Ring | None:
+        """The ring of the change under way (`set_nodes`'s ``next_nodes``), or None."""
+        if not self.run_next or not self.ring():  # ring(): a changed clusterNodes drops it
+            return None
+        if self._next_ring is None or self._next_ring[0] != self.run_next:
+            self._next_ring = (self.run_next, Ring.of(parse_nodes(self.run_next)))
+        return self._next_ring[1]
 
     # -- the marks --------------------------------------------------------------------------
 
@@ -193,6 +218,8 @@ class Placement:
             doc: dict[str, Any] = {"arriving": sorted(self.arriving), "moved": self.moved}
             if self.run_nodes:
                 doc.update(nodes=self.run_nodes, configNodes=self.run_config_nodes)
+            if self.run_next:
+                doc.update(next=self.run_next)
             fh.write(json.dumps(doc))
         tmp.replace(path)
 
@@ -204,6 +231,7 @@ class Placement:
         return {
             "nodes": parse_nodes(nodes) if nodes else [],
             "nodesFrom": source,
+            "next": parse_nodes(self.run_next) if self.run_next else [],
             "self": settings.cluster_self,
             "arriving": sorted(self.arriving),
             "moved": dict(sorted(self.moved.items())),

@@ -142,10 +142,7 @@ class RunState:
 
     @classmethod
     def new(cls, path: Path, plan: Plan) -> RunState:
-        moves = {
-            user: {"from": a, "to": b, "phase": "planned", "takenAtNs": None, "bytes": 0}
-            for user, (a, b) in sorted(plan.moves.items())
-        }
+        moves = {user: _planned(a, b) for user, (a, b) in sorted(plan.moves.items())}
         doc = {
             "from": plan.old,
             "to": plan.new,
@@ -168,6 +165,26 @@ class RunState:
         if step is not None:
             self.doc["step"] = step
         write_private_json(self.path, self.doc)
+
+
+def _planned(source: str, target: str) -> dict[str, Any]:
+    return {"from": source, "to": target, "phase": "planned", "takenAtNs": None, "bytes": 0}
+
+
+def _add_moves(state: RunState, plan: Plan) -> None:
+    """Add to ``state`` the moves of ``plan`` it lacks (users created since its plan), and save.
+    Raises RebalanceRefused for users now found on two nodes."""
+    if plan.duplicates:
+        raise RebalanceRefused(
+            "users are on more than one node: "
+            + ", ".join(f"{u} ({', '.join(n)})" for u, n in sorted(plan.duplicates.items()))
+            + "; keep one copy of each first"
+        )
+    added = {u: m for u, m in plan.moves.items() if u not in state.moves}
+    for user, (source, target) in sorted(added.items()):
+        state.moves[user] = _planned(source, target)
+    if added:
+        state.save()
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -459,9 +476,15 @@ def rebalance(
     step = state.step
     try:
         if step == COPY:
+            # From now until the switch no node creates a never-seen user whom the two rings
+            # place apart: created on the old node, such a user would miss the move.
+            _set_lists(admins, old, following=new)
+            # Users created before that (since the plan's survey, or while a failed run had
+            # cleared it) join the move: asked again now that no node creates more of them.
+            _add_moves(state, compute_plan(old, new, survey(old, admin_key)))
             _pass_one(state, admins, report, options)
             if report.failed:
-                return _failed(state, holds, report, out, started)
+                return _failed(state, holds, report, out, started, admins, old)
             state.save(HOLD)
             _notify(options, "pass1")
             step = HOLD
@@ -470,7 +493,7 @@ def rebalance(
             _notify(options, "hold")
             _pass_two(state, admins, holds, report, options)
             if report.failed:
-                return _failed(state, holds, report, out, started)
+                return _failed(state, holds, report, out, started, admins, old)
             _carry_user_state(state, admins)
             holds.check()
             switch_router(options.router_config, router_text, options.reload_command, out)
@@ -488,7 +511,7 @@ def rebalance(
     except OperationError as exc:
         report.failed.setdefault("*", str(exc))
         if step != SWITCH:
-            return _failed(state, holds, report, out, started)
+            return _failed(state, holds, report, out, started, admins, old)
         raise
     report.held_s.update(holds.held_s)
     report.moved = sorted(moves)
@@ -599,16 +622,35 @@ def _switch(state: RunState, admins: dict[str, NodeAdmin], old: list[str], new: 
         admins[move["from"]].request(
             "PUT", f"/admin/users/{user}/placement", body={"state": "moved", "to": move["to"]}
         )
-    for node in dict.fromkeys(old + new):
-        admins[node].request("PUT", "/admin/cluster", body={"nodes": ",".join(new)})
+    _set_lists(admins, new)
     for user, move in state.moves.items():
         admins[move["to"]].request("PUT", f"/admin/users/{user}/placement", body={"state": "home"})
 
 
+def _set_lists(
+    admins: dict[str, NodeAdmin], nodes: list[str], following: list[str] | None = None
+) -> None:
+    """Every node of the run (``--from`` and ``--to``): its node list ``nodes`` and the list of
+    the change under way, ``following`` (None: cleared).  Raises OperationError."""
+    body = {"nodes": ",".join(nodes), "next": ",".join(following or [])}
+    for admin in admins.values():
+        admin.request("PUT", "/admin/cluster", body=body)
+
+
 def _failed(
-    state: RunState, holds: Holds, report: RebalanceReport, out: IO[str], started: float
+    state: RunState,
+    holds: Holds,
+    report: RebalanceReport,
+    out: IO[str],
+    started: float,
+    admins: dict[str, NodeAdmin],
+    old: list[str],
 ) -> RebalanceReport:
     holds.release_all()
+    try:  # no change under way any more: never-seen users are created as before
+        _set_lists(admins, old)
+    except OperationError as exc:
+        print(f"warning: {exc} (never-seen users that would move are refused there)", file=out)
     report.held_s.update(holds.held_s)
     state.doc["failures"] = dict(report.failed)
     state.save(COPY)  # a rerun copies again (the users served meanwhile)

@@ -208,7 +208,8 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
     old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
     by_name = {node_name(n): n for n in (a, b, c)}
     ring_old, ring_new = Ring.of(old), Ring.of(new)
-    move, _ = users_for(ring_old, ring_new, 2, 0)
+    move, stay = users_for(ring_old, ring_new, 4, 1)
+    move, late, fresh = move[:2], move[2], move[3]
     for user in move:
         fill(by_name[ring_old.owner(user)], user, 30)
     router = router_file(tmp_path, [a, b])
@@ -225,6 +226,9 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
         assert look(by_name[ring_old.owner(user)], user)[0] == 30  # still served on its source
     state = json.loads((tmp_path / "state.json").read_text())
     assert move[0] in state["failures"], state
+    # A failed run leaves no change under way: a new user is created where the ring says, and
+    # the next run moves them too (its plan is asked again).
+    fill(by_name[ring_old.owner(late)], late, 3)
 
     # The operator resolves it (the stray copy is to be replaced: marked arriving), then a run
     # in-process stops after pass 1: the users keep serving on their source; a rerun completes.
@@ -262,10 +266,19 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
     assert json.loads((tmp_path / "state.json").read_text())["step"] == "hold"
     for user in move:
         fill(by_name[ring_old.owner(user)], user, 35)  # 5 records more, after pass 1
+    # While the change is under way a never-seen user whom it moves is created nowhere: on
+    # their old node they would miss the move, and after the switch the router would send
+    # them to an empty database (before: 200 and a directory on the old node).
+    refused = get(by_name[ring_old.owner(fresh)], fresh)
+    assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+    assert not (by_name[ring_old.owner(fresh)].db / fresh).exists()
+    assert get(by_name[ring_new.owner(stay[0])], stay[0]).status_code == 200  # not moved: served
     resumed = cli_rebalance(tmp_path, old, new, router)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for user in move:
         assert look(c, user)[0] == 35  # pass 2 carried the writes made after pass 1
+    assert look(c, late)[0] == 3
+    assert get(c, fresh).status_code == 200  # the change is done: created on their node
 
 
 def test_transfer_endpoints_refuse_hostile_paths_and_overwriting_a_served_user(

@@ -138,3 +138,29 @@ def test_a_run_time_node_list_is_refused_outside_a_cluster_or_when_malformed(
     for user in users_owned(ME):
         with pytest.raises(NotOwnerError):
             placement.admit_start(user)
+
+
+def test_during_a_change_a_new_user_is_created_only_where_both_rings_agree(
+    tmp_path: Path,
+) -> None:
+    four = [*NODES, "10.0.0.14:8000"]
+    placement, _ = make(tmp_path)
+    old, new = Ring.of(NODES), Ring.of(four)
+    mine = [u for u in (f"user-{i}" for i in range(2000)) if old.owner(u) == ME]
+    leaving = [u for u in mine if new.owner(u) != ME][:3]
+    staying = [u for u in mine if new.owner(u) == ME][:3]
+    assert leaving and staying
+    placement.set_nodes(",".join(NODES), ",".join(four))
+    for user in leaving:  # created here, they would miss the move and be split at the switch
+        with pytest.raises(NotOwnerError):
+            placement.admit_start(user)
+    for user in staying:
+        placement.admit_start(user)
+    assert placement.view()["next"] == four
+    # Kept across a restart; cleared by a list without a next one (the switch, or a failure).
+    again = Placement(lambda: placement._settings(), Layout(tmp_path))
+    with pytest.raises(NotOwnerError):
+        again.admit_start(leaving[0])
+    again.set_nodes(",".join(NODES))
+    again.admit_start(leaving[0])
+    assert again.view()["next"] == []
