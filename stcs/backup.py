@@ -39,6 +39,7 @@ from stcs.datadir import DbPathLock, lock_file, unlock_file
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.layout import Layout
 from stcs.localfiles import private_partial, publish
+from stcs.sockdiag import listener_uids
 
 ARCHIVE_ROOT = "data"
 HOLD_TTL_S = 3600  # a hold this process forgot to release ends by itself
@@ -60,12 +61,24 @@ class Report:
 
 
 class AdminClient:
-    """Talks to the running stcs on this machine with ``adminAPIKey``."""
+    """Talks to the running stcs on this machine with ``adminAPIKey``.
+
+    Before the key is first sent, the kernel is asked who listens on ``appPort``
+    (`stcs.sockdiag`): only a socket of the owner of ``dbPath`` (the user stcs runs as) or of
+    root (a systemd socket) gets it.  When no stcs runs, any local user may listen on that port
+    and would otherwise receive the key (docs/security.md)."""
+
+    # The local port whose listener is checked (None: not checked, e.g. a cluster node's
+    # address, `stcs.cluster.NodeAdmin`), and the owner expected.
+    _local_port: int | None = None
+    _db_dir: Path | None = None
 
     def __init__(self, settings: Settings) -> None:
         scheme = "https" if settings.app_tls else "http"
         self.base = f"{scheme}://127.0.0.1:{settings.app_port}"
         self._key = settings.admin_api_key
+        self._local_port = settings.app_port
+        self._db_dir = settings.db_dir
         self._context: ssl.SSLContext | None = None
         if settings.app_tls:
             # Our own server on loopback, verified against its own certificate (which names
@@ -80,6 +93,8 @@ class AdminClient:
         Raises OperationError."""
         if not self._key:
             raise OperationError("this needs adminAPIKey set (the running server's admin API)")
+        if self._local_port is not None:
+            self._check_listener(self._local_port)
         headers = {"x-api-key": self._key}
         data = None
         if body is not None:
@@ -99,6 +114,29 @@ class AdminClient:
             raise OperationError(f"{method} {path}: {exc.code} {message}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise OperationError(f"no stcs answers at {self.base}: {exc}") from None
+
+    def _check_listener(self, port: int) -> None:
+        """Raise OperationError unless a socket listens on ``port`` and every one belongs to
+        the owner of ``dbPath`` or to root (before each call: ~0.1 ms).  Without ``sock_diag``
+        a warning, and the key is sent as before."""
+        try:
+            uids = listener_uids(port)
+        except OSError as exc:
+            print(f"warning: cannot tell who listens on port {port} ({exc})", file=sys.stderr)
+            self._local_port = None
+            return
+        try:
+            owner = self._db_dir.stat().st_uid if self._db_dir is not None else os.getuid()
+        except FileNotFoundError:
+            owner = os.getuid()
+        if not uids:
+            raise OperationError(f"no stcs answers at {self.base}: nothing listens on port {port}")
+        foreign = sorted({uid for uid in uids if uid not in (owner, 0)})
+        if foreign:
+            raise OperationError(
+                f"port {port} is listened on by uid {foreign[0]}, not by the owner of dbPath "
+                f"(uid {owner}) or root: not sending it the admin key (is stcs running?)"
+            )
 
 
 def _normalized(settings: Settings, user_id: str) -> str:

@@ -343,6 +343,45 @@ def test_a_config_file_planted_by_another_user_is_refused(shared: Path) -> None:
     assert ADMIN not in heard, heard
 
 
+def test_the_admin_key_goes_only_to_a_listener_of_the_db_path_owner_or_root(
+    tmp_path: Path,
+) -> None:
+    """Seen before: with no stcs running, uid 65534 listened on appPort, and root's
+    ``ADMIN_API_KEY=... stcs status`` (its own, trusted config) sent it the admin key.  Now the
+    local admin commands ask the kernel who listens on the port (`stcs.sockdiag`) and send the
+    key only to the owner of dbPath or root: otherwise exit 1 naming the uid, nothing sent."""
+    port = free_port()
+    db = tmp_path / "db"
+    db.mkdir(mode=0o700)
+    listener = subprocess.Popen(
+        [
+            str(SETPRIV),
+            "--reuid",
+            str(NOBODY),
+            "--regid",
+            str(NOBODY),
+            "--clear-groups",
+            str(NOBODY_PYTHON),
+            "-c",
+            LISTENER,
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+        env = {**os.environ, "ADMIN_API_KEY": ADMIN}
+        for args in (("status",), ("users", "block", new_token())):
+            done = stcs_cli(*args, "--port", str(port), "--db", str(db), env=env, timeout=60)
+            assert done.returncode == 1, (args, done.stdout, done.stderr)
+            assert f"uid {NOBODY}" in done.stderr, done.stderr
+    finally:
+        listener.kill()
+        heard = listener.communicate(timeout=10)[0]
+    assert ADMIN not in heard, heard
+
+
 def test_config_files_are_trusted_only_as_openssh_trusts_its_own(shared: Path) -> None:
     """Owned by the invoking user or root and writable by neither group nor others, in
     directories only such owners can change (a sticky directory such as /tmp counts)."""
