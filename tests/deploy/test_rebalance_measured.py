@@ -392,6 +392,8 @@ def test_three_to_four_to_three_nodes_under_load(
             windows = [w for w in unavailability(by_user.get(u, [])) if t0 <= w[0] < end]
             spans.append(sum(w1 - w0 for w0, w1 in windows))  # 0: no request was refused
         outage_by_change[label] = spans
+        state = json.loads((tmp_path / f"state-{i}.json").read_text())
+        plan_mb = state["plan"]["bytesMoved"] / 2**20
         hit = [s for s in spans if s > 0]
         others = [
             w
@@ -401,7 +403,8 @@ def test_three_to_four_to_three_nodes_under_load(
         ]
         lines.append(
             f"{label}: {len(report.moved)} of {USERS} users moved, "
-            f"{report.bytes / 2**20:.1f} MB in {report.files} files, in {report.seconds:.1f} s "
+            f"{plan_mb:.1f} MB of data, {report.bytes / 2**20:.1f} MB copied in both passes "
+            f"({report.files} files), in {report.seconds:.1f} s "
             f"(pass 1 done at {steps.get('pass1', t0) - t0:.1f} s, holds taken at "
             f"{steps.get('hold', t0) - t0:.1f} s, router reloaded at "
             f"{steps.get('router', t0) - t0:.1f} s); held p50 {report.held_p50_s:.2f} s, max "
