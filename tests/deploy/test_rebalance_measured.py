@@ -249,7 +249,8 @@ def test_three_to_four_to_three_nodes_under_load(
     main = frontends.nginx_main(root, site)
     router = frontends.start("nginx", main, port, None)
     nginx = shutil.which("nginx", path=frontends._PATH)
-    reload_command = f"{nginx} -c {main} -p {root}/ -s reload"
+    on = f"-c {main} -p {root}/"
+    reload_command = f"{nginx} -t -q {on} && {nginx} {on} -s reload"  # as docs/scale-out.md
 
     try:
         move, stay = pick_users(three, four)
