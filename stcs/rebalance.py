@@ -474,6 +474,7 @@ def rebalance(
     moves = state.moves
     holds = Holds(admins, moves)
     step = state.step
+    router_touched = False
     try:
         if step == COPY:
             # From now until the switch no node creates a never-seen user whom the two rings
@@ -496,6 +497,7 @@ def rebalance(
                 return _failed(state, holds, report, out, started, admins, old)
             _carry_user_state(state, admins)
             holds.check()
+            router_touched = True
             switch_router(options.router_config, router_text, options.reload_command, out)
             state.save(SWITCH)
             _notify(options, "router")
@@ -512,6 +514,14 @@ def rebalance(
         report.failed.setdefault("*", str(exc))
         if step != SWITCH:
             return _failed(state, holds, report, out, started, admins, old)
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C, or a fault of this process) before the router was touched: the
+        # users were copied from, not moved; release them now rather than after the holds'
+        # TTL.  The step and the announcement stay: run the command again to go on.
+        if step != SWITCH and not router_touched and holds.since:
+            print(f"interrupted: releasing {len(holds.since)} held users", file=sys.stderr)
+            holds.release_all()
         raise
     report.held_s.update(holds.held_s)
     report.moved = sorted(moves)

@@ -273,6 +273,33 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
     assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
     assert not (by_name[ring_old.owner(fresh)].db / fresh).exists()
     assert get(by_name[ring_new.owner(stay[0])], stay[0]).status_code == 200  # not moved: served
+
+    # Interrupted once the users are held (Ctrl-C): released at once, not after the holds'
+    # 600 s TTL (before: held, their requests waiting until it ran out); served on the source.
+    def stop_held(step: str) -> None:
+        if step == "hold":
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        rebalance(
+            old,
+            new,
+            ADMIN,
+            StcsSettings(),
+            RebalanceOptions(
+                router,
+                f"echo reloaded >> {tmp_path / 'reloads.log'}",
+                tmp_path / "state.json",
+                progress=False,
+                on_step=stop_held,
+            ),
+            io.StringIO(),
+        )
+    for user in move:
+        source = by_name[ring_old.owner(user)]
+        held = requests.get(f"{source.url}/admin/instances", headers=KEY, timeout=30).json()
+        assert user not in held.get("held", []), held
+        assert look(source, user)[0] == 35
     resumed = cli_rebalance(tmp_path, old, new, router)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for user in move:
