@@ -451,6 +451,11 @@ class Supervisor:
     async def _start(self, inst: Instance, deadline: float) -> None:
         try:
             await self._reserve_slot(inst, deadline)
+            if self._admit_start is not None:
+                # Again after the wait for a slot (up to queueTimeout): a move may have been
+                # announced or marked meanwhile.  No await from here to the directory's mkdir
+                # in the launcher, so nothing can change between this check and it.
+                self._admit_start(inst.user_id)
             inst.spawning = True
             child = await self.launcher.launch(inst.user_id)
         except BaseException as exc:

@@ -131,14 +131,20 @@ def open_beneath(root_fd: int, parts: Sequence[str]) -> int:
 def manifest(user_dir: str) -> list[dict[str, Any]] | None:
     """``[{"path", "size": bytes, "mtimeNs": int}]`` of every regular file under ``user_dir``,
     sorted by path; None when ``user_dir`` does not exist.  Symlinks and special files are
-    skipped (logged), never followed.  Raises OSError (``user_dir`` a symlink or a file)."""
+    skipped (logged), never followed.  Raises OSError (``user_dir`` a symlink or a file, or any
+    directory that cannot be listed: a partial list would have the next copy prune the files
+    it missed on the target)."""
     try:
         os.close(open_root(user_dir))
     except FileNotFoundError:
         return None
     files: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for top, dirs, names in os.walk(user_dir, followlinks=False):
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for top, dirs, names in os.walk(user_dir, followlinks=False, onerror=fail):
         rel_top = os.path.relpath(top, user_dir)
         for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
             rel = name if rel_top == "." else f"{rel_top}/{name}"

@@ -14,7 +14,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from stcs.errors import CapacityTimeoutError, NewUsersRateLimitError, ShuttingDownError
+from stcs.errors import (
+    CapacityTimeoutError,
+    NewUsersRateLimitError,
+    NotOwnerError,
+    ShuttingDownError,
+)
 from stcs.launcher import Child
 from stcs.snapshot import Phase
 from stcs.supervisor import Supervisor
@@ -505,4 +510,41 @@ async def test_queued_half_closed_clients_are_asked_and_yield_to_waiting_ones(
     await asyncio.sleep(0.05)
     assert not sup.has_instance("maybe-gone")
     assert "maybe-gone" not in launcher.launches
+    await sup.close()
+
+
+async def test_a_start_that_waited_for_a_slot_is_admitted_again(launcher: SleepLauncher) -> None:
+    """A never-seen user admitted, then queued for a slot while a rebalance announced a move
+    (`stcs.placement`): refused when the slot comes, nothing launched (before: launched on the
+    strength of the first check, and the user's data split between two nodes)."""
+    refusing: list[bool] = [False]
+
+    def admit_start(user: str) -> None:
+        if refusing[0]:
+            raise NotOwnerError("moving", retry_after_s=5)
+
+    clock = Clock()
+    sup = supervisor(
+        launcher,
+        max_instances=1,
+        queue_timeout_ms=60_000,
+        ttl_ms=1000,
+        clock=clock,
+        admit_start=admit_start,
+    )
+
+    async def time_passes() -> None:  # 0.5 s of the supervisor's clock every 10 ms
+        while True:
+            await asyncio.sleep(0.01)
+            clock.now += 0.5
+
+    async with sup.acquire("a"):  # the one slot, in use
+        queued = asyncio.ensure_future(lease_once(sup, "v"))
+        await asyncio.sleep(0.05)  # "v" passed the first check and waits for the slot
+        refusing[0] = True
+    ticking = asyncio.ensure_future(time_passes())
+    with pytest.raises(NotOwnerError):
+        await asyncio.wait_for(queued, 10)
+    ticking.cancel()
+    assert launcher.launches == {"a": 1}
     await sup.close()

@@ -177,3 +177,24 @@ def test_prune_removes_files_and_empty_directories_never_outside(tmp_path: Path)
     assert (tmp_path / "victim").exists()
     assert transfer.prune(str(user), transfer.check_paths(["a/b/f", "gone"])) == 1
     assert sorted(p.name for p in user.iterdir()) == ["keep", "up"]
+
+
+def test_a_directory_that_cannot_be_listed_fails_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the walk skipped it silently, the manifest lacked its files, and the next pass
+    pruned them on the target (a moved user lost a segment, exit 0)."""
+    user = tmp_path / "u"
+    (user / "seg").mkdir(parents=True)
+    (user / "chroma.sqlite3").write_bytes(b"db")
+    (user / "seg" / "data_level0.bin").write_bytes(b"index")
+    real = os.scandir
+
+    def scandir(path: object) -> object:
+        if str(path).endswith("seg"):
+            raise OSError(24, "Too many open files")
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError):
+        transfer.manifest(str(user))
