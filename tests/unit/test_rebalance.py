@@ -193,7 +193,7 @@ def test_a_directory_that_cannot_be_listed_fails_the_manifest(
     def scandir(path: object) -> object:
         if str(path).endswith("seg"):
             raise OSError(24, "Too many open files")
-        return real(path)  # type: ignore[arg-type]
+        return real(path)  # type: ignore[call-overload]
 
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(OSError):
