@@ -155,9 +155,10 @@ def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
         "rebalance",
         parents=[settings],
         help="move the users a node-list change moves, then switch the router",
-        description="Copy each moving user to its new node while it serves, hold the moving "
-        "users, copy what changed, render the router for --to and run --reload-command, then "
-        "release. Safe to interrupt and run again (--state). Old copies stay until "
+        description="Copy each moving user to its new node while it serves, close the moving "
+        "users on their sources, copy what changed, render the router for --to and run "
+        "--reload-command, then open them on their targets. Safe to interrupt and run again "
+        "(--state), or to undo with --abort before the switch. Old copies stay until "
         "`stcs cluster cleanup`.",
     )
     move.add_argument("--from", dest="old", required=True, metavar="HOST:PORT,…")
@@ -182,6 +183,12 @@ def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
         help="where the run records its steps (default ./stcs-rebalance.json)",
     )
     move.add_argument("--yes", action="store_true", help="do not ask before starting")
+    move.add_argument(
+        "--abort",
+        action="store_true",
+        help="undo the run recorded in --state, stopped before its switch: users served by "
+        "their sources again, no change announced",
+    )
     clean = verbs.add_parser(
         "cleanup",
         parents=[settings],
@@ -258,6 +265,18 @@ def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
         state_path=Path(args.state),
         dry_run=args.dry_run,
     )
+    if args.abort:
+        from stcs.rebalance import abort
+
+        try:
+            abort(old, new, resolved.settings.admin_api_key, options, sys.stdout)
+        except RebalanceRefused as exc:
+            print(f"stcs cluster rebalance --abort: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except OperationError as exc:
+            print(f"stcs cluster rebalance --abort: {exc} (run again)", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
     if not (args.yes or args.dry_run or Path(args.state).exists()):
         if not sys.stdin.isatty():
             print("stcs cluster rebalance: pass --yes (or --dry-run first)", file=sys.stderr)

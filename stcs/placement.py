@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ class Placement:
         self._layout = layout
         self._ring_key: tuple[str, str] | None = None
         self._ring: Ring | None = None
+        self._saving = threading.RLock()
         self._db_dir = str(layout.db_dir)
         try:
             saved = json.loads(layout.cluster_state.read_text())
@@ -155,7 +157,7 @@ class Placement:
             )
         if user_id in self.moved:
             raise UserMovingError(
-                "this user's database has moved to another node; retry later",
+                "this user's database is moving or has moved to another node; retry later",
                 retry_after_s=RETRY_AFTER_S,
             )
         # One stat (~1 µs), only on a start: cheaper inline than a hand-off to a thread.
@@ -201,27 +203,34 @@ class Placement:
         ValueError for an unknown state, OSError."""
         if state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}")
-        self.arriving.discard(user_id)
-        self.moved.pop(user_id, None)
-        if state == ARRIVING:
-            self.arriving.add(user_id)
-        elif state == MOVED:
-            self.moved[user_id] = to
-        self._save()
+        with self._saving:
+            self.arriving.discard(user_id)
+            self.moved.pop(user_id, None)
+            if state == ARRIVING:
+                self.arriving.add(user_id)
+            elif state == MOVED:
+                self.moved[user_id] = to
+            self._save()
 
     def _save(self) -> None:
-        path = self._layout.cluster_state
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            doc: dict[str, Any] = {"arriving": sorted(self.arriving), "moved": self.moved}
-            if self.run_nodes:
-                doc.update(nodes=self.run_nodes, configNodes=self.run_config_nodes)
-            if self.run_next:
-                doc.update(next=self.run_next)
-            fh.write(json.dumps(doc))
-        tmp.replace(path)
+        # Marks are set from worker threads (the admin API's to_thread), several at once in a
+        # rebalance: one writer at a time, or two would share the temporary file.
+        with self._saving:
+            path = self._layout.cluster_state
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                doc: dict[str, Any] = {
+                    "arriving": sorted(self.arriving),
+                    "moved": dict(self.moved),
+                }
+                if self.run_nodes:
+                    doc.update(nodes=self.run_nodes, configNodes=self.run_config_nodes)
+                if self.run_next:
+                    doc.update(next=self.run_next)
+                fh.write(json.dumps(doc))
+            tmp.replace(path)
 
     def view(self) -> dict[str, Any]:
         """``{"nodes": [...], "nodesFrom": "config" | "rebalance", "self": str, "arriving":

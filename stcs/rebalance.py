@@ -8,24 +8,29 @@ The steps (`rebalance`), each recorded in the state file *before* it runs, so an
 run started again with the same ``--from``/``--to`` resumes:
 
 1. **plan** (`cluster.compute_plan`); users found on two nodes refuse the run.
-2. **copy**: each target marks its users ``arriving`` (they are refused there), then pass 1
-   copies what differs (`delta`) while the user keeps serving on its source.
-3. **hold** every moving user on its source (``POST …/hold`` with a TTL): their new requests
-   wait instead of failing; their chroma stops.
+2. **copy**: every node is told of the change (``PUT /admin/cluster`` with ``next``: no
+   never-seen user whom it moves is created meanwhile), the users asked for again; each
+   target marks its users ``arriving`` (they are refused there), then pass 1 copies what
+   differs (`delta`) while the user keeps serving on its source.
+3. **close** every moving user on its source (`Holds`: marked ``moved`` there, kept on disk,
+   no TTL): requests in flight finish, their chroma stops, new ones get 503 + ``Retry-After``.
 4. **pass 2**: the delta again, plus every file whose source mtime is within `RECENT_NS` of
    pass 1's manifest (file times are coarse: a write in the same tick as pass 1's read leaves
    size and mtime equal).  Chroma is stopped, so this copy is consistent.
-5. A failed copy (pass 1 or 2): every hold released, every user stays on its source, serving
+5. A failed copy (pass 1 or 2): every source opened again (``home``), the announcement
+   withdrawn, every user stays on its source, serving
    (targets stay ``arriving``, refused, and the router is unchanged); exit 1.  The router
    switch is all or nothing: nginx routes by the ring, not per user.
 6. Blocklist entry and limit overrides go to the target.
 7. The router file is rendered again with the ``--to`` nodes (`deploy.read_record`: the
    options it was rendered with), the previous one kept as ``PATH.prev``, and the reload
-   command run; if it fails the previous file is put back and the holds released.
-8. **switch**: sources marked ``moved``, every node's list set to ``--to`` (``PUT
-   /admin/cluster``), targets marked ``home``, holds released.  Requests that waited on a
-   source then get 503 + ``Retry-After``; their retry goes through the new router to the
-   target.
+   command run; if it fails the previous file is put back, the command run again, and the
+   sources opened again.
+8. **switch**: every node's list set to ``--to`` (``PUT /admin/cluster``, the announcement
+   ends), targets marked ``home``.  A refused request's retry goes through the new router to
+   the target.
+
+`abort` undoes a run stopped before its switch (sources opened, announcement withdrawn).
 
 Old copies stay until `cleanup` (``DELETE …/data``, only where the new node serves the user).
 """
@@ -36,7 +41,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,8 +63,6 @@ from stcs.deploy import read_record, render
 from stcs.errors import ConfigError
 from stcs.localfiles import private_partial, publish
 
-HOLD_TTL_S = 600  # a hold this process forgets (killed) ends by itself: the user serves again
-HOLD_REFRESH_S = 60  # holds are renewed this often during pass 2
 HOLD_DRAIN_S = 60  # requests in flight on a source may finish for this long
 HOLD_PARALLEL = 8  # hold calls in flight at once
 RECENT_NS = 2_000_000_000  # pass 2 copies files this recent again whatever their size, mtime
@@ -284,67 +289,70 @@ def copy_pass(
 
 
 class Holds:
-    """The holds this run takes on the sources: user -> (node, monotonic time of the hold
-    call); renewed with `refresh`, all released with `release_all`."""
+    """The moving users' sources, closed for the copy that counts: user -> monotonic time it
+    was closed.  A source is closed by marking the user ``moved`` there (``PUT
+    …/placement``: requests in flight finish, the chroma stops, and from then on the source
+    refuses the user, 503 + ``Retry-After``), not by a maintenance hold: the mark is kept on
+    disk, has no TTL to run out during a long copy, survives a restart of the source and is not
+    ended by another tool's hold (``stcs backup`` holds and releases too).  Rolled back (marked
+    ``home``) by `release_all` when the run fails before the switch; kept by `finish`."""
 
     def __init__(self, admins: dict[str, NodeAdmin], moves: dict[str, dict[str, Any]]) -> None:
         self._admins = admins
         self._moves = moves
         self.since: dict[str, float] = {}
         self.held_s: dict[str, float] = {}
-        self._renewed = 0.0
 
-    def _hold(self, user: str) -> None:
-        src = self._admins[self._moves[user]["from"]]
-        src.request(
-            "POST",
-            f"/admin/users/{user}/hold?ttl={HOLD_TTL_S}&drainTimeout={HOLD_DRAIN_S}",
+    def _close(self, user: str) -> None:
+        move = self._moves[user]
+        self._admins[move["from"]].request(
+            "PUT",
+            f"/admin/users/{user}/placement?drainTimeout={HOLD_DRAIN_S}",
+            body={"state": "moved", "to": move["to"]},
             timeout=HOLD_DRAIN_S + 60,
         )
 
     def hold_all(self, users: list[str]) -> None:
-        """Hold ``users``, at most `HOLD_PARALLEL` calls at once (each waits for the user's
-        requests in flight and the stop of its chroma: one after the other, the first user
-        would wait for every other's).  Raises OperationError (the first failure; the holds
-        taken stay recorded, for `release_all`)."""
+        """Close ``users``' sources, at most `HOLD_PARALLEL` calls at once (each waits for the
+        user's requests in flight and the stop of its chroma: one after the other, the first
+        user would wait for every other's).  Raises OperationError (the first failure; those
+        closed stay recorded, for `release_all`)."""
         now = time.monotonic()
         for user in users:
             self.since.setdefault(user, now)
         with ThreadPoolExecutor(max_workers=min(HOLD_PARALLEL, max(1, len(users)))) as pool:
-            for _ in pool.map(self._hold, users):
+            for _ in pool.map(self._close, users):
                 pass
-        self._renewed = time.monotonic()
-
-    def refresh(self) -> None:
-        """Renew every hold (a later hold call sets a new TTL) once `HOLD_REFRESH_S` passed."""
-        if time.monotonic() - self._renewed < HOLD_REFRESH_S:
-            return
-        for user in self.since:
-            self._hold(user)
-        self._renewed = time.monotonic()
 
     def check(self) -> None:
-        """Raise OperationError unless every source still holds its users (a hold that ended
-        by its TTL let the user write after pass 2)."""
+        """Raise OperationError unless every source still marks its users ``moved`` to their
+        target (an operator's ``home`` mark meanwhile would let the user write after pass 2)."""
         by_node: dict[str, list[str]] = {}
         for user in self.since:
             by_node.setdefault(self._moves[user]["from"], []).append(user)
         for node, users in by_node.items():
-            held = set(self._admins[node].request("GET", "/admin/instances").get("held", []))
-            lost = [u for u in users if u not in held]
+            moved = self._admins[node].request("GET", "/admin/cluster").get("moved", {})
+            lost = [u for u in users if moved.get(u) != self._moves[u]["to"]]
             if lost:
-                raise OperationError(f"{node} no longer holds {', '.join(lost)}")
+                raise OperationError(f"{node} no longer marks {', '.join(lost)} moved")
 
     def release_all(self) -> None:
-        """Release every hold (each tried; failures printed: the TTL ends them anyway)."""
+        """Open every source again (mark ``home``): the run did not switch.  Each is tried;
+        failures printed (mark them home by hand: ``PUT …/placement {"state": "home"}``)."""
         for user in list(self.since):
             src = self._admins[self._moves[user]["from"]]
             try:
-                src.request("DELETE", f"/admin/users/{user}/hold")
+                src.request("PUT", f"/admin/users/{user}/placement", body={"state": "home"})
             except OperationError as exc:
                 print(
-                    f"warning: {exc} (the hold ends by itself in {HOLD_TTL_S} s)", file=sys.stderr
+                    f"warning: {exc}; {user} stays refused on {src.node} until marked home",
+                    file=sys.stderr,
                 )
+            self.held_s[user] = time.monotonic() - self.since.pop(user)
+
+    def finish(self) -> None:
+        """The switch is done: the sources stay ``moved``; record how long each was closed."""
+        for user in list(self.since):
             self.held_s[user] = time.monotonic() - self.since.pop(user)
 
 
@@ -382,37 +390,55 @@ def switch_router(path: Path, text: str, reload_command: str, out: IO[str]) -> N
     _write_as(prev, previous, mode)
     _write_as(path, text.encode(), mode)
     print(f"router: {path} written (previous in {prev}); running {reload_command}", file=out)
-    try:
-        done = subprocess.run(
-            reload_command,
-            shell=True,
-            timeout=RELOAD_TIMEOUT_S,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        failure = "" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()}"
-    except subprocess.TimeoutExpired:
-        failure = f"no end within {RELOAD_TIMEOUT_S} s"
+    failure = _run_reload(reload_command)
     if failure:
         _write_as(path, previous, mode)
+        # The router may have taken the new file before the command failed or timed out:
+        # reload it again with the previous one, so it routes as the nodes still do.
+        again = _run_reload(reload_command)
         raise OperationError(
-            f"reload command failed ({failure}); {path} put back as it was (reload the router "
-            "yourself if it took the new file)"
+            f"reload command failed ({failure}); {path} put back as it was and reloaded "
+            + ("again" if not again else f"— that failed too ({again}): reload the router yourself")
         )
 
 
 def _write_as(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Replace ``path`` with ``data`` (``mode``) at once: a new file (``O_EXCL``, never
+    through a link another user planted; a random name), synced, renamed over it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def _run_reload(command: str) -> str:
+    """Run the router's reload ``command`` (a shell command, in its own process group, at most
+    `RELOAD_TIMEOUT_S`: on timeout the whole group is killed, not only the shell); ``""`` on
+    success, else what went wrong."""
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=RELOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"no end within {RELOAD_TIMEOUT_S} s"
+    return "" if proc.returncode == 0 else f"exit {proc.returncode}: {err.strip()}"
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -506,7 +532,7 @@ def rebalance(
             for user in moves:
                 holds.since.setdefault(user, time.monotonic())
             _switch(state, admins, old, new)
-            holds.release_all()
+            holds.finish()
             for move in moves.values():
                 move["phase"] = "moved"
             state.save(DONE)
@@ -528,6 +554,36 @@ def rebalance(
     report.seconds = time.monotonic() - started
     _summary(report, new, out)
     return report
+
+
+def abort(
+    old: list[str], new: list[str], admin_key: str, options: RebalanceOptions, out: IO[str]
+) -> None:
+    """Undo the run recorded in ``options.state_path`` for ``old`` -> ``new``, stopped before
+    its switch: every source opened again (``home``: its users served there, as before the
+    run), every node's list ``old`` with no change announced; the state file removed.  The
+    targets keep their partial copies, marked ``arriving`` (never served; a later run copies
+    over them).  Raises RebalanceRefused (no such run, or its router was already switched:
+    run it again to finish) and OperationError (a node did not answer: run again)."""
+    state = RunState.load(options.state_path, old, new)
+    if state is None:
+        raise RebalanceRefused(f"no run of this change is recorded in {options.state_path}")
+    if state.step in (SWITCH, DONE):
+        raise RebalanceRefused(
+            f"the run recorded in {options.state_path} has switched the router "
+            f"(step {state.step!r}): run the same command again to finish it"
+        )
+    admins = {n: NodeAdmin(n, admin_key) for n in dict.fromkeys(old + new)}
+    holds = Holds(admins, state.moves)
+    holds.since = dict.fromkeys(state.moves, time.monotonic())
+    holds.release_all()
+    _set_lists(admins, old)
+    options.state_path.unlink()
+    print(
+        f"aborted: {len(state.moves)} users served by their source nodes, no change announced; "
+        f"{options.state_path} removed",
+        file=out,
+    )
 
 
 def _notify(options: RebalanceOptions, step: str) -> None:
@@ -592,7 +648,6 @@ def _pass_two(
     try:
         for n, (user, move) in enumerate(moves.items(), 1):
             bar.set_description(f"pass 2 (held) {n}/{len(moves)}")
-            holds.refresh()
             src, dst = admins[move["from"]], admins[move["to"]]
             taken = move.get("takenAtNs")
             since = 0 if taken is None else int(taken) - RECENT_NS  # 0: every file again
@@ -617,7 +672,7 @@ def _user_state(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _carry_user_state(state: RunState, admins: dict[str, NodeAdmin]) -> None:
     """The source's blocklist entry and limit overrides (as pass 2's manifest gave them, taken
-    under the hold) onto the target."""
+    with the source closed) onto the target."""
     for user, move in state.moves.items():
         dst = admins[move["to"]]
         carried = move.get("manifest") or {}
@@ -681,7 +736,7 @@ def _print_steps(plan: Plan, options: RebalanceOptions, out: IO[str]) -> None:
         f"""
 would run (state in {options.state_path}):
   1. mark {len(plan.moves)} users arriving on their targets; copy them live (pass 1)
-  2. hold them on their sources (TTL {HOLD_TTL_S} s); copy what changed (pass 2)
+  2. close them on their sources (marked moved); copy what changed (pass 2)
   3. carry blocklist entries and limit overrides
   4. render {options.router_config} for {",".join(plan.new)} (previous kept as .prev); run:
      {options.reload_command}

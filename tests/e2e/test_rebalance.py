@@ -9,6 +9,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -75,7 +77,10 @@ def fill(node: StcsServer, user: str, n: int) -> None:
 
 def look(node: StcsServer, user: str) -> tuple[int, list[str]]:
     col = client(node, user).get_collection("docs")
-    hits = col.query(query_embeddings=[rows(3, 4)], n_results=3)
+    # No two records at the same distance (the nearest point of the line the rows lie on is
+    # never half-way between two of them): equal answers do not depend on how ties break.
+    nearest: list[Sequence[float]] = [[3.3, 0.9, 1.0, 0.5]]
+    hits = col.query(query_embeddings=nearest, n_results=3)
     return col.count(), hits["ids"][0]
 
 
@@ -379,3 +384,105 @@ def test_transfer_endpoints_refuse_hostile_paths_and_overwriting_a_served_user(
     ).raise_for_status()
     held = requests.get(f"{node.url}/admin/instances", headers=KEY, timeout=30).json()["held"]
     assert home in held
+
+
+def _write_one(node: StcsServer, user: str, rid: str) -> bool:
+    """An add of ``rid`` on ``node`` directly; whether it was acknowledged."""
+    try:
+        client(node, user).get_collection("docs").add(ids=[rid], embeddings=[rows(1, 2)])
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_closed_source_stays_closed_whatever_else_holds_or_releases_the_user(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Pass 2 counts only if the source takes no write after it.  Before: the source was
+    closed by a maintenance hold, which another tool's release (``stcs backup`` ends its own
+    hold with ``DELETE …/hold``, and holds are one per user) or its 600 s TTL ended: the source
+    took and acknowledged a write.  Here the run's last check saw the hold gone and failed
+    (exit 1); a hold taken again by the renewal between users (every 60 s of a long pass 2)
+    hid the gap, and the switch went ahead without the write (found in review).  Now the
+    source is closed by its ``moved`` mark: refused, and the run completes."""
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    (user,), _ = users_for(ring_old, ring_new, 1, 0)
+    source = by_name[ring_old.owner(user)]
+    fill(source, user, 20)
+    router = router_file(tmp_path, [a, b])
+    acknowledged: list[bool] = []
+
+    def meanwhile(step: str) -> None:
+        if step == "hold":  # the source is closed for pass 2: a backup ends its own hold...
+            requests.delete(f"{source.url}/admin/users/{user}/hold", headers=KEY, timeout=30)
+            acknowledged.append(_write_one(source, user, "late-write"))  # ...and a client writes
+
+    from stcs.config import Settings as StcsSettings
+
+    report = rebalance(
+        old,
+        new,
+        ADMIN,
+        StcsSettings(),
+        RebalanceOptions(
+            router,
+            f"echo reloaded >> {tmp_path / 'reloads.log'}",
+            tmp_path / "state.json",
+            progress=False,
+            on_step=meanwhile,
+        ),
+        io.StringIO(),
+    )
+    assert report.exit_code == 0
+    ids = client(c, user).get_collection("docs").get()["ids"]
+    # No acknowledged write is missing on the user's new node.
+    assert acknowledged == [False], "the closed source acknowledged a write"
+    assert "late-write" not in ids and len(ids) == 20
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_sources_closed_until_run_again_or_aborted(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    move, _ = users_for(ring_old, ring_new, 2, 0)
+    for user in move:
+        fill(by_name[ring_old.owner(user)], user, 10)
+    router = router_file(tmp_path, [a, b])
+    rendered = router.read_text()
+    # The run is killed outright (kill -9) once the sources are closed: nothing cleans up.
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import io, os, sys\n"
+            "from pathlib import Path\n"
+            "from stcs.config import Settings\n"
+            "from stcs.rebalance import RebalanceOptions, rebalance\n"
+            "def die(step):\n"
+            "    if step == 'hold': os._exit(9)\n"
+            f"rebalance({old!r}, {new!r}, {ADMIN!r}, Settings(), RebalanceOptions("
+            f"Path({str(router)!r}), 'true', Path({str(tmp_path / 'state.json')!r}), "
+            "progress=False, on_step=die), io.StringIO())\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == 9, killed.stderr
+    for user in move:  # closed, not serving a copy that would not be moved
+        assert get(by_name[ring_old.owner(user)], user).status_code == 503
+    aborted = cli_rebalance(tmp_path, old, new, router, "--abort")
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    for user in move:
+        assert look(by_name[ring_old.owner(user)], user)[0] == 10  # served by its source again
+    assert router.read_text() == rendered and not (tmp_path / "state.json").exists()
+    view = requests.get(f"{a.url}/admin/cluster", headers=KEY, timeout=30).json()
+    assert view["next"] == [] and view["nodes"] == old
