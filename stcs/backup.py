@@ -120,7 +120,7 @@ class AdminClient:
         the owner of ``dbPath`` or to root (before each call: ~0.1 ms).  Without ``sock_diag``
         a warning, and the key is sent as before."""
         try:
-            uids = listener_uids(port)
+            uids = listener_uids(port, reaching="127.0.0.1")  # where the key is sent
         except OSError as exc:
             print(f"warning: cannot tell who listens on port {port} ({exc})", file=sys.stderr)
             self._local_port = None

@@ -219,7 +219,7 @@ def port_owned_by(child_pid: int, port: int) -> bool:
     answer, `sockdiag.listener_uids`, ~0.1 ms).  Processes of stcs's own uid are trusted
     (docs/security.md).  True when the kernel cannot tell (no ``sock_diag``: logged)."""
     try:
-        uids = listener_uids(port)
+        uids = listener_uids(port, reaching="127.0.0.1")  # where stcs connects to the child
     except OSError as exc:
         log.warning("cannot check who listens on an instance port", port=port, error=str(exc))
         return True

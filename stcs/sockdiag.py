@@ -32,7 +32,7 @@ _REQ = struct.Struct("=BBBBI48x")
 # inet_diag_msg: family, state, timer, retrans; sockid: sport, dport (big-endian), src[16],
 # dst[16], if, cookie[2]; then expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BBBBHH16s16sIIIIIIII")
-_SPORT, _UID = 4, 14
+_SPORT, _SRC, _UID = 4, 6, 14
 
 
 def _request(seq: int) -> bytes:
@@ -43,10 +43,13 @@ def _request(seq: int) -> bytes:
     return head + body
 
 
-def listener_uids(port: int, timeout_s: float = 1.0) -> list[int]:
-    """The owner uids of the IPv4 TCP sockets listening on ``port`` (any local address; none:
-    ``[]``).  Blocking, about 0.1 ms.  Raises OSError when the kernel cannot answer (no
-    ``sock_diag``: a kernel without ``CONFIG_INET_DIAG``)."""
+def listener_uids(port: int, timeout_s: float = 1.0, reaching: str | None = None) -> list[int]:
+    """The owner uids of the IPv4 TCP sockets listening on ``port`` (none: ``[]``): on any
+    local address, or with ``reaching`` (an IPv4 address) only those a connection to it
+    reaches — bound to it or to ``0.0.0.0`` (a listener on ``127.0.0.2`` gets nothing sent to
+    ``127.0.0.1``).  Blocking, about 0.1 ms.  Raises OSError when the kernel cannot answer
+    (no ``sock_diag``: a kernel without ``CONFIG_INET_DIAG``)."""
+    wanted = None if reaching is None else (socket.inet_aton(reaching), bytes(4))
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(timeout_s)
         seq = os.getpid() & 0xFFFF
@@ -66,6 +69,8 @@ def listener_uids(port: int, timeout_s: float = 1.0) -> list[int]:
                     raise OSError(-errno, os.strerror(-errno))
                 if kind == SOCK_DIAG_BY_FAMILY:
                     fields = _MSG.unpack_from(data, offset + _NLMSGHDR.size)
-                    if socket.ntohs(fields[_SPORT]) == port:
+                    if socket.ntohs(fields[_SPORT]) == port and (
+                        wanted is None or fields[_SRC][:4] in wanted
+                    ):
                         uids.append(fields[_UID])
                 offset += (length + 3) & ~3  # NLMSG_ALIGN

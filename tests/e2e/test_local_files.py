@@ -382,6 +382,39 @@ def test_the_admin_key_goes_only_to_a_listener_of_the_db_path_owner_or_root(
     assert ADMIN not in heard, heard
 
 
+def test_a_listener_beside_stcs_on_another_loopback_address_blocks_no_admin_command(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Found in review: uid 65534 listening on ``127.0.0.2:appPort`` (stcs on 127.0.0.1) made
+    every local admin command refuse (the check counted listeners on any address), so a local
+    user could stop the nightly backup.  Only listeners a connection to 127.0.0.1 reaches count."""
+    server = stcs("--adminAPIKey", ADMIN, db=tmp_path / "db")
+    squatter = subprocess.Popen(
+        [
+            str(SETPRIV),
+            "--reuid",
+            str(NOBODY),
+            "--regid",
+            str(NOBODY),
+            "--clear-groups",
+            str(NOBODY_PYTHON),
+            "-c",
+            LISTENER.replace('"127.0.0.1"', '"127.0.0.2"'),
+            str(server.port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
+        env = {**os.environ, "ADMIN_API_KEY": ADMIN}
+        done = stcs_cli("status", "--port", str(server.port), "--db", str(server.db), env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+
+
 def test_config_files_are_trusted_only_as_openssh_trusts_its_own(shared: Path) -> None:
     """Owned by the invoking user or root and writable by neither group nor others, in
     directories only such owners can change (a sticky directory such as /tmp counts)."""

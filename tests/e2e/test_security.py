@@ -406,3 +406,12 @@ def test_the_kernel_names_the_uid_listening_on_a_port() -> None:
         other.kill()
         other.wait(10)
     assert listener_uids(port) == []
+    # Only listeners a connection to 127.0.0.1 reaches, with ``reaching``.
+    with socket.socket() as beside, socket.socket() as everywhere:
+        beside.bind(("127.0.0.2", port))
+        beside.listen()
+        assert listener_uids(port) == [0] and listener_uids(port, reaching="127.0.0.1") == []
+        beside.close()
+        everywhere.bind(("0.0.0.0", port))
+        everywhere.listen()
+        assert listener_uids(port, reaching="127.0.0.1") == [0]
