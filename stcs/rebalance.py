@@ -775,8 +775,9 @@ class CleanupReport:
 def cleanup(
     nodes: list[str], admin_key: str, dry_run: bool = False, out: IO[str] = sys.stdout
 ) -> CleanupReport:
-    """Delete each old copy (a user marked ``moved`` on a node) whose new node lists the user
-    as ``home`` (``DELETE /admin/users/{userId}/data``); others are skipped with a warning.
+    """Delete each old copy (a user marked ``moved`` on a node) whose new node — one of
+    ``nodes`` — lists the user as ``home`` (``DELETE /admin/users/{userId}/data``); others are
+    skipped with a warning (a new node not in ``nodes`` is not asked).
     Raises OperationError for a node in ``nodes`` that does not answer."""
     report = CleanupReport()
     found = survey(nodes, admin_key)
@@ -788,14 +789,16 @@ def cleanup(
         went = admins[node].request("GET", "/admin/cluster").get("moved", {})
         for user in gone:
             to = str(went.get(user, ""))
+            # Only nodes the operator named are asked (with the admin key): the address a node
+            # reports is not trusted with it.
             if to not in found:
-                try:
-                    found[to] = survey([to], admin_key)[to] if to else []
-                except OperationError as exc:
-                    found[to] = []
-                    print(f"warning: {exc}", file=sys.stderr)
+                found[to] = []
             if not any(u["userId"] == user and u.get("placement") == "home" for u in found[to]):
-                why = f"its new node {to or '(unknown)'} does not serve it"
+                why = (
+                    f"its new node {to or '(unknown)'} does not serve it"
+                    if to in nodes
+                    else f"its new node {to or '(unknown)'} is not among --nodes"
+                )
                 report.skipped.append((node, user, why))
                 print(f"warning: kept {user} on {node}: {why}", file=sys.stderr)
                 continue

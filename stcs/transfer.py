@@ -290,9 +290,32 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
         value = int(raw)
     except ValueError:
         raise BadAdminRequestError(f"{member.name!r}: bad {PAX_MTIME} {raw!r}") from None
-    if value < 0:
+    if not 0 <= value < MTIME_NS_MAX:
         raise BadAdminRequestError(f"{member.name!r}: bad {PAX_MTIME} {raw!r}")
     return value
+
+
+MTIME_NS_MAX = 1 << 62  # year 2116: beyond it the kernel's file times overflow (500 before)
+HEADER_MAX_BYTES = 1 << 20  # a pax or GNU long-name header: a path and an mtime need far less
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header whose extended headers (pax, GNU long names) ``tarfile`` may read:
+    `HEADER_MAX_BYTES` at most.  ``tarfile`` reads such a header whole into memory, so one
+    claiming 2^40 bytes would take the node's memory (found in review)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (
+            tarfile.XHDTYPE,
+            tarfile.XGLTYPE,
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+        )
+        if self.type in extended and self.size > HEADER_MAX_BYTES:
+            raise BadAdminRequestError(
+                f"an extended tar header of {self.size} bytes (at most {HEADER_MAX_BYTES})"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
 
 
 def import_tar(user_dir: str, stream: io.RawIOBase) -> ImportReport:
@@ -310,7 +333,9 @@ def import_tar(user_dir: str, stream: io.RawIOBase) -> ImportReport:
     root = open_root(user_dir)
     try:
         buffered = io.BufferedReader(stream, CHUNK)
-        with tarfile.open(fileobj=buffered, mode="r|", errorlevel=2) as tar:
+        with tarfile.open(
+            fileobj=buffered, mode="r|", errorlevel=2, tarinfo=_BoundedTarInfo
+        ) as tar:
             for member in tar:
                 parts = check_relpath(member.name)
                 if not (member.isdir() or member.isreg()) or member.issparse():
@@ -346,7 +371,9 @@ def _write_member(
     mtime = _mtime_ns(member)
     parent = walk_dirs(root, parts[:-1], create=True)
     name = parts[-1]
-    tmp = f".{name}.{secrets.token_hex(6)}.stcs-import"
+    # Of a fixed length whatever ``name``'s (a name of 236-255 bytes plus a suffix was too
+    # long: that user could not be moved).
+    tmp = f".stcs-import.{secrets.token_hex(8)}"
     try:
         check_free(parent, member.size)
         fd = os.open(

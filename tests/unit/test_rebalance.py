@@ -198,3 +198,32 @@ def test_a_directory_that_cannot_be_listed_fails_the_manifest(
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(OSError):
         transfer.manifest(str(user))
+
+
+def _tar_with(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_import_bounds_extended_headers_names_and_times(tmp_path: Path) -> None:
+    """Found in review: a pax header claiming GBs was read whole into memory; a file of
+    a 250-byte name could not be imported (its temporary name was too long: a 500); an mtime
+    of 10^30 ns overflowed (a 500)."""
+    # A pax header announcing 8 GB: refused from its size, nothing read.
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, 8_000_000_000  # the largest a ustar size holds
+    block = head.tobuf(format=tarfile.USTAR_FORMAT)
+    with pytest.raises(BadAdminRequestError, match="extended tar header"):
+        transfer.import_tar(str(tmp_path / "a"), io.BytesIO(block + bytes(1024)))  # type: ignore[arg-type]
+    # A name of 250 bytes (ext4 allows 255).
+    long = tarfile.TarInfo("n" * 250)
+    long.size = 3
+    transfer.import_tar(str(tmp_path / "b"), io.BytesIO(_tar_with(long, b"abc")))  # type: ignore[arg-type]
+    assert (tmp_path / "b" / ("n" * 250)).read_bytes() == b"abc"
+    # A time past what file times hold.
+    late = tarfile.TarInfo("late")
+    late.size, late.pax_headers = 1, {transfer.PAX_MTIME: str(10**30)}
+    with pytest.raises(BadAdminRequestError, match="bad"):
+        transfer.import_tar(str(tmp_path / "c"), io.BytesIO(_tar_with(late, b"x")))  # type: ignore[arg-type]
