@@ -47,7 +47,7 @@ from stcs.ring import Ring, parse_nodes
 
 log = structlog.get_logger("stcs.placement")
 
-RETRY_AFTER_S = 5  # a move's hold is short; a misrouted user waits for the router's reload
+RETRY_AFTER_S = 1  # a move closes a user for under a second (docs/scale-out.md, Figures)
 
 ARRIVING = "arriving"
 MOVED = "moved"
