@@ -518,7 +518,7 @@ def rebalance(
         if step == HOLD:
             holds.hold_all(list(moves))
             _notify(options, "hold")
-            _pass_two(state, admins, holds, report, options)
+            _pass_two(state, admins, report, options)
             if report.failed:
                 return _failed(state, holds, report, out, started, admins, old)
             _carry_user_state(state, admins)
@@ -639,15 +639,14 @@ def _check_target(dst: NodeAdmin, user: str) -> None:
 def _pass_two(
     state: RunState,
     admins: dict[str, NodeAdmin],
-    holds: Holds,
     report: RebalanceReport,
     opts: RebalanceOptions,
 ) -> None:
     moves = state.moves
-    bar = progress_bar(0, "pass 2 (held)", opts.progress)
+    bar = progress_bar(0, "pass 2 (closed)", opts.progress)
     try:
         for n, (user, move) in enumerate(moves.items(), 1):
-            bar.set_description(f"pass 2 (held) {n}/{len(moves)}")
+            bar.set_description(f"pass 2 (closed) {n}/{len(moves)}")
             src, dst = admins[move["from"]], admins[move["to"]]
             taken = move.get("takenAtNs")
             since = 0 if taken is None else int(taken) - RECENT_NS  # 0: every file again

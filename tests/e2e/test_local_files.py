@@ -288,7 +288,7 @@ LISTENER = """
 import socket, sys
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.bind((sys.argv[2], int(sys.argv[1])))
 srv.listen()
 print("listening", flush=True)
 srv.settimeout(20)
@@ -300,6 +300,30 @@ with conn:
     conn.settimeout(5)
     print(repr(conn.recv(65536)), flush=True)
 """
+
+
+def nobody_listening(port: int, address: str = "127.0.0.1") -> subprocess.Popen[str]:
+    """uid 65534 listening on ``address:port``, once it says so; it prints what the first
+    connection sends it (or exits after 20 s without one)."""
+    listener = subprocess.Popen(
+        [
+            str(SETPRIV),
+            "--reuid",
+            str(NOBODY),
+            "--regid",
+            str(NOBODY),
+            "--clear-groups",
+            str(NOBODY_PYTHON),
+            "-c",
+            LISTENER,
+            str(port),
+            address,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+    return listener
 
 
 def test_a_config_file_planted_by_another_user_is_refused(shared: Path) -> None:
@@ -314,24 +338,8 @@ def test_a_config_file_planted_by_another_user_is_refused(shared: Path) -> None:
         str(NOBODY_PYTHON), "-c", f"open('{work}/config.yml', 'w').write('appPort: {port}\\n')"
     )
     assert planted.returncode == 0, planted.stderr
-    listener = subprocess.Popen(
-        [
-            str(SETPRIV),
-            "--reuid",
-            str(NOBODY),
-            "--regid",
-            str(NOBODY),
-            "--clear-groups",
-            str(NOBODY_PYTHON),
-            "-c",
-            LISTENER,
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    listener = nobody_listening(port)
     try:
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
         env = {**os.environ, "ADMIN_API_KEY": ADMIN}
         for args in (("status",), ("backup", new_token(), "out.tar.gz"), ("check-config",)):
             done = stcs_cli(*args, cwd=work, env=env, timeout=60)
@@ -353,24 +361,8 @@ def test_the_admin_key_goes_only_to_a_listener_of_the_db_path_owner_or_root(
     port = free_port()
     db = tmp_path / "db"
     db.mkdir(mode=0o700)
-    listener = subprocess.Popen(
-        [
-            str(SETPRIV),
-            "--reuid",
-            str(NOBODY),
-            "--regid",
-            str(NOBODY),
-            "--clear-groups",
-            str(NOBODY_PYTHON),
-            "-c",
-            LISTENER,
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    listener = nobody_listening(port)
     try:
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
         env = {**os.environ, "ADMIN_API_KEY": ADMIN}
         for args in (("status",), ("users", "block", new_token())):
             done = stcs_cli(*args, "--port", str(port), "--db", str(db), env=env, timeout=60)
@@ -389,24 +381,8 @@ def test_a_listener_beside_stcs_on_another_loopback_address_blocks_no_admin_comm
     every local admin command refuse (the check counted listeners on any address), so a local
     user could stop the nightly backup.  Only listeners a connection to 127.0.0.1 reaches count."""
     server = stcs("--adminAPIKey", ADMIN, db=tmp_path / "db")
-    squatter = subprocess.Popen(
-        [
-            str(SETPRIV),
-            "--reuid",
-            str(NOBODY),
-            "--regid",
-            str(NOBODY),
-            "--clear-groups",
-            str(NOBODY_PYTHON),
-            "-c",
-            LISTENER.replace('"127.0.0.1"', '"127.0.0.2"'),
-            str(server.port),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    squatter = nobody_listening(server.port, "127.0.0.2")
     try:
-        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
         env = {**os.environ, "ADMIN_API_KEY": ADMIN}
         done = stcs_cli("status", "--port", str(server.port), "--db", str(server.db), env=env)
         assert done.returncode == 0, done.stdout + done.stderr

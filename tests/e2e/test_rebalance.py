@@ -21,7 +21,8 @@ import pytest
 import requests
 from chromadb.config import Settings
 
-from stcs.rebalance import RebalanceOptions, rebalance
+from stcs.config import Settings as StcsSettings
+from stcs.rebalance import RebalanceOptions, RebalanceReport, rebalance
 from stcs.ring import Ring
 from tests.harness import ADMIN, StcsServer, stcs_cli
 
@@ -205,6 +206,31 @@ def test_rebalance_two_to_three_moves_users_with_their_data_then_cleanup(
     assert get(by_name[ring_old.owner(move[1])], move[1]).status_code == 503
 
 
+def run_rebalance(
+    tmp_path: Path,
+    old: list[str],
+    new: list[str],
+    router: Path,
+    on_step: Callable[[str], None] | None = None,
+) -> RebalanceReport:
+    """`rebalance` in this process (the CLI's state file and reload command), ``on_step``
+    called after each step."""
+    return rebalance(
+        old,
+        new,
+        ADMIN,
+        StcsSettings(),
+        RebalanceOptions(
+            router,
+            f"echo reloaded >> {tmp_path / 'reloads.log'}",
+            tmp_path / "state.json",
+            progress=False,
+            on_step=on_step,
+        ),
+        io.StringIO(),
+    )
+
+
 @pytest.mark.slow
 def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resumes(
     stcs: Callable[..., StcsServer], tmp_path: Path
@@ -251,23 +277,8 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
         if step == "pass1":
             raise Interrupted
 
-    from stcs.config import Settings as StcsSettings
-
     with pytest.raises(Interrupted):
-        rebalance(
-            old,
-            new,
-            ADMIN,
-            StcsSettings(),
-            RebalanceOptions(
-                router,
-                f"echo reloaded >> {tmp_path / 'reloads.log'}",
-                tmp_path / "state.json",
-                progress=False,
-                on_step=stop,
-            ),
-            io.StringIO(),
-        )
+        run_rebalance(tmp_path, old, new, router, stop)
     assert json.loads((tmp_path / "state.json").read_text())["step"] == "hold"
     for user in move:
         fill(by_name[ring_old.owner(user)], user, 35)  # 5 records more, after pass 1
@@ -286,20 +297,7 @@ def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resum
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        rebalance(
-            old,
-            new,
-            ADMIN,
-            StcsSettings(),
-            RebalanceOptions(
-                router,
-                f"echo reloaded >> {tmp_path / 'reloads.log'}",
-                tmp_path / "state.json",
-                progress=False,
-                on_step=stop_held,
-            ),
-            io.StringIO(),
-        )
+        run_rebalance(tmp_path, old, new, router, stop_held)
     for user in move:
         source = by_name[ring_old.owner(user)]
         held = requests.get(f"{source.url}/admin/instances", headers=KEY, timeout=30).json()
@@ -421,22 +419,7 @@ def test_a_closed_source_stays_closed_whatever_else_holds_or_releases_the_user(
             requests.delete(f"{source.url}/admin/users/{user}/hold", headers=KEY, timeout=30)
             acknowledged.append(_write_one(source, user, "late-write"))  # ...and a client writes
 
-    from stcs.config import Settings as StcsSettings
-
-    report = rebalance(
-        old,
-        new,
-        ADMIN,
-        StcsSettings(),
-        RebalanceOptions(
-            router,
-            f"echo reloaded >> {tmp_path / 'reloads.log'}",
-            tmp_path / "state.json",
-            progress=False,
-            on_step=meanwhile,
-        ),
-        io.StringIO(),
-    )
+    report = run_rebalance(tmp_path, old, new, router, meanwhile)
     assert report.exit_code == 0
     ids = client(c, user).get_collection("docs").get()["ids"]
     # No acknowledged write is missing on the user's new node.
