@@ -49,6 +49,7 @@ from stcs.errors import (
     BadAdminRequestError,
     InvalidUserIdError,
     NoInstanceError,
+    NotOwnerError,
     NoUserDataError,
     PlacementConflictError,
 )
@@ -592,9 +593,21 @@ async def user_data_delete(request: web.Request) -> web.Response:
 
 async def add_user(request: web.Request) -> web.Response:
     """``PUT /admin/users/{userId}``: create the user's directory (0700), for
-    ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed)."""
+    ``autoCreateUsers: false``.  ``{"userId": ..., "created": bool}`` (false: it existed).
+    In a cluster, 409 for a new user the ring (or a change under way) places on another
+    node."""
     state = _state(request)
     user_id = _user_id(request)
+    placement = state.placement
+    if placement is not None and not (state.settings.db_dir / user_id).is_dir():
+        # In a cluster, only on the node the ring (and a change under way) gives the user:
+        # added elsewhere, they would be served by no router, or miss a move.
+        try:
+            placement.check_owner(user_id)
+        except NotOwnerError as exc:
+            raise PlacementConflictError(
+                f"{user_id} is not this node's to add ({exc}): add them on their node"
+            ) from None
     created = await asyncio.to_thread(create_user, state.settings.db_dir, user_id)
     log.info("user added" if created else "user exists", user_id=user_id)
     return web.json_response({"userId": user_id, "created": created})

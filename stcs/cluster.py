@@ -269,7 +269,7 @@ def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
         from stcs.rebalance import abort
 
         try:
-            abort(old, new, resolved.settings.admin_api_key, options, sys.stdout)
+            abort(old, new, resolved.settings.admin_api_key, resolved.settings, options, sys.stdout)
         except RebalanceRefused as exc:
             print(f"stcs cluster rebalance --abort: {exc}", file=sys.stderr)
             return EXIT_USAGE

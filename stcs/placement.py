@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from stcs.config import Settings
-from stcs.errors import NotOwnerError, UserMovingError
+from stcs.errors import ConfigError, NotOwnerError, UserMovingError
 from stcs.layout import Layout
 from stcs.ring import Ring, parse_nodes
 
@@ -70,13 +70,22 @@ class Placement:
             saved = json.loads(layout.cluster_state.read_text())
         except FileNotFoundError:
             saved = {}
+        except ValueError as exc:
+            # Never start without the marks: a moved user's stale copy would be served.
+            raise ConfigError(
+                f"{layout.cluster_state} cannot be read ({exc}): it holds which users moved "
+                "away; restore it (or fix it by hand) before starting"
+            ) from None
         self.arriving: set[str] = set(saved.get("arriving", []))
         self.moved: dict[str, str] = dict(saved.get("moved", {}))
-        # The node list a rebalance set (`set_nodes`) and the clusterNodes it replaced.
-        self.run_nodes: str = str(saved.get("nodes") or "")
-        self.run_config_nodes: str = str(saved.get("configNodes") or "")
-        # A change under way (``PUT /admin/cluster`` with ``next``): the node list it goes to.
-        self.run_next: str = str(saved.get("next") or "")
+        # (node list, the clusterNodes it replaced, the list of a change under way): one
+        # tuple, replaced whole, so the event loop never reads a half-set one while an admin
+        # call sets it from a worker thread.
+        self._run: tuple[str, str, str] = (
+            str(saved.get("nodes") or ""),
+            str(saved.get("configNodes") or ""),
+            str(saved.get("next") or ""),
+        )
         self._next_ring: tuple[str, Ring] | None = None
         self.transfers: set[str] = set()  # users with a data call under way (`stcs.admin`)
         if self.run_nodes and self.run_config_nodes == settings().cluster_nodes:
@@ -89,23 +98,41 @@ class Placement:
 
     # -- the ring -------------------------------------------------------------------------
 
+    @property
+    def run_nodes(self) -> str:
+        """The node list a rebalance set (``""``: none)."""
+        return self._run[0]
+
+    @property
+    def run_config_nodes(self) -> str:
+        """The ``clusterNodes`` that `run_nodes` replaced."""
+        return self._run[1]
+
+    @property
+    def run_next(self) -> str:
+        """The node list a change under way goes to (``PUT /admin/cluster`` with ``next``)."""
+        return self._run[2]
+
     def nodes(self) -> tuple[str, str]:
         """(the node list in force as ``HOST:PORT,…``, ``"config"`` or ``"rebalance"``): the
         list a rebalance set while ``clusterNodes`` is still the one it replaced, else
         ``clusterNodes`` (a changed ``clusterNodes`` drops the stored list: the newest change
         wins).  ``""`` outside a cluster."""
         config_nodes = self._settings().cluster_nodes
-        if not self.run_nodes or not config_nodes:
+        run = self._run
+        if not run[0] or not config_nodes:
             return config_nodes, "config"
-        if self.run_config_nodes == config_nodes:
-            return self.run_nodes, "rebalance"
-        log.info(
-            "cluster node list from config replaces the one a rebalance set",
-            nodes=config_nodes,
-            dropped=self.run_nodes,
-        )
-        self.run_nodes = self.run_config_nodes = self.run_next = ""
-        self._save()
+        if run[1] == config_nodes:
+            return run[0], "rebalance"
+        with self._saving:
+            if self._run is run:  # not set anew meanwhile (`set_nodes`)
+                log.info(
+                    "cluster node list from config replaces the one a rebalance set",
+                    nodes=config_nodes,
+                    dropped=run[0],
+                )
+                self._run = ("", "", "")
+                self._save()
         return config_nodes, "config"
 
     def set_nodes(self, nodes: str, next_nodes: str = "") -> None:
@@ -121,10 +148,14 @@ class Placement:
         settings = self._settings()
         if not settings.cluster_nodes or not settings.cluster_self:
             raise ValueError("this node is not a cluster node (clusterNodes, clusterSelf unset)")
-        self.run_nodes = ",".join(parse_nodes(nodes))
-        self.run_next = ",".join(parse_nodes(next_nodes)) if next_nodes else ""
-        self.run_config_nodes = settings.cluster_nodes
-        self._save()
+        run = (
+            ",".join(parse_nodes(nodes)),
+            settings.cluster_nodes,
+            ",".join(parse_nodes(next_nodes)) if next_nodes else "",
+        )
+        with self._saving:
+            self._run = run
+            self._save()
 
     def ring(self) -> tuple[Ring, str] | None:
         """(the ring, this node's entry), or None outside a cluster."""
@@ -225,12 +256,20 @@ class Placement:
                     "arriving": sorted(self.arriving),
                     "moved": dict(self.moved),
                 }
-                if self.run_nodes:
-                    doc.update(nodes=self.run_nodes, configNodes=self.run_config_nodes)
-                if self.run_next:
-                    doc.update(next=self.run_next)
+                nodes, config_nodes, following = self._run
+                if nodes:
+                    doc.update(nodes=nodes, configNodes=config_nodes)
+                if following:
+                    doc.update(next=following)
                 fh.write(json.dumps(doc))
+                fh.flush()
+                os.fsync(fh.fileno())  # a target's "home" must survive a power cut
             tmp.replace(path)
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def view(self) -> dict[str, Any]:
         """``{"nodes": [...], "nodesFrom": "config" | "rebalance", "self": str, "arriving":

@@ -380,15 +380,25 @@ def check_router(path: Path, settings: Settings, old: list[str], new: list[str])
         raise RebalanceRefused(f"--router-config {path}: {exc}") from None
 
 
+class RouterRestoredError(OperationError):
+    """The reload failed, and the previous router file was put back and reloaded: the router
+    routes as before (the run may roll back)."""
+
+
 def switch_router(path: Path, text: str, reload_command: str, out: IO[str]) -> None:
     """Install ``text`` at ``path`` (same mode; the previous file kept as ``PATH.prev``) and
-    run ``reload_command`` (a shell command, at most `RELOAD_TIMEOUT_S`).  On failure the
-    previous file is put back and OperationError raised."""
+    run ``reload_command`` (a shell command, at most `RELOAD_TIMEOUT_S`).  A file that holds
+    ``text`` already (a resumed run) is only reloaded, ``PATH.prev`` kept.  On failure the
+    previous file is put back and reloaded: RouterRestoredError; OperationError when that
+    reload fails too (the router's state is unknown)."""
     previous = path.read_bytes()
     mode = path.stat().st_mode & 0o777
     prev = path.with_name(path.name + ".prev")
-    _write_as(prev, previous, mode)
-    _write_as(path, text.encode(), mode)
+    if previous == text.encode() and prev.exists():
+        previous = prev.read_bytes()  # switched by an earlier attempt: .prev is the old one
+    else:
+        _write_as(prev, previous, mode)
+        _write_as(path, text.encode(), mode)
     print(f"router: {path} written (previous in {prev}); running {reload_command}", file=out)
     failure = _run_reload(reload_command)
     if failure:
@@ -396,9 +406,13 @@ def switch_router(path: Path, text: str, reload_command: str, out: IO[str]) -> N
         # The router may have taken the new file before the command failed or timed out:
         # reload it again with the previous one, so it routes as the nodes still do.
         again = _run_reload(reload_command)
+        if not again:
+            raise RouterRestoredError(
+                f"reload command failed ({failure}); {path} put back as it was and reloaded"
+            )
         raise OperationError(
-            f"reload command failed ({failure}); {path} put back as it was and reloaded "
-            + ("again" if not again else f"— that failed too ({again}): reload the router yourself")
+            f"reload command failed ({failure}); {path} put back as it was, but reloading it "
+            f"failed too ({again}): the router may route either list — run again to finish"
         )
 
 
@@ -474,6 +488,7 @@ def rebalance(
     router_text = check_router(options.router_config, settings, old, new)
     state = RunState.load(options.state_path, old, new)
     if state is None:
+        _refuse_unfinished(old, new, admin_key)
         plan = compute_plan(old, new, survey(old, admin_key))
         if plan.duplicates:
             raise RebalanceRefused(
@@ -500,7 +515,9 @@ def rebalance(
     moves = state.moves
     holds = Holds(admins, moves)
     step = state.step
-    router_touched = False
+    # Set (and saved) before the router file is written: from then on the router may route
+    # the new list, and nothing may be rolled back (`abort` refuses; failures say run again).
+    router_touched = bool(state.doc.get("routerTouched"))
     try:
         if step == COPY:
             # From now until the switch no node creates a never-seen user whom the two rings
@@ -520,11 +537,23 @@ def rebalance(
             _notify(options, "hold")
             _pass_two(state, admins, report, options)
             if report.failed:
+                if router_touched:
+                    raise OperationError(
+                        "a copy failed after the router was switched: "
+                        + "; ".join(f"{u}: {w}" for u, w in sorted(report.failed.items()))
+                    )
                 return _failed(state, holds, report, out, started, admins, old)
             _carry_user_state(state, admins)
             holds.check()
             router_touched = True
-            switch_router(options.router_config, router_text, options.reload_command, out)
+            state.doc["routerTouched"] = True
+            state.save()
+            try:
+                switch_router(options.router_config, router_text, options.reload_command, out)
+            except RouterRestoredError:
+                state.doc["routerTouched"] = router_touched = False  # routes as before
+                state.save()
+                raise
             state.save(SWITCH)
             _notify(options, "router")
             step = SWITCH
@@ -538,7 +567,7 @@ def rebalance(
             state.save(DONE)
     except OperationError as exc:
         report.failed.setdefault("*", str(exc))
-        if step != SWITCH:
+        if step != SWITCH and not (router_touched and state.doc.get("routerTouched")):
             return _failed(state, holds, report, out, started, admins, old)
         raise
     except BaseException:
@@ -556,32 +585,111 @@ def rebalance(
     return report
 
 
+def _views(admins: dict[str, NodeAdmin]) -> dict[str, dict[str, Any]]:
+    """``GET /admin/cluster`` of every node (`Placement.view`).  Raises OperationError."""
+    return {node: admin.request("GET", "/admin/cluster") for node, admin in admins.items()}
+
+
+def _stranded(
+    views: dict[str, dict[str, Any]], found: dict[str, list[dict[str, Any]]]
+) -> list[tuple[str, str, str]]:
+    """(source, user, target) of every user a source has closed (``moved``) for a target that
+    does not serve them (``home``) — a move that did not finish: the user is served nowhere,
+    and a plan skips them (a ``moved`` entry is not data).  Targets not in ``found`` are not
+    judged."""
+    placement = {
+        node: {str(u["userId"]): u.get("placement", "home") for u in users}
+        for node, users in found.items()
+    }
+    stranded = []
+    for node, view in views.items():
+        for user, target in view.get("moved", {}).items():
+            if target in placement and placement[target].get(user) != "home":
+                stranded.append((node, user, target))
+    return sorted(stranded)
+
+
+def _refuse_unfinished(old: list[str], new: list[str], admin_key: str) -> None:
+    """Raise RebalanceRefused when the nodes show a run that did not finish (found in review:
+    a new run's plan skipped the users a killed run had closed, and its switch then sent them
+    to an empty database): a change announced (``next``), or users closed on a source whose
+    target does not serve them."""
+    nodes = list(dict.fromkeys(old + new))
+    admins = {n: NodeAdmin(n, admin_key) for n in nodes}
+    views = _views(admins)
+    problems = [
+        f"{node} has a change under way to {','.join(view['next'])}"
+        for node, view in views.items()
+        if view.get("next")
+    ]
+    problems += [
+        f"{user} is closed on {node} (moving to {target}) and {target} does not serve it"
+        for node, user, target in _stranded(views, survey(nodes, admin_key))
+    ]
+    # Closed for a node outside this run: not asked (only the nodes named get the key).
+    problems += [
+        f"{user} is closed on {node} for {target}, which this run does not include (finish or "
+        "abort that run, or remove the old copy with `stcs cluster cleanup --nodes` naming it)"
+        for node, view in views.items()
+        for user, target in view.get("moved", {}).items()
+        if target not in nodes
+    ]
+    if problems:
+        shown = "; ".join(problems[:10]) + (
+            f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise RebalanceRefused(
+            f"an earlier run did not finish: {shown}. Run it again (its --from, --to and "
+            "--state) to finish it, or undo it with the same command and --abort"
+        )
+
+
 def abort(
-    old: list[str], new: list[str], admin_key: str, options: RebalanceOptions, out: IO[str]
+    old: list[str],
+    new: list[str],
+    admin_key: str,
+    settings: Settings,
+    options: RebalanceOptions,
+    out: IO[str],
 ) -> None:
-    """Undo the run recorded in ``options.state_path`` for ``old`` -> ``new``, stopped before
-    its switch: every source opened again (``home``: its users served there, as before the
-    run), every node's list ``old`` with no change announced; the state file removed.  The
-    targets keep their partial copies, marked ``arriving`` (never served; a later run copies
-    over them).  Raises RebalanceRefused (no such run, or its router was already switched:
-    run it again to finish) and OperationError (a node did not answer: run again)."""
+    """Undo a run of ``old`` -> ``new`` that stopped before its router switch, from what the
+    nodes show (the state file, when there is one, only refuses a run that touched the
+    router): every user closed on a source for a target that does not serve them is opened
+    again (``home``), and every node announcing this change (``next`` = ``new``) gets ``old``
+    and no announcement; the state file is removed.  Targets keep their partial copies,
+    marked ``arriving`` (never served; a later run copies over them).  Raises RebalanceRefused
+    (the router routes ``new``, or the run recorded touched it: run it again to finish) and
+    OperationError (a node did not answer or refused: nothing is removed; run again)."""
     state = RunState.load(options.state_path, old, new)
-    if state is None:
-        raise RebalanceRefused(f"no run of this change is recorded in {options.state_path}")
-    if state.step in (SWITCH, DONE):
+    if state is not None and (state.step in (SWITCH, DONE) or state.doc.get("routerTouched")):
         raise RebalanceRefused(
             f"the run recorded in {options.state_path} has switched the router "
             f"(step {state.step!r}): run the same command again to finish it"
         )
-    admins = {n: NodeAdmin(n, admin_key) for n in dict.fromkeys(old + new)}
-    holds = Holds(admins, state.moves)
-    holds.since = dict.fromkeys(state.moves, time.monotonic())
-    holds.release_all()
-    _set_lists(admins, old)
-    options.state_path.unlink()
+    try:
+        _, recorded = read_record(options.router_config.read_text(), settings)
+    except (OSError, ConfigError) as exc:
+        raise RebalanceRefused(f"--router-config {options.router_config}: {exc}") from None
+    if list(recorded.nodes) != old:
+        raise RebalanceRefused(
+            f"--router-config {options.router_config} routes to {','.join(recorded.nodes)}, "
+            "not to --from: the switch happened; run the same command again to finish"
+        )
+    nodes = list(dict.fromkeys(old + new))
+    admins = {n: NodeAdmin(n, admin_key) for n in nodes}
+    views = _views(admins)
+    stranded = _stranded(views, survey(nodes, admin_key))
+    for node, user, _target in stranded:
+        admins[node].request("PUT", f"/admin/users/{user}/placement", body={"state": "home"})
+    withdrawn = [n for n, view in views.items() if view.get("next") == new]
+    for node in withdrawn:
+        admins[node].request("PUT", "/admin/cluster", body={"nodes": ",".join(old), "next": ""})
+    if state is not None:
+        options.state_path.unlink()
     print(
-        f"aborted: {len(state.moves)} users served by their source nodes, no change announced; "
-        f"{options.state_path} removed",
+        f"aborted: {len(stranded)} users served by their source nodes again, the change "
+        f"withdrawn on {len(withdrawn)} nodes"
+        + (f"; {options.state_path} removed" if state is not None else ""),
         file=out,
     )
 
@@ -697,8 +805,13 @@ def _set_lists(
     """Every node of the run (``--from`` and ``--to``): its node list ``nodes`` and the list of
     the change under way, ``following`` (None: cleared).  Raises OperationError."""
     body = {"nodes": ",".join(nodes), "next": ",".join(following or [])}
-    for admin in admins.values():
-        admin.request("PUT", "/admin/cluster", body=body)
+    for node, admin in admins.items():
+        view = admin.request("PUT", "/admin/cluster", body=body)
+        if view.get("nodes") != nodes or view.get("next") != (following or []):
+            raise OperationError(
+                f"{node} did not take the node list {body} (it answers {view.get('nodes')}, "
+                f"next {view.get('next')}): is its clusterNodes being changed?"
+            )
 
 
 def _failed(

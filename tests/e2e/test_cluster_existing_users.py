@@ -43,6 +43,11 @@ def test_auth_answers_for_users_of_other_nodes_and_misrouted_users_are_not_unkno
     ring = Ring.of(names)
     (user,) = owned(ring, names[1], 1)
     (stranger,) = owned(ring, names[1], 2)[1:]
+    # Added on a node the ring does not give them to: refused, nothing created (before: a
+    # directory no router would ever send the user to, or one that would miss a move).
+    elsewhere = requests.put(f"{a.url}/admin/users/{user}", headers=KEY, timeout=30)
+    assert elsewhere.status_code == 409, elsewhere.text
+    assert not (a.db / user).exists()
     added = requests.put(f"{b.url}/admin/users/{user}", headers=KEY, timeout=30)
     assert added.status_code in (200, 201), added.text
 

@@ -469,3 +469,104 @@ def test_a_killed_run_keeps_sources_closed_until_run_again_or_aborted(
     assert router.read_text() == rendered and not (tmp_path / "state.json").exists()
     view = requests.get(f"{a.url}/admin/cluster", headers=KEY, timeout=30).json()
     assert view["next"] == [] and view["nodes"] == old
+
+
+def _killed_after_closing(old: list[str], new: list[str], router: Path, state: Path) -> None:
+    """A run of ``old`` -> ``new`` killed outright (``os._exit``) once its sources are closed."""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import io, os\n"
+            "from pathlib import Path\n"
+            "from stcs.config import Settings\n"
+            "from stcs.rebalance import RebalanceOptions, rebalance\n"
+            "def die(step):\n"
+            "    if step == 'hold': os._exit(9)\n"
+            f"rebalance({old!r}, {new!r}, {ADMIN!r}, Settings(), RebalanceOptions("
+            f"Path({str(router)!r}), 'true', Path({str(state)!r}), "
+            "progress=False, on_step=die), io.StringIO())\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == 9, killed.stderr
+
+
+@pytest.mark.slow
+def test_a_run_left_unfinished_blocks_every_other_run_until_finished_or_aborted(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Found in review: run X (a,b -> a,b,c) killed once its sources were closed; run Y
+    (a,b -> a,b,d) from another state file skipped X's users (a ``moved`` entry is not data),
+    exited 0, and its router then sent such a user to d, which created an empty database
+    (200 []) while the data sat on a, refused."""
+    a, b, c, d = start_nodes(stcs, tmp_path, [2, 2, 3, 4])
+    old = [node_name(a), node_name(b)]
+    to_c, to_d = [*old, node_name(c)], [*old, node_name(d)]
+    by_name = {node_name(n): n for n in (a, b, c, d)}
+    ring_old, ring_c, ring_d = Ring.of(old), Ring.of(to_c), Ring.of(to_d)
+    ids = (str(uuid.UUID(int=i * 7919 + 11)) for i in range(4000))
+    user = next(
+        u for u in ids if ring_c.owner(u) == node_name(c) and ring_d.owner(u) == node_name(d)
+    )
+    source = by_name[ring_old.owner(user)]
+    fill(source, user, 12)
+    router = router_file(tmp_path, [a, b])
+    _killed_after_closing(old, to_c, router, tmp_path / "x.json")
+    assert get(source, user).status_code == 503  # closed: takes no write the move would miss
+
+    refused = stcs_cli(
+        "cluster", "rebalance", "--from", ",".join(old), "--to", ",".join(to_d),
+        "--router-config", str(router), "--reload-command", "true",
+        "--state", str(tmp_path / "y.json"), "--yes", "--adminAPIKey", ADMIN,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "did not finish" in refused.stderr and user in refused.stderr
+    assert not (d.db / user).exists()  # nothing switched, nothing created
+
+    # X undone (its state file lost: the nodes tell what to undo), then Y moves the user.
+    (tmp_path / "x.json").unlink()
+    undone = stcs_cli(
+        "cluster", "rebalance", "--from", ",".join(old), "--to", ",".join(to_c),
+        "--router-config", str(router), "--reload-command", "true",
+        "--state", str(tmp_path / "x.json"), "--abort", "--adminAPIKey", ADMIN,
+    )  # fmt: skip
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert look(source, user)[0] == 12
+    report = run_rebalance(tmp_path, old, to_d, router)
+    assert report.exit_code == 0 and user in report.moved
+    assert look(d, user)[0] == 12
+
+
+@pytest.mark.slow
+def test_abort_refuses_once_the_router_may_route_the_new_list(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Found in review: the run died right after its reload applied the new router (before it
+    recorded the switch); ``--abort`` was accepted, opened the sources and set every node back
+    to the old list while the router sent the moving users to their targets, still
+    ``arriving``: 503 with no way out.  Now the run records that it touches the router before
+    it does; ``--abort`` refuses, and running the command again finishes the move."""
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    (user,), _ = users_for(ring_old, ring_new, 1, 0)
+    fill(by_name[ring_old.owner(user)], user, 8)
+    router = router_file(tmp_path, [a, b])
+    died = stcs_cli(
+        "cluster", "rebalance", "--from", ",".join(old), "--to", ",".join(new),
+        "--router-config", str(router), "--reload-command", "kill -9 $PPID",
+        "--state", str(tmp_path / "state.json"), "--yes", "--adminAPIKey", ADMIN,
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert died.returncode != 0
+    assert f"server {node_name(c)}" in router.read_text()  # the router has the new list
+    aborted = cli_rebalance(tmp_path, old, new, router, "--abort")
+    assert aborted.returncode == 2 and "run the same command again" in aborted.stderr
+    finished = cli_rebalance(tmp_path, old, new, router)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert look(c, user)[0] == 8
+    assert f"server {node_name(c)}" not in (tmp_path / "router.conf.prev").read_text()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,31 @@ def test_during_a_change_a_new_user_is_created_only_where_both_rings_agree(
     again.set_nodes(",".join(NODES))
     again.admit_start(leaving[0])
     assert again.view()["next"] == []
+
+
+def test_a_node_list_set_from_a_worker_thread_is_never_lost_to_a_reader(tmp_path: Path) -> None:
+    """Found in review: `set_nodes` assigned its three fields one by one; a `nodes()` on the
+    event loop between two of them took the config-changed path and dropped the list (4 of
+    3,000 trials lost the switch or the announcement).  Now one tuple, replaced whole."""
+    four = ",".join([*NODES, "10.0.0.14:8000"])
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    lost = 0
+    try:
+        for trial in range(300):
+            placement, _ = make(tmp_path / str(trial))
+            stop = threading.Event()
+
+            def read(p: Placement = placement, done: threading.Event = stop) -> None:
+                while not done.is_set():
+                    p.nodes()
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            placement.set_nodes(four, four)
+            stop.set()
+            reader.join()
+            lost += placement.nodes()[0] != four or placement.run_next != four
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert lost == 0
