@@ -302,6 +302,30 @@ def _private(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return private
 
 
+def _refuse_moving(settings: Settings, user_id: str) -> None:
+    """Raise OperationError when this node marks ``user_id`` ``moved`` or ``arriving`` (a
+    cluster move, `stcs.placement`): restored here, the data would never be served, and
+    ``stcs cluster cleanup`` (moved) or the move's copy (arriving) would replace it."""
+    try:
+        marks = json.loads(Layout(settings.db_dir).cluster_state.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise OperationError(f"cannot read this node's cluster marks: {exc}") from None
+    mark = (
+        "moved"
+        if user_id in marks.get("moved", {})
+        else "arriving"
+        if user_id in marks.get("arriving", [])
+        else None
+    )
+    if mark is not None:
+        raise OperationError(
+            f"{user_id} is marked {mark} on this node (a cluster move): restore it on the node "
+            "that serves it, or mark it home here first (PUT /admin/users/{userId}/placement)"
+        )
+
+
 def restore(
     settings: Settings,
     user_id: str,
@@ -318,6 +342,7 @@ def restore(
     """
     user_id = _normalized(settings, user_id)
     dest = _user_dir(settings, user_id)
+    _refuse_moving(settings, user_id)
     if dest.exists() and any(dest.iterdir()) and not force:
         raise OperationError(f"{user_id} already has data in {dest} (use --force to replace it)")
     try:

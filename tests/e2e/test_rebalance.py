@@ -24,7 +24,7 @@ from chromadb.config import Settings
 from stcs.config import Settings as StcsSettings
 from stcs.rebalance import RebalanceOptions, RebalanceReport, rebalance
 from stcs.ring import Ring
-from tests.harness import ADMIN, StcsServer, stcs_cli
+from tests.harness import ADMIN, StcsServer, cli, stcs_cli
 
 LIST = "/api/v2/tenants/default_tenant/databases/default_database/collections"
 KEY = {"x-api-key": ADMIN}
@@ -570,3 +570,24 @@ def test_abort_refuses_once_the_router_may_route_the_new_list(
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert look(c, user)[0] == 8
     assert f"server {node_name(c)}" not in (tmp_path / "router.conf.prev").read_text()
+
+
+def test_restore_refuses_a_user_this_node_marks_moved(
+    stcs: Callable[..., StcsServer], tmp_path: Path
+) -> None:
+    """Found in review: ``stcs restore`` of a user the node marks ``moved`` reported success,
+    was never served, and ``stcs cluster cleanup`` later removed it: the restore was lost."""
+    (node,) = start_nodes(stcs, tmp_path, [1])
+    user = str(uuid.UUID(int=42))
+    fill(node, user, 5)
+    archive = tmp_path / "u.tar.gz"
+    assert cli("backup", user, str(archive), server=node).returncode == 0
+    requests.put(
+        f"{node.url}/admin/users/{user}/placement",
+        json={"state": "moved", "to": "127.0.0.1:9"},
+        headers=KEY,
+        timeout=60,
+    ).raise_for_status()
+    done = cli("restore", user, str(archive), "--force", server=node)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "marked moved" in done.stderr
