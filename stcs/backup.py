@@ -39,6 +39,7 @@ from stcs.datadir import DbPathLock, lock_file, unlock_file
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.layout import Layout
 from stcs.localfiles import private_partial, publish
+from stcs.placement import marks_on_disk
 from stcs.sockdiag import listener_uids
 
 ARCHIVE_ROOT = "data"
@@ -307,18 +308,9 @@ def _refuse_moving(settings: Settings, user_id: str) -> None:
     cluster move, `stcs.placement`): restored here, the data would never be served, and
     ``stcs cluster cleanup`` (moved) or the move's copy (arriving) would replace it."""
     try:
-        marks = json.loads(Layout(settings.db_dir).cluster_state.read_text())
-    except FileNotFoundError:
-        return
+        mark = marks_on_disk(Layout(settings.db_dir)).get(user_id)
     except (OSError, ValueError) as exc:
         raise OperationError(f"cannot read this node's cluster marks: {exc}") from None
-    mark = (
-        "moved"
-        if user_id in marks.get("moved", {})
-        else "arriving"
-        if user_id in marks.get("arriving", [])
-        else None
-    )
     if mark is not None:
         raise OperationError(
             f"{user_id} is marked {mark} on this node (a cluster move): restore it on the node "

@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from stcs.datadir import DbPathLock
 from stcs.errors import InvalidUserIdError, LockHeldError
 from stcs.layout import STATE_DIR, Layout
 from stcs.localfiles import private_partial, publish
+from stcs.placement import marks_on_disk
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -331,6 +333,15 @@ def _backup_all(
     started: float,
 ) -> SetReport:
     users = _users(settings.db_dir)
+    # A cluster node's copies that are not its users' data: moved away (stale, kept until
+    # `stcs cluster cleanup`) or arriving (partial).  Restored, they would come back as served.
+    try:
+        marks = marks_on_disk(Layout(settings.db_dir))
+    except (OSError, ValueError) as exc:
+        raise OperationError(f"cannot read this node's cluster marks: {exc}") from None
+    for user_id in [u for u in users if u in marks]:
+        print(f"skipped {user_id}: marked {marks[user_id]} (a cluster move)", file=sys.stderr)
+        users.remove(user_id)
     try:
         previous = read_manifest(out_dir)["users"]
     except OperationError:

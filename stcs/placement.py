@@ -55,6 +55,19 @@ HOME = "home"
 STATES = (ARRIVING, MOVED, HOME)
 
 
+def marks_on_disk(layout: Layout) -> dict[str, str]:
+    """``{userId: "moved" | "arriving"}`` as saved in ``cluster.json`` (`Placement`), read
+    without a server (backups and restores run beside one, or alone).  Raises OSError or
+    ValueError for an unreadable file."""
+    try:
+        saved = json.loads(layout.cluster_state.read_text())
+    except FileNotFoundError:
+        return {}
+    marks = {str(user): ARRIVING for user in saved.get("arriving", [])}
+    marks.update({str(user): MOVED for user in saved.get("moved", {})})
+    return marks
+
+
 class Placement:
     """This node's view of the cluster: the ring from the settings (read through
     ``settings``, so a reload applies) and the per-user marks saved in ``layout``."""

@@ -572,7 +572,7 @@ def test_abort_refuses_once_the_router_may_route_the_new_list(
     assert f"server {node_name(c)}" not in (tmp_path / "router.conf.prev").read_text()
 
 
-def test_restore_refuses_a_user_this_node_marks_moved(
+def test_restore_and_backup_all_leave_out_a_user_this_node_marks_moved(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
     """Found in review: ``stcs restore`` of a user the node marks ``moved`` reported success,
@@ -591,3 +591,9 @@ def test_restore_refuses_a_user_this_node_marks_moved(
     done = cli("restore", user, str(archive), "--force", server=node)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "marked moved" in done.stderr
+    # A nightly `backup --all` leaves the stale copy out (restored, it came back as served).
+    every = cli("backup", "--all", str(tmp_path / "set"), server=node)
+    assert every.returncode == 0, every.stdout + every.stderr
+    assert f"skipped {user}: marked moved" in every.stderr
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert user not in manifest["users"]
