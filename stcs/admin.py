@@ -44,7 +44,7 @@ from aiohttp import web
 
 from stcs import transfer
 from stcs.auth import USER_ID_RE, create_user, normalize_user_id, verify_admin_key
-from stcs.datadir import lock_file, tree_bytes, unlock_file
+from stcs.datadir import tree_bytes, user_dir_locked
 from stcs.errors import (
     BadAdminRequestError,
     InvalidUserIdError,
@@ -559,19 +559,14 @@ def _remove_copy(layout: Layout, user_id: str) -> bool:
     """Rename the user's directory into ``.stcs`` (so no request can ever see half of it),
     then delete it; under the user's directory lock.  Whether there was one.  Raises
     PlacementConflictError when a process holds the lock, OSError."""
-    layout.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    trash = layout.removed_copy(user_id, time.time_ns())
     try:
-        fd = lock_file(layout.user_lock(user_id))
+        with user_dir_locked(layout, user_id):
+            os.rename(layout.user_dir(user_id), trash)
     except BlockingIOError:
         raise PlacementConflictError(f"{user_id}'s directory is open by a process") from None
-    try:
-        trash = layout.removed_copy(user_id, time.time_ns())
-        try:
-            os.rename(layout.user_dir(user_id), trash)
-        except FileNotFoundError:
-            return False
-    finally:
-        unlock_file(fd, layout.user_lock(user_id))
+    except FileNotFoundError:
+        return False
     shutil.rmtree(trash)
     return True
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from stcs.auth import normalize_user_id
 from stcs.config import Settings
-from stcs.datadir import DbPathLock, lock_file, unlock_file
+from stcs.datadir import DbPathLock, user_dir_locked
 from stcs.errors import InvalidUserIdError, LockHeldError, StcsError
 from stcs.layout import Layout
 from stcs.localfiles import private_partial, publish
@@ -170,16 +170,12 @@ def held(settings: Settings, user_id: str) -> Iterator[str]:
     if mode == "server":
         client.request("POST", f"/admin/users/{user_id}/hold?ttl={HOLD_TTL_S}")
     try:
-        layout = Layout(settings.db_dir)
-        layout.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = lock_file(layout.user_lock(user_id))
-        except BlockingIOError:
-            raise OperationError(f"{user_id}'s database is open by a chroma process") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(user_dir_locked(Layout(settings.db_dir), user_id))
+            except BlockingIOError:
+                raise OperationError(f"{user_id}'s database is open by a chroma process") from None
             yield mode
-        finally:
-            unlock_file(fd, layout.user_lock(user_id))
     finally:
         if mode == "server":
             client.request("DELETE", f"/admin/users/{user_id}/hold")

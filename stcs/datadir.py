@@ -83,6 +83,20 @@ def unlock_file(fd: int, path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def user_dir_locked(layout: Layout, user_id: str) -> Iterator[None]:
+    """Hold ``user_id``'s directory lock (``.stcs/locks/<userId>.lock``, `lock_file`) for the
+    block: no chroma has the user's files open, and none starts, until it ends.  Raises
+    BlockingIOError when a process holds it."""
+    layout.locks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = layout.user_lock(user_id)
+    fd = lock_file(path)
+    try:
+        yield
+    finally:
+        unlock_file(fd, path)
+
+
 class DbPathLock:
     """The exclusive lock one serving stcs process holds on its ``dbPath``.
 
