@@ -136,7 +136,8 @@ def framing(special: dict[bytes, bytes], version: str) -> tuple[int | None, bool
 
 def check_head(request: Request, limits: Limits) -> RequestError | None:
     """The refusal decided by the head alone, or None (answered in order, then the connection
-    closes).  Reads ``request`` (its framing already set by `framing`); changes nothing."""
+    closes).  Reads ``request`` (its framing set by `framing`, its ``body_limit`` by
+    `body_limit`); changes nothing."""
     # The head as sent, give or take optional whitespace: request line and header lines.
     size = (
         len(request.method)
@@ -159,7 +160,7 @@ def check_head(request: Request, limits: Limits) -> RequestError | None:
     if expect is not None and expect.strip().lower() != b"100-continue":
         return BadRequestError("unsupported Expect")  # RFC 9110 §10.1.1: 417
     length = request.content_length
-    limit = body_limit(request, limits)
+    limit = request.body_limit  # `body_limit`, set with the head
     if length is not None and length > limit:
         return BodyTooLargeError(
             f"request body of {length} bytes exceeds the limit of {limit} bytes"

@@ -335,8 +335,8 @@ class ClientConnection(asyncio.Protocol):
         msg.keep_alive = msg.version == "1.1" and parser.should_keep_alive()
         if msg.reject is None:
             msg.content_length, msg.chunked, msg.expect_continue = framing(msg.special, msg.version)
-            msg.reject = check_head(msg, self.limits)
             msg.body_limit = body_limit(msg, self.limits)
+            msg.reject = check_head(msg, self.limits)
         if msg.reject is not None:
             # Its body (if any) is not read: nothing after this request can be trusted.
             self.stop_parsing()
