@@ -186,8 +186,9 @@ def add_parser(sub: Any, settings: argparse.ArgumentParser) -> None:
     move.add_argument(
         "--abort",
         action="store_true",
-        help="undo the run recorded in --state, stopped before its switch: users served by "
-        "their sources again, no change announced",
+        help="undo a run of this change stopped before its router switch, from the nodes' "
+        "marks (the --state file is not needed): users served by their sources again, no "
+        "change announced",
     )
     clean = verbs.add_parser(
         "cleanup",

@@ -176,15 +176,20 @@ def _planned(source: str, target: str) -> dict[str, Any]:
     return {"from": source, "to": target, "phase": "planned", "takenAtNs": None, "bytes": 0}
 
 
-def _add_moves(state: RunState, plan: Plan) -> None:
-    """Add to ``state`` the moves of ``plan`` it lacks (users created since its plan), and save.
-    Raises RebalanceRefused for users now found on two nodes."""
+def _refuse_duplicates(plan: Plan) -> None:
+    """Raise RebalanceRefused when ``plan`` found users on more than one node."""
     if plan.duplicates:
         raise RebalanceRefused(
             "users are on more than one node: "
             + ", ".join(f"{u} ({', '.join(n)})" for u, n in sorted(plan.duplicates.items()))
             + "; keep one copy of each first"
         )
+
+
+def _add_moves(state: RunState, plan: Plan) -> None:
+    """Add to ``state`` the moves of ``plan`` it lacks (users created since its plan), and save.
+    Raises RebalanceRefused for users now found on two nodes."""
+    _refuse_duplicates(plan)
     added = {u: m for u, m in plan.moves.items() if u not in state.moves}
     for user, (source, target) in sorted(added.items()):
         state.moves[user] = _planned(source, target)
@@ -488,14 +493,11 @@ def rebalance(
     router_text = check_router(options.router_config, settings, old, new)
     state = RunState.load(options.state_path, old, new)
     if state is None:
-        _refuse_unfinished(old, new, admin_key)
-        plan = compute_plan(old, new, survey(old, admin_key))
-        if plan.duplicates:
-            raise RebalanceRefused(
-                "users are on more than one node: "
-                + ", ".join(f"{u} ({', '.join(n)})" for u, n in sorted(plan.duplicates.items()))
-                + "; keep one copy of each first"
-            )
+        nodes = list(dict.fromkeys(old + new))
+        found = survey(nodes, admin_key)  # one walk of every node's users for both
+        _refuse_unfinished(nodes, admin_key, found)
+        plan = compute_plan(old, new, found)
+        _refuse_duplicates(plan)
         if options.dry_run:
             print_plan(plan)
             _print_steps(plan, options, out)
@@ -609,14 +611,14 @@ def _stranded(
     return sorted(stranded)
 
 
-def _refuse_unfinished(old: list[str], new: list[str], admin_key: str) -> None:
-    """Raise RebalanceRefused when the nodes show a run that did not finish (found in review:
-    a new run's plan skipped the users a killed run had closed, and its switch then sent them
-    to an empty database): a change announced (``next``), or users closed on a source whose
-    target does not serve them."""
-    nodes = list(dict.fromkeys(old + new))
-    admins = {n: NodeAdmin(n, admin_key) for n in nodes}
-    views = _views(admins)
+def _refuse_unfinished(
+    nodes: list[str], admin_key: str, found: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Raise RebalanceRefused when ``nodes`` (their users: ``found``, `survey`) show a run that
+    did not finish (found in review: a new run's plan skipped the users a killed run had
+    closed, and its switch then sent them to an empty database): a change announced
+    (``next``), or users closed on a source whose target does not serve them."""
+    views = _views({n: NodeAdmin(n, admin_key) for n in nodes})
     problems = [
         f"{node} has a change under way to {','.join(view['next'])}"
         for node, view in views.items()
@@ -624,7 +626,7 @@ def _refuse_unfinished(old: list[str], new: list[str], admin_key: str) -> None:
     ]
     problems += [
         f"{user} is closed on {node} (moving to {target}) and {target} does not serve it"
-        for node, user, target in _stranded(views, survey(nodes, admin_key))
+        for node, user, target in _stranded(views, found)
     ]
     # Closed for a node outside this run: not asked (only the nodes named get the key).
     problems += [
@@ -699,32 +701,61 @@ def _notify(options: RebalanceOptions, step: str) -> None:
         options.on_step(step)
 
 
-def _pass_one(
-    state: RunState, admins: dict[str, NodeAdmin], report: RebalanceReport, opts: RebalanceOptions
+def _copy_each(
+    state: RunState,
+    admins: dict[str, NodeAdmin],
+    report: RebalanceReport,
+    opts: RebalanceOptions,
+    title: str,
+    copy: Callable[[str, dict[str, Any], NodeAdmin, NodeAdmin, Bar], dict[str, Any] | None],
 ) -> None:
+    """A pass over the moves: ``copy(user, move, source, target, bar)`` copies one user and
+    returns the fields its move takes (``phase``, ``bytes`` and ``files`` copied, …), or None to
+    skip it; a copy that raises OperationError marks the move ``failed`` (`report.failed`).
+    The state is saved after each user."""
     moves = state.moves
-    bar = progress_bar(0, "pass 1 (live)", opts.progress)
+    bar = progress_bar(0, title, opts.progress)
     try:
         for n, (user, move) in enumerate(moves.items(), 1):
-            bar.set_description(f"pass 1 (live) {n}/{len(moves)}")
-            if move["phase"] == "copied":
-                continue
-            src, dst = admins[move["from"]], admins[move["to"]]
+            bar.set_description(f"{title} {n}/{len(moves)}")
             try:
-                _check_target(dst, user)
-                dst.request("PUT", f"/admin/users/{user}/placement", body={"state": "arriving"})
-                manifest, size, files = copy_pass(src, dst, user, bar)
+                done = copy(user, move, admins[move["from"]], admins[move["to"]], bar)
             except OperationError as exc:
                 move.update(phase="failed", error=str(exc))
                 report.failed[user] = str(exc)
             else:
-                move.update(phase="copied", takenAtNs=manifest["takenAtNs"], error=None)
+                if done is None:
+                    continue
+                size, files = done.pop("bytes"), done.pop("files")
+                move.update(done)
                 move["bytes"] = int(move.get("bytes") or 0) + size
                 report.bytes += size
                 report.files += files
             state.save()
     finally:
         bar.close()
+
+
+def _pass_one(
+    state: RunState, admins: dict[str, NodeAdmin], report: RebalanceReport, opts: RebalanceOptions
+) -> None:
+    def copy(
+        user: str, move: dict[str, Any], src: NodeAdmin, dst: NodeAdmin, bar: Bar
+    ) -> dict[str, Any] | None:
+        if move["phase"] == "copied":
+            return None
+        _check_target(dst, user)
+        dst.request("PUT", f"/admin/users/{user}/placement", body={"state": "arriving"})
+        manifest, size, files = copy_pass(src, dst, user, bar)
+        return {
+            "phase": "copied",
+            "takenAtNs": manifest["takenAtNs"],
+            "error": None,
+            "bytes": size,
+            "files": files,
+        }
+
+    _copy_each(state, admins, report, opts, "pass 1 (live)", copy)
 
 
 def _check_target(dst: NodeAdmin, user: str) -> None:
@@ -745,32 +776,22 @@ def _check_target(dst: NodeAdmin, user: str) -> None:
 
 
 def _pass_two(
-    state: RunState,
-    admins: dict[str, NodeAdmin],
-    report: RebalanceReport,
-    opts: RebalanceOptions,
+    state: RunState, admins: dict[str, NodeAdmin], report: RebalanceReport, opts: RebalanceOptions
 ) -> None:
-    moves = state.moves
-    bar = progress_bar(0, "pass 2 (closed)", opts.progress)
-    try:
-        for n, (user, move) in enumerate(moves.items(), 1):
-            bar.set_description(f"pass 2 (closed) {n}/{len(moves)}")
-            src, dst = admins[move["from"]], admins[move["to"]]
-            taken = move.get("takenAtNs")
-            since = 0 if taken is None else int(taken) - RECENT_NS  # 0: every file again
-            try:
-                manifest, size, files = copy_pass(src, dst, user, bar, since)
-            except OperationError as exc:
-                move.update(phase="failed", error=str(exc))
-                report.failed[user] = str(exc)
-            else:
-                move.update(phase="held-copied", manifest=_user_state(manifest))
-                move["bytes"] = int(move.get("bytes") or 0) + size
-                report.bytes += size
-                report.files += files
-            state.save()
-    finally:
-        bar.close()
+    def copy(
+        user: str, move: dict[str, Any], src: NodeAdmin, dst: NodeAdmin, bar: Bar
+    ) -> dict[str, Any]:
+        taken = move.get("takenAtNs")
+        since = 0 if taken is None else int(taken) - RECENT_NS  # 0: every file again
+        manifest, size, files = copy_pass(src, dst, user, bar, since)
+        return {
+            "phase": "held-copied",
+            "manifest": _user_state(manifest),
+            "bytes": size,
+            "files": files,
+        }
+
+    _copy_each(state, admins, report, opts, "pass 2 (closed)", copy)
 
 
 def _user_state(manifest: dict[str, Any]) -> dict[str, Any]:

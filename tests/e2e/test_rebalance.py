@@ -441,25 +441,7 @@ def test_a_killed_run_keeps_sources_closed_until_run_again_or_aborted(
     router = router_file(tmp_path, [a, b])
     rendered = router.read_text()
     # The run is killed outright (kill -9) once the sources are closed: nothing cleans up.
-    killed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import io, os, sys\n"
-            "from pathlib import Path\n"
-            "from stcs.config import Settings\n"
-            "from stcs.rebalance import RebalanceOptions, rebalance\n"
-            "def die(step):\n"
-            "    if step == 'hold': os._exit(9)\n"
-            f"rebalance({old!r}, {new!r}, {ADMIN!r}, Settings(), RebalanceOptions("
-            f"Path({str(router)!r}), 'true', Path({str(tmp_path / 'state.json')!r}), "
-            "progress=False, on_step=die), io.StringIO())\n",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert killed.returncode == 9, killed.stderr
+    _killed_after_closing(old, new, router, tmp_path / "state.json")
     for user in move:  # closed, not serving a copy that would not be moved
         assert get(by_name[ring_old.owner(user)], user).status_code == 503
     aborted = cli_rebalance(tmp_path, old, new, router, "--abort")
