@@ -84,9 +84,7 @@ class RequestCycle:
         state = listener.state
         request = self.request
         started = time.monotonic()
-        # This task's context is a copy of the one that started it (the request before it on
-        # this connection): nothing of that request may reach this one's log lines.
-        structlog.contextvars.clear_contextvars()
+        # This task runs in a context of its own (`ClientConnection._serve`): no clearing.
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         status = 500
         state.in_flight += 1

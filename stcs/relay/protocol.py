@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import os
 import socket
 from collections.abc import Callable
@@ -387,7 +388,12 @@ class ClientConnection(asyncio.Protocol):
     def _serve(self, msg: Request) -> None:
         self.active = msg
         cycle = RequestCycle(self, msg)
-        self.task = self.loop.create_task(cycle.run(self.listener.handler))
+        # A context of its own (a copy of an empty one): nothing of the request before it on
+        # this connection (whose task may be the caller) reaches its log lines, and nothing
+        # needs clearing.
+        self.task = contextvars.Context().run(
+            self.loop.create_task, cycle.run(self.listener.handler)
+        )
 
     def cycle_done(self, msg: Request, close: bool) -> None:
         """After a response: next pipelined request, keep-alive wait, or close."""

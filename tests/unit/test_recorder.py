@@ -91,3 +91,34 @@ def test_the_null_recorder_takes_every_event() -> None:
     recorder: Recorder = NullRecorder()
     recorder.instance_start("ok", 0.1)
     recorder.quota_rejection("rate")
+
+
+def test_request_counts_and_durations_render_as_prometheus_families() -> None:
+    """The request counter and histogram are plain numbers on the hot path (issue 24) and
+    must render exactly as prometheus-client's Counter and Histogram did: ``_total`` by
+    method and status class, cumulative ``le`` buckets (an observation on a bound counts in
+    that bound's bucket), ``_count`` and ``_sum``."""
+    metrics = Metrics()
+    metrics.observe_request("GET", 200, 0.001)  # on the first bound: le="0.001"
+    metrics.observe_request("GET", 204, 0.0011)
+    metrics.observe_request("POST", 503, 7.0)
+    metrics.observe_request("GET", 404, 100.0)  # above every bound: only +Inf
+    samples = _samples(metrics)
+
+    def method_class(method: str, status_class: str) -> tuple[tuple[str, str], ...]:
+        return (("method", method), ("status_class", status_class))
+
+    def bucket(le: str) -> float:
+        return samples[("stcs_request_duration_seconds_bucket", (("le", le),))]
+
+    assert samples[("stcs_requests_total", method_class("GET", "2xx"))] == 2
+    assert samples[("stcs_requests_total", method_class("POST", "5xx"))] == 1
+    assert samples[("stcs_requests_total", method_class("GET", "4xx"))] == 1
+    assert bucket("0.001") == 1
+    assert bucket("0.0025") == 2
+    assert bucket("5.0") == 2
+    assert bucket("10.0") == 3
+    assert bucket("60.0") == 3
+    assert bucket("+Inf") == 4
+    assert samples[("stcs_request_duration_seconds_count", ())] == 4
+    assert abs(samples[("stcs_request_duration_seconds_sum", ())] - 107.0021) < 1e-9
