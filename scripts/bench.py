@@ -51,7 +51,15 @@ from chromadb.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 CHROMA = str(Path(PY).parent / "chroma")
-ENV = {**os.environ, "ANONYMIZED_TELEMETRY": "False", "RUST_LOG": "warn"}
+# Every user of the bench comes from 127.0.0.1: addressNewUsersPerMinute (a fair-share bound
+# against one client creating users en masse, issue 18) would refuse the cold-start, memory and
+# churn sections' never-seen users after the first 10.
+ENV = {
+    **os.environ,
+    "ANONYMIZED_TELEMETRY": "False",
+    "RUST_LOG": "warn",
+    "ADDRESS_NEW_USERS_PER_MINUTE": "0",
+}
 ADMIN = "bench-admin"
 API = "/api/v2/tenants/default_tenant/databases/default_database/collections"
 
@@ -656,15 +664,47 @@ def instructions(tmp: Path) -> list[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
     constant = _instructions([PY, "-c", AIOHTTP_CONSTANT, str(port)], url, url, {}, tmp)
+    floors = _floor_instructions(tmp, token, query)
     for name, count in (
         ("stcs, proxied heartbeat", proxied),
         (f"stcs, proxied top-10 query ({len(query) / 1000:.1f} KB body)", queried),
         ("query - heartbeat", queried - proxied),
         ("aiohttp answering a constant (no proxying)", constant),
+        *floors,
     ):
         rows.append(f"| {name} | {count / 1000:,.0f}k |")
         print(rows[-1], flush=True)
     return rows
+
+
+FLOOR = ROOT / "scripts" / "reference" / "floor-request-path.py"
+
+
+def _floor_instructions(tmp: Path, token: str, query: str) -> list[tuple[str, float]]:
+    """The floor of a Python relay on this loop (scripts/reference/floor-request-path.py) in
+    front of a chroma child of a running stcs: a TCP pipe (heartbeat), and stcs's per-request
+    essentials in callbacks (heartbeat and the query)."""
+    with stcs(tmp / "floor") as base:
+        child = child_port(base, token)
+        rows = []
+        for mode, kind in (
+            ("pipe", "heartbeat"),
+            ("essentials", "heartbeat"),
+            ("essentials", "query"),
+        ):
+            port = free_port()
+            relay = f"http://127.0.0.1:{port}"
+            argv = [PY, str(FLOOR), str(child), str(port), mode]
+            ready = f"{relay}/api/v2/heartbeat"
+            if kind == "heartbeat":
+                count = _instructions(argv, ready, ready, {"X-Chroma-Token": token}, tmp)
+            else:
+                auth = {"X-Chroma-Token": token, "Content-Type": "application/json"}
+                count = _instructions(
+                    argv, relay, ready, auth, tmp, query, _query_collection(relay, auth)
+                )
+            rows.append((f"floor: {mode} ({kind}), not stcs", count))
+        return rows
 
 
 # -- 2. cold start --------------------------------------------------------------------------------
@@ -983,7 +1023,10 @@ def render(sections: dict[str, list[str]], took: float) -> str:
         parts.append(
             "## Instructions per request (valgrind callgrind, 300 keep-alive heartbeats one "
             "at a time)\n\nCounted, not timed: the same for the same code whatever the host "
-            "is doing, so small changes to the request path show here first.\n\n"
+            "is doing, so small changes to the request path show here first. The *floor* rows "
+            "are not stcs: scripts/reference/floor-request-path.py in front of the same kind "
+            "of child, a TCP pipe and stcs's per-request essentials in callbacks (no task; "
+            "the request line through stcs's structlog configuration, stcs's metrics).\n\n"
             "| server | instructions per request |\n|---|---|\n"
             + "\n".join(sections["instructions"])
             + "\n"

@@ -28,7 +28,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -185,7 +185,7 @@ def configure(
     stream = _stream
     structlog.configure(
         processors=[_native_chain(user_ids_are_secret, exc_info), renderer],
-        # The level is checked by `_drop_below_level`, not by the wrapper class: loggers are
+        # The level is checked by `_native_chain`, not by the wrapper class: loggers are
         # cached on first use with their class, so a class-level filter could not change on
         # SIGHUP (`set_level`).  Below DEBUG nothing is ever logged.
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
@@ -246,19 +246,10 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(_min_level)
 
 
-def _drop_below_level(
-    _logger: Any, method: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """Drop an event below `set_level`'s level (stdlib records were filtered by their
-    logger's level already)."""
-    if _METHOD_LEVELS.get(method, logging.INFO) < _min_level:
-        raise structlog.DropEvent
-    return event
-
-
 def _native_chain(user_ids_are_secret: bool, exc_info: Any) -> Any:
     """The processors of stcs's own events before the renderer, as one processor: the level
-    check (`_drop_below_level`), structlog's ``merge_contextvars``, `hide_user_ids` (when
+    check (an event below `set_level`'s level is dropped; stdlib records were filtered by their
+    logger's level already), structlog's ``merge_contextvars``, `hide_user_ids` (when
     ``user_ids_are_secret``), `clip_client_values`, the level and logger name (as structlog's
     ``add_log_level`` and ``add_logger_name`` write them), `_timestamp`, and ``exc_info``
     (structlog's ``format_exc_info``) for an event that carries one.
