@@ -685,6 +685,8 @@ def _floor_instructions(tmp: Path, token: str, query: str) -> list[tuple[str, fl
     front of a chroma child of a running stcs: a TCP pipe (heartbeat), and stcs's per-request
     essentials in callbacks (heartbeat and the query)."""
     with stcs(tmp / "floor") as base:
+        started = requests.get(f"{base}/api/v2/heartbeat", headers={"X-Chroma-Token": token})
+        started.raise_for_status()  # the user's child now runs
         child = child_port(base, token)
         rows = []
         for mode, kind in (

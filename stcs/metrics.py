@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from stcs.snapshot import Phase, Snapshot
 
@@ -75,7 +76,9 @@ class RequestCounts(Collector):
     where a labelled ``Counter`` and a ``Histogram`` took four locks and a loop over the
     buckets in Python (~17k instructions a request, callgrind; issue 24).  Only the event
     loop's thread observes, so no lock is needed; a scrape reads a consistent enough copy
-    (Prometheus counters are monotonic, a scrape between two updates is still valid).
+    (Prometheus counters are monotonic, a scrape between two updates is still valid).  The
+    families are the Counter's and the Histogram's but for their ``_created`` samples (the
+    process start is ``process_start_time_seconds``).
     """
 
     def __init__(self) -> None:
@@ -100,7 +103,7 @@ class RequestCounts(Collector):
             requests.add_metric([method, status_class], count)
         yield requests
         cumulative, buckets = 0, []
-        bounds = (*(str(float(bound)) for bound in _REQUEST_BUCKETS), "+Inf")
+        bounds = (*map(floatToGoString, _REQUEST_BUCKETS), "+Inf")  # as Histogram writes them
         for bound, count in zip(bounds, self.buckets, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))

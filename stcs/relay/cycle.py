@@ -5,6 +5,7 @@ handler (request id, in-flight count, one log line and the metrics at the end)."
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,10 @@ class RequestCycle:
                     **self.log_fields(),
                 )
         self.send_held()
-        conn.cycle_done(request, close)
+        # The connection goes on outside this request's log context: timers set and requests
+        # served from here (the next head's timer, a pipelined request's refusal) are the
+        # connection's, or the next request's, not this one's.
+        contextvars.Context().run(conn.cycle_done, request, close)
 
     # -- writing --------------------------------------------------------------------------
 

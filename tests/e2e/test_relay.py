@@ -621,6 +621,34 @@ def test_a_pipelined_request_logs_under_its_own_user_not_the_one_before(
     assert rejected[0].get("user_id") is None, rejected
 
 
+def test_a_connections_own_lines_after_a_request_carry_none_of_its_context(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer
+) -> None:
+    """The lines a connection writes for itself after a request (a head refused or timed out,
+    a client that stopped reading) carry neither that request's id nor its user: behind a
+    keep-alive front proxy the next bytes are often another client's (found in review: the
+    head timer of a request pipelined behind alice's was set from her request's task and the
+    408 was logged under her request id and user id)."""
+    auth_server.answers["alice-token"] = (200, {"userId": "alice"})
+    server = stcs(
+        "--chromaCommand",
+        f"{sys.executable} {ECHO}",
+        "--auth",
+        auth_server.url,
+        "--headersTimeout",
+        "500",
+    )
+    with connect(server) as sock:
+        # alice's request, and half of the next head in the same write: its head timer starts
+        # when alice's answer is done.
+        sock.sendall(head("GET", "/echo/a", "alice-token") + b"GET /echo/b HTTP/1.1\r\n")
+        assert read_response(sock)[0] == 200
+        assert read_response(sock)[0] == 408
+    refused = server.wait_event("request refused")[0]
+    assert refused.get("status") == 408, refused
+    assert refused.get("user_id") is None and refused.get("request_id") is None, refused
+
+
 def test_a_user_blocked_while_their_request_uploads_is_refused_and_not_restarted(
     relay: StcsServer,
 ) -> None:

@@ -78,8 +78,11 @@ def test_an_exception_is_formatted_into_the_line(lines: Path) -> None:
     assert "exc_info" not in line
 
 
-def test_stdlib_records_go_through_the_same_rules(lines: Path) -> None:
-    logging.getLogger("aiohttp.server").warning("for %s", USER)
-    logging.getLogger("other").info("x", extra={})
-    events = _read(lines)
-    assert events[0]["logger"] == "aiohttp.server" and events[0]["level"] == "warning"
+def test_stdlib_records_get_level_logger_and_timestamp(lines: Path) -> None:
+    """Other libraries' records (aiohttp's) are rendered like stcs's events."""
+    logging.getLogger("aiohttp.server").warning("peer sent %s", "x")
+    logging.getLogger("aiohttp.client").error("bad")
+    first, second = _read(lines)
+    assert first["event"] == "peer sent x" and first["logger"] == "aiohttp.server"
+    assert first["level"] == "warning" and str(first["timestamp"]).endswith("Z")
+    assert second["level"] == "error" and second["logger"] == "aiohttp.client"
