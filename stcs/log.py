@@ -24,6 +24,7 @@ import collections
 import contextvars
 import functools
 import hashlib
+import importlib.util
 import logging
 import re
 import sys
@@ -179,7 +180,9 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=target.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=target.isatty(), exception_formatter=_console_traceback()
+        )
     )
     exc_info: Any = structlog.processors.format_exc_info if as_json else _identity
     stream = _stream
@@ -244,6 +247,15 @@ def set_level(level: str) -> None:
     global _min_level
     _min_level = LEVELS[level]
     logging.getLogger().setLevel(_min_level)
+
+
+def _console_traceback() -> Any:
+    """structlog's console traceback without the frames' local variables (its default, rich's,
+    shows them: in UUID mode a user id is the user's token, and tokens and keys sit in
+    locals)."""
+    if importlib.util.find_spec("rich") is not None:  # what structlog's default picks
+        return structlog.dev.RichTracebackFormatter(show_locals=False)
+    return structlog.dev.plain_traceback
 
 
 def _native_chain(user_ids_are_secret: bool, exc_info: Any) -> Any:

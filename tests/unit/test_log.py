@@ -86,3 +86,25 @@ def test_stdlib_records_get_level_logger_and_timestamp(lines: Path) -> None:
     assert first["event"] == "peer sent x" and first["logger"] == "aiohttp.server"
     assert first["level"] == "warning" and str(first["timestamp"]).endswith("Z")
     assert second["level"] == "error" and second["logger"] == "aiohttp.client"
+
+
+def test_a_console_traceback_shows_no_local_values(tmp_path: Path) -> None:
+    """In UUID mode a user id is the user's token: a traceback rendered for a terminal must not
+    print the frames' local variables, where ids and tokens live (found in review: structlog's
+    console renderer used rich's traceback with locals)."""
+    path = tmp_path / "console.log"
+    stcs_log.configure("info", str(path), json=False, user_ids_are_secret=True)
+    try:
+
+        def resolve(token: str) -> None:
+            raise ValueError("no such user")
+
+        try:
+            resolve(USER)
+        except ValueError:
+            structlog.get_logger("stcs.test").exception("lookup failed")
+    finally:
+        stcs_log.configure("info", json=True)
+    text = path.read_text()
+    assert "no such user" in text and "lookup failed" in text
+    assert USER not in text
