@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,7 +251,7 @@ def print_plan(plan: Plan) -> None:
 def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stcs.rebalance import RebalanceOptions, RebalanceRefused, rebalance
+    from stcs.rebalance import RebalanceOptions, rebalance
 
     try:
         old, new = parse_nodes(args.old), parse_nodes(args.new)
@@ -266,18 +267,15 @@ def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
         state_path=Path(args.state),
         dry_run=args.dry_run,
     )
+    key, settings = resolved.settings.admin_api_key, resolved.settings
     if args.abort:
         from stcs.rebalance import abort
 
-        try:
-            abort(old, new, resolved.settings.admin_api_key, resolved.settings, options, sys.stdout)
-        except RebalanceRefused as exc:
-            print(f"stcs cluster rebalance --abort: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except OperationError as exc:
-            print(f"stcs cluster rebalance --abort: {exc} (run again)", file=sys.stderr)
-            return EXIT_FAILURE
-        return EXIT_OK
+        def undo() -> int:
+            abort(old, new, key, settings, options, sys.stdout)
+            return EXIT_OK
+
+        return _exit_code("stcs cluster rebalance --abort", "run again", undo)
     if not (args.yes or args.dry_run or Path(args.state).exists()):
         if not sys.stdin.isatty():
             print("stcs cluster rebalance: pass --yes (or --dry-run first)", file=sys.stderr)
@@ -285,15 +283,26 @@ def _rebalance(resolved: Resolved, args: argparse.Namespace) -> int:
         answer = input(f"move users from {args.old} to {args.new}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             return EXIT_USAGE
+    return _exit_code(
+        "stcs cluster rebalance",
+        "run again to resume",
+        lambda: rebalance(old, new, key, settings, options).exit_code,
+    )
+
+
+def _exit_code(command: str, retry: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit code; a refusal (RebalanceRefused) is a usage error, a failed operation
+    (OperationError) a failure whose message ends with ``retry``."""
+    from stcs.rebalance import RebalanceRefused
+
     try:
-        report = rebalance(old, new, resolved.settings.admin_api_key, resolved.settings, options)
+        return run()
     except RebalanceRefused as exc:
-        print(f"stcs cluster rebalance: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OperationError as exc:
-        print(f"stcs cluster rebalance: {exc} (run again to resume)", file=sys.stderr)
+        print(f"{command}: {exc} ({retry})", file=sys.stderr)
         return EXIT_FAILURE
-    return report.exit_code
 
 
 def _cleanup(resolved: Resolved, args: argparse.Namespace) -> int:
