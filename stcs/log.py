@@ -266,9 +266,10 @@ def _native_chain(shared: list[Any], exc_info: Any) -> Any:
     and clips is written once, for both) — and ``exc_info`` (structlog's ``format_exc_info``)
     only for an event that carries one.
 
-    One call from structlog's processor loop instead of eight: the request line is written
-    once per request (issue 24: 79k → 76k instructions a line, callgrind; structlog's own call
-    and renderer are ~49k of them).
+    The request line is written once per request: its level check and ``shared`` run in one
+    call from structlog's processor loop, and the exception formatter only when needed (issue
+    24: 79k → 76k instructions a line, callgrind; structlog's own call and renderer are ~49k
+    of them).
     """
     steps = tuple(shared)
     levels = _METHOD_LEVELS

@@ -89,7 +89,7 @@ class RequestCounts(Collector):
     def observe(self, method: str, status: int, seconds: float) -> None:
         """One answered request: ``method``, ``status`` (its class is the label), ``seconds``
         to its last byte."""
-        key = (method, _STATUS_CLASSES[status // 100] if status < 600 else f"{status // 100}xx")
+        key = (method, f"{status // 100}xx")
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
         self.buckets[bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
@@ -113,9 +113,6 @@ class RequestCounts(Collector):
             buckets=buckets,
             sum_value=self.total_seconds,
         )
-
-
-_STATUS_CLASSES = tuple(f"{n}xx" for n in range(6))
 
 
 class _LiveCollector(Collector):

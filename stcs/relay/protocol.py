@@ -388,9 +388,9 @@ class ClientConnection(asyncio.Protocol):
     def _serve(self, msg: Request) -> None:
         self.active = msg
         cycle = RequestCycle(self, msg)
-        # A context of its own (a copy of an empty one): nothing of the request before it on
-        # this connection (whose task may be the caller) reaches its log lines, and nothing
-        # needs clearing.
+        # A context of its own (a copy of an empty one), whatever context the caller runs in
+        # (a reader callback may carry one captured inside an earlier request's task): nothing
+        # of another request reaches its log lines, and nothing needs clearing.
         self.task = contextvars.Context().run(
             self.loop.create_task, cycle.run(self.listener.handler)
         )
