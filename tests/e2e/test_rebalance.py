@@ -15,6 +15,7 @@ import tarfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import chromadb
 import pytest
@@ -89,6 +90,27 @@ def get(node: StcsServer, user: str) -> requests.Response:
     return requests.get(f"{node.url}{LIST}", headers={"X-Chroma-Token": user}, timeout=60)
 
 
+class TwoToThree(NamedTuple):
+    """A change from two nodes to three: ``a`` and ``b`` the old list, ``c`` started with the
+    new one; names, nodes by name and both rings."""
+
+    a: StcsServer
+    b: StcsServer
+    c: StcsServer
+    old: list[str]
+    new: list[str]
+    by_name: dict[str, StcsServer]
+    ring_old: Ring
+    ring_new: Ring
+
+
+def two_to_three(stcs: Callable[..., StcsServer], tmp_path: Path) -> TwoToThree:
+    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
+    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
+    by_name = {node_name(n): n for n in (a, b, c)}
+    return TwoToThree(a, b, c, old, new, by_name, Ring.of(old), Ring.of(new))
+
+
 def users_for(
     ring_old: Ring, ring_new: Ring, moving: int, staying: int
 ) -> tuple[list[str], list[str]]:
@@ -134,10 +156,7 @@ def cli_rebalance(tmp_path: Path, old: list[str], new: list[str], router: Path, 
 def test_rebalance_two_to_three_moves_users_with_their_data_then_cleanup(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
-    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
-    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
-    by_name = {node_name(n): n for n in (a, b, c)}
-    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    a, b, c, old, new, by_name, ring_old, ring_new = two_to_three(stcs, tmp_path)
     move, stay = users_for(ring_old, ring_new, 3, 2)
     before = {}
     for i, user in enumerate(move + stay):
@@ -235,10 +254,7 @@ def run_rebalance(
 def test_a_failed_copy_leaves_users_on_their_source_and_an_interrupted_run_resumes(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
-    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
-    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
-    by_name = {node_name(n): n for n in (a, b, c)}
-    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    a, b, c, old, new, by_name, ring_old, ring_new = two_to_three(stcs, tmp_path)
     move, stay = users_for(ring_old, ring_new, 4, 1)
     move, late, fresh = move[:2], move[2], move[3]
     for user in move:
@@ -404,10 +420,7 @@ def test_a_closed_source_stays_closed_whatever_else_holds_or_releases_the_user(
     (exit 1); a hold taken again by the renewal between users (every 60 s of a long pass 2)
     hid the gap, and the switch went ahead without the write (found in review).  Now the
     source is closed by its ``moved`` mark: refused, and the run completes."""
-    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
-    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
-    by_name = {node_name(n): n for n in (a, b, c)}
-    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    a, b, c, old, new, by_name, ring_old, ring_new = two_to_three(stcs, tmp_path)
     (user,), _ = users_for(ring_old, ring_new, 1, 0)
     source = by_name[ring_old.owner(user)]
     fill(source, user, 20)
@@ -431,10 +444,7 @@ def test_a_closed_source_stays_closed_whatever_else_holds_or_releases_the_user(
 def test_a_killed_run_keeps_sources_closed_until_run_again_or_aborted(
     stcs: Callable[..., StcsServer], tmp_path: Path
 ) -> None:
-    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
-    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
-    by_name = {node_name(n): n for n in (a, b, c)}
-    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    a, b, _, old, new, by_name, ring_old, ring_new = two_to_three(stcs, tmp_path)
     move, _ = users_for(ring_old, ring_new, 2, 0)
     for user in move:
         fill(by_name[ring_old.owner(user)], user, 10)
@@ -531,10 +541,7 @@ def test_abort_refuses_once_the_router_may_route_the_new_list(
     to the old list while the router sent the moving users to their targets, still
     ``arriving``: 503 with no way out.  Now the run records that it touches the router before
     it does; ``--abort`` refuses, and running the command again finishes the move."""
-    a, b, c = start_nodes(stcs, tmp_path, [2, 2, 3])
-    old, new = [node_name(a), node_name(b)], [node_name(a), node_name(b), node_name(c)]
-    by_name = {node_name(n): n for n in (a, b, c)}
-    ring_old, ring_new = Ring.of(old), Ring.of(new)
+    a, b, c, old, new, by_name, ring_old, ring_new = two_to_three(stcs, tmp_path)
     (user,), _ = users_for(ring_old, ring_new, 1, 0)
     fill(by_name[ring_old.owner(user)], user, 8)
     router = router_file(tmp_path, [a, b])

@@ -597,20 +597,20 @@ def test_an_admin_upload_without_the_key_is_refused_before_any_body_is_asked_for
         assert status == 200 and json.loads(body)["userId"] == "u1"
 
 
+def _echo_with_alice(
+    stcs: Callable[..., StcsServer], auth_server: AuthServer, *more: str
+) -> StcsServer:
+    """An stcs in auth-server mode (``alice-token`` is user ``alice``) with echo children."""
+    auth_server.answers["alice-token"] = (200, {"userId": "alice"})
+    return stcs("--chromaCommand", f"{sys.executable} {ECHO}", "--auth", auth_server.url, *more)
+
+
 def test_a_pipelined_request_logs_under_its_own_user_not_the_one_before(
     stcs: Callable[..., StcsServer], auth_server: AuthServer
 ) -> None:
     """Log context is per request: behind a keep-alive front proxy, the next request on a
     connection is often another client's."""
-    auth_server.answers["alice-token"] = (200, {"userId": "alice"})
-    server = stcs(
-        "--chromaCommand",
-        f"{sys.executable} {ECHO}",
-        "--auth",
-        auth_server.url,
-        "--logLevel",
-        "debug",  # "token rejected" is a debug line
-    )
+    server = _echo_with_alice(stcs, auth_server, "--logLevel", "debug")  # "token rejected"
     with connect(server) as sock:
         sock.sendall(
             head("GET", "/echo/a", "alice-token") + head("GET", "/echo/b", "mallory-token")
@@ -629,15 +629,7 @@ def test_a_connections_own_lines_after_a_request_carry_none_of_its_context(
     keep-alive front proxy the next bytes are often another client's (found in review: the
     head timer of a request pipelined behind alice's was set from her request's task and the
     408 was logged under her request id and user id)."""
-    auth_server.answers["alice-token"] = (200, {"userId": "alice"})
-    server = stcs(
-        "--chromaCommand",
-        f"{sys.executable} {ECHO}",
-        "--auth",
-        auth_server.url,
-        "--headersTimeout",
-        "500",
-    )
+    server = _echo_with_alice(stcs, auth_server, "--headersTimeout", "500")
     with connect(server) as sock:
         # alice's request, and half of the next head in the same write: its head timer starts
         # when alice's answer is done.
