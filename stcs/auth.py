@@ -146,6 +146,10 @@ class UuidResolver:
             raise AuthError("invalid token: expected a UUID")
         return token.lower()
 
+    def peek(self, token: str, *, count: bool = True) -> str | None:
+        """`resolve`'s answer when it needs no wait and raises nothing, else None."""
+        return token.lower() if UUID_RE.fullmatch(token) else None
+
 
 class ExistingUsersResolver:
     """``autoCreateUsers: false``: resolve with ``inner``, then refuse (AuthError, 401) a user
@@ -188,6 +192,21 @@ class ExistingUsersResolver:
             log.debug("unknown user refused", user_id=user_id)
             raise UnknownUserError("unknown user")
         return user_id
+
+    def peek(self, token: str, *, count: bool = True) -> str | None:
+        """`resolve`'s answer when it needs no wait and raises nothing (the inner resolver
+        knows the token at once, the directory exists), else None."""
+        peek: Callable[..., str | None] | None = getattr(self._inner, "peek", None)
+        if peek is None:
+            return None
+        user_id = peek(token, count=False)
+        if (
+            user_id is None
+            or not USER_ID_RE.fullmatch(user_id)  # a name before a stat, as in `resolve`
+            or not os.path.isdir(os.path.join(self._db_dir, user_id))
+        ):
+            return None
+        return peek(token, count=count) if count else user_id
 
     async def resolve_anywhere(self, token: str, client: Client | None = None) -> str:
         """For ``GET /auth``: in a cluster, the user id of ``token`` wherever the user lives
@@ -307,6 +326,16 @@ class AuthServerResolver:
                     del self._inflight[key]
                 lookup.task.cancel()
                 self._count("abandoned")
+
+    def peek(self, token: str, *, count: bool = True) -> str | None:
+        """`resolve`'s answer when the cache has it (a user id, not expired; counted as a
+        ``cache_hit`` when ``count``), else None: no lookup begins."""
+        hit = self._cache.get(_digest(token))
+        if hit is None or hit[0] is None or time.monotonic() >= hit[1]:
+            return None
+        if count:
+            self._count("cache_hit")
+        return hit[0]
 
     def _begin(self, token: str, key: bytes, client: Client | None) -> _Lookup:
         """Start ``token``'s lookup, counted against ``client``'s address.  Raises

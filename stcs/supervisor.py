@@ -344,6 +344,31 @@ class Supervisor:
         """
         return _LeaseContext(self._ready_instance, self._clock, user_id, check, requester)
 
+    def ready_child(self, user_id: str) -> Child | None:
+        """``user_id``'s ready child when `acquire` would lease it with no wait (not closing,
+        no hold, the instance ready); else None.  Takes nothing: `lease_ready` does."""
+        if self._closed or self._holds.waiting_on(user_id) is not None:
+            return None
+        inst = self.registry.get(user_id)
+        if inst is None or inst.phase is not Phase.READY:
+            return None
+        return inst.child
+
+    def lease_ready(self, user_id: str) -> Lease | None:
+        """What `acquire` gives when it need not wait (`ready_child`), taken now; else None.
+        The caller gives it back with `end_lease`, whatever happens (a request served in
+        callbacks, `stcs.relay.handler`: the same lease, without the context manager)."""
+        if self.ready_child(user_id) is None:
+            return None
+        inst = self.registry[user_id]
+        return Lease(instance=inst, child=inst.lease(), cold_start=False)
+
+    def end_lease(self, lease: Lease, requester: Requester | None) -> None:
+        """Give back ``lease`` (from `lease_ready`) as `acquire`'s exit does."""
+        lease.instance.unlease(
+            lease.child, self._clock(), requester.eof if requester is not None else None
+        )
+
     async def _ready_instance(
         self,
         user_id: str,

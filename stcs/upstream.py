@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
 import httptools
@@ -87,6 +87,7 @@ class _Connection(asyncio.Protocol):
             # Garbage, or a 101 switch: stcs relays HTTP/1.1 only, never a tunnel.
             self._fail(UpstreamFailedError(f"unparsable answer from upstream: {exc!r}"))
             self.close()
+        self._notify()
 
     def eof_received(self) -> bool | None:
         # A close-delimited body (no Content-Length, not chunked) ends here (RFC 9112 §6.3).
@@ -94,12 +95,14 @@ class _Connection(asyncio.Protocol):
         if resp is not None and resp._head.done() and resp._close_delimited and not resp._done:
             resp.keep_alive = False
             resp._finish()
+            self._notify()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
         self._fail(UpstreamFailedError("upstream closed the connection"))
+        self._notify()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -145,6 +148,18 @@ class _Connection(asyncio.Protocol):
         if self._response is not None:
             self._response._fail(exc)
 
+    def _notify(self) -> None:
+        """Tell the response's ``watcher`` (a request served in callbacks) that its head, its
+        end or a failure came: after the parser returned, never from inside it (the watcher
+        may pool this connection and hand it to the next request at once)."""
+        resp = self._response
+        if (
+            resp is not None
+            and resp.watcher is not None
+            and (resp._head.done() or resp._error is not None)
+        ):
+            resp.watcher()
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -157,10 +172,17 @@ class _Connection(asyncio.Protocol):
             raise UpstreamFailedError("upstream closed the connection")
 
 
+PooledConnection = _Connection  # what `UpstreamPool.take_idle` gives
+
+
 class UpstreamResponse:
     """A response being received.  ``status``, ``reason`` and ``headers`` (raw bytes, as sent)
     once the head arrived; the body through `read` (whole) or `chunks` (streamed); `release`
-    when done."""
+    when done.
+
+    ``watcher``, when set (`UpstreamPool.send_now`), is called without arguments each time a
+    read brought the head, the end of the answer, or a failure (``done``, ``failed``): the way
+    a request served in callbacks learns of its answer, instead of awaiting it."""
 
     def __init__(self, pool: UpstreamPool, conn: _Connection, head_only: bool) -> None:
         self._pool = pool
@@ -178,6 +200,22 @@ class UpstreamResponse:
         self.status = 0
         self.reason = b""
         self.keep_alive = False
+        self.watcher: Callable[[], None] | None = None
+
+    @property
+    def head_received(self) -> bool:
+        """The final head arrived (``status``, ``reason``, ``headers`` are set)."""
+        return self.status != 0
+
+    @property
+    def done(self) -> bool:
+        """The whole answer arrived (its body is in `take_body`)."""
+        return self._done
+
+    @property
+    def failed(self) -> Exception | None:
+        """Why the answer broke (UpstreamFailedError), if it did before its end."""
+        return None if self._done else self._error
 
     @property
     def content_length(self) -> int | None:
@@ -248,11 +286,16 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body.  Raises UpstreamFailedError if the upstream fails."""
         if self._done and not self._paused:  # all arrived (usual for small answers)
-            body = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            return body
+            return self.take_body()
         return b"".join([chunk async for chunk in self.chunks()])
+
+    def take_body(self) -> bytes:
+        """The body received so far: all of it once `done`."""
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
 
     def release(self) -> None:
         """Return the connection to the pool (after a complete response) or close it."""
@@ -273,19 +316,9 @@ class UpstreamPool:
         if not target.reachable:  # its child exited: not even a pooled connection is used
             self.forget(target)
             raise UnreachableError("the instance is gone")
-        idle = self._idle.get(target)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            transport = conn.transport
-            if (
-                not conn.closed
-                and transport is not None
-                and not transport.is_closing()
-                and now - conn.idle_since < IDLE_TIMEOUT_S
-            ):
-                return conn
-            conn.close()
+        idle = self.take_idle(target)
+        if idle is not None:
+            return idle
         loop = asyncio.get_running_loop()
         address = target.address
         try:
@@ -299,6 +332,40 @@ class UpstreamPool:
         # Set here too: not every event loop (uvloop) has called connection_made by now.
         conn.transport = transport
         return conn
+
+    def take_idle(self, target: Target) -> _Connection | None:
+        """An idle pooled connection to ``target`` that is still open, or None (none, or
+        ``target`` is gone): what `send_now` writes on, with no wait."""
+        if not target.reachable:
+            return None
+        idle = self._idle.get(target)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if (
+                not conn.closed
+                and transport is not None
+                and not transport.is_closing()
+                and now - conn.idle_since < IDLE_TIMEOUT_S
+            ):
+                return conn
+            conn.close()
+        return None
+
+    def send_now(
+        self, conn: _Connection, data: bytes, watcher: Callable[[], None]
+    ) -> UpstreamResponse:
+        """Write a whole request (``data``: head and body; not HEAD) on ``conn`` (from
+        `take_idle`) and return its response at once, empty: ``watcher`` is called as its head,
+        its end or a failure arrives (`UpstreamResponse.watcher`)."""
+        resp = UpstreamResponse(self, conn, False)
+        resp.watcher = watcher
+        conn._response = resp
+        transport = conn.transport
+        assert transport is not None
+        transport.write(data)
+        return resp
 
     def _put(self, conn: _Connection) -> None:
         if not conn.target.reachable:

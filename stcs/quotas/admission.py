@@ -241,6 +241,12 @@ class Quotas:
             return NO_ADMISSION
         return Admission(self, user_id, limits, kind, match, slots)
 
+    def admit_now(self, user_id: str) -> Admission | None:
+        """`admit`'s answer when it is known with no step of its own: `NO_ADMISSION` for a user
+        with every limit off; None otherwise (then `admit` decides).  Takes nothing."""
+        limits = self._by_user.get(user_id, self.defaults)
+        return None if limits.active else NO_ADMISSION
+
     def _reject(self, kind: str) -> None:
         self.recorder.quota_rejection(kind)
 

@@ -48,6 +48,7 @@ class RequestCycle:
         "request",
         "request_id",
         "response_started",
+        "started",
         "upstream_port",
         "upstream_status",
         "user_id",
@@ -63,6 +64,7 @@ class RequestCycle:
         self.upstream_status: int | None = None  # chroma's status when the answer broke (502)
         self.response_started = False
         self.held: list[bytes] | None = []
+        self.started = 0.0  # monotonic s, from `begin`
 
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -79,17 +81,15 @@ class RequestCycle:
     async def run(self, handler: RequestHandler) -> None:
         """Serve the request with ``handler`` (a refusal of its head is answered here), write
         its log line and metrics, send the answer, hand the connection back
-        (`ClientConnection.cycle_done`)."""
+        (`ClientConnection.cycle_done`).  The request may have `begun` already: its body was
+        awaited in callbacks, or its answer turned out to need a task (`stcs.relay.handler`)."""
         conn = self.conn
-        listener = conn.listener
-        state = listener.state
         request = self.request
-        started = time.monotonic()
         # This task runs in a context of its own (`ClientConnection._serve`): no clearing.
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        if not self.begun:
+            self.begin()
         status = 500
-        state.in_flight += 1
-        state.idle.clear()
         close = False
         try:
             if request.reject is not None:
@@ -107,36 +107,63 @@ class RequestCycle:
             if not conn.closed and not self.response_started:
                 self.write(answer_response(UNEXPECTED, close=True))
         finally:
-            state.in_flight -= 1
-            if not state.in_flight:
-                state.idle.set()
-            duration = time.monotonic() - started
-            method = request.method.decode("latin-1")
-            state.metrics.observe_request(method, status, duration)
-            client = client_address(conn.peer, request.forwarded, listener.limits.trusted)
-            # Refused before a user is known: within the address's line budget (log.RefusalLog).
-            # stcs's own faults (500, 502) are always written: the operator must see each one.
-            if (
-                self.user_id is not None
-                or status < 400
-                or status in _FAULTS
-                or listener.refusals.admit(client, status)
-            ):
-                log.info(
-                    "request",
-                    request_id=self.request_id,
-                    method=method,
-                    path=request.path.decode("latin-1"),
-                    status=status,
-                    duration_ms=round(duration * 1000, 2),
-                    client=client,
-                    **self.log_fields(),
-                )
+            self.account(status)
         self.send_held()
         # The connection goes on outside this request's log context: timers set and requests
         # served from here (the next head's timer, a pipelined request's refusal) are the
         # connection's, or the next request's, not this one's.
         contextvars.Context().run(conn.cycle_done, request, close)
+
+    @property
+    def begun(self) -> bool:
+        return self.started != 0.0
+
+    def begin(self) -> None:
+        """The request is served from now on: its clock starts, it counts as in flight."""
+        state = self.conn.listener.state
+        self.started = time.monotonic()
+        state.in_flight += 1
+        state.idle.clear()
+
+    def account(self, status: int) -> None:
+        """The request ended with ``status``: out of the in-flight count, into the metrics,
+        and its log line written (within the refusals' budget, `stcs.log.RefusalLog`)."""
+        conn = self.conn
+        listener = conn.listener
+        state = listener.state
+        request = self.request
+        state.in_flight -= 1
+        if not state.in_flight:
+            state.idle.set()
+        duration = time.monotonic() - self.started
+        method = request.method.decode("latin-1")
+        state.metrics.observe_request(method, status, duration)
+        client = client_address(conn.peer, request.forwarded, listener.limits.trusted)
+        # Refused before a user is known: within the address's line budget (log.RefusalLog).
+        # stcs's own faults (500, 502) are always written: the operator must see each one.
+        if (
+            self.user_id is not None
+            or status < 400
+            or status in _FAULTS
+            or listener.refusals.admit(client, status)
+        ):
+            log.info(
+                "request",
+                request_id=self.request_id,
+                method=method,
+                path=request.path.decode("latin-1"),
+                status=status,
+                duration_ms=round(duration * 1000, 2),
+                client=client,
+                **self.log_fields(),
+            )
+
+    def end(self, status: int, close: bool) -> None:
+        """`account`, `send_held`, then the connection goes on (`cycle_done`) outside this
+        request's log context: the end of a request served in callbacks, as `run` ends."""
+        self.account(status)
+        self.send_held()
+        contextvars.Context().run(self.conn.cycle_done, self.request, close)
 
     # -- writing --------------------------------------------------------------------------
 
