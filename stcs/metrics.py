@@ -68,9 +68,11 @@ class _DiskCollector(Collector):
 
 
 class RequestCounts(Collector):
-    """``stcs_requests_total`` (by method and status class) and
-    ``stcs_request_duration_seconds`` (a histogram over `_REQUEST_BUCKETS`), kept as plain
-    numbers and turned into metric families at scrape time.
+    """``stcs_requests_total`` (by method and status class),
+    ``stcs_request_duration_seconds`` (a histogram over `_REQUEST_BUCKETS`) and
+    ``stcs_relay_callback_requests_total`` (``in_callbacks``: how many of the requests were
+    proxied in the relay's callbacks, `stcs.relay.handler.Exchange`), kept as plain numbers and
+    turned into metric families at scrape time.
 
     On the data plane's hot path (one `observe` per request): a dict update and a bisect,
     where a labelled ``Counter`` and a ``Histogram`` took four locks and a loop over the
@@ -85,6 +87,7 @@ class RequestCounts(Collector):
         self.counts: dict[tuple[str, str], int] = {}
         self.buckets = [0] * (len(_REQUEST_BUCKETS) + 1)  # the last: above every bound
         self.total_seconds = 0.0
+        self.in_callbacks = 0  # of them, served in the relay's callbacks (`relayFastPath`)
 
     def observe(self, method: str, status: int, seconds: float) -> None:
         """One answered request: ``method``, ``status`` (its class is the label), ``seconds``
@@ -112,6 +115,11 @@ class RequestCounts(Collector):
             "Time to answer a request (to its last byte).",
             buckets=buckets,
             sum_value=self.total_seconds,
+        )
+        yield CounterMetricFamily(
+            "stcs_relay_callback_requests",
+            "Requests proxied in the relay's callbacks, without a task (relayFastPath).",
+            value=self.in_callbacks,
         )
 
 

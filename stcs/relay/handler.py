@@ -7,12 +7,14 @@ relayed back with back-pressure.  `Relay` is the listener of a serving stcs, wit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextvars
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 import structlog
 
-from stcs.answers import status_of
+from stcs.answers import UNEXPECTED, status_of
 from stcs.auth import validate_user_id, verify_admin_key
 from stcs.config import Settings
 from stcs.errors import (
@@ -22,6 +24,7 @@ from stcs.errors import (
     UpstreamError,
     UserBlockedError,
 )
+from stcs.launcher import Child
 from stcs.quotas import Admission
 from stcs.relay.cycle import SMALL_BODY, RequestCycle
 from stcs.relay.head import Request
@@ -32,6 +35,7 @@ from stcs.relay.wire import (
     REQUEST_DROP_FRAMING,
     RESPONSE_DROP,
     RESPONSE_DROP_FRAMING,
+    answer_response,
     error_response,
     extract_token,
     filter_headers,
@@ -39,7 +43,14 @@ from stcs.relay.wire import (
     response_head,
 )
 from stcs.state import State
-from stcs.upstream import UnixTarget, UnreachableError, UpstreamFailedError, UpstreamResponse
+from stcs.supervisor import Lease
+from stcs.upstream import (
+    PooledConnection,
+    UnixTarget,
+    UnreachableError,
+    UpstreamFailedError,
+    UpstreamResponse,
+)
 
 log = structlog.get_logger("stcs.relay")
 
@@ -61,6 +72,8 @@ class Handler:
         self.state = state
         self.control = control
         self.admin_api_key = admin_api_key
+        # `serve_now`'s token lookup with no wait (None: none, every request in a task).
+        self._peek: Callable[[str], str | None] | None = getattr(state.resolver, "peek", None)
 
     async def __call__(self, cycle: RequestCycle) -> tuple[int, bool]:
         request = cycle.request
@@ -77,15 +90,101 @@ class Handler:
                 return await self._control(cycle)
             return await self._proxy(cycle)
         except RequestError as exc:
-            status = status_of(exc)
-            if cycle.response_started:
-                cycle.conn.abort()
-                return status, True
-            close = status in _STATUS_CLOSE or not request.complete
-            if isinstance(exc, ShuttingDownError) or self.state.shutting_down:
-                close = True
-            cycle.write(error_response(exc, close=close))
-            return status, close
+            return self.refuse(cycle, exc)
+
+    def refuse(self, cycle: RequestCycle, exc: RequestError) -> tuple[int, bool]:
+        """Answer ``exc`` (`stcs.answers`) or, once the answer is streaming, abort the
+        connection; (status, close)."""
+        status = status_of(exc)
+        if cycle.response_started:
+            cycle.conn.abort()
+            return status, True
+        close = status in _STATUS_CLOSE or not cycle.request.complete
+        if isinstance(exc, ShuttingDownError) or self.state.shutting_down:
+            close = True
+        cycle.write(error_response(exc, close=close))
+        return status, close
+
+    def serve_now(self, cycle: RequestCycle) -> bool:
+        """Serve ``cycle``'s request in callbacks (`Exchange`) when nothing on its way can
+        wait: a whole request (head and body, ≤ `SMALL_BODY`) that passes `_can_serve_now`,
+        with an idle pooled connection to the instance (`UpstreamPool.take_idle`).  The checks
+        of the task path, in its order; the bytes sent and answered are the same (issue 24: no
+        task, coroutine chain or future per request).
+
+        True: taken.  False: nothing was taken (no lease, no slot, no connection; a token the
+        resolver knew is kept as ``cycle.user_id``): serve it in a task, still the way for
+        everything else — cold starts, holds, quotas, large or streamed bodies, refusals, own
+        and control paths."""
+        request = cycle.request
+        if not request.complete or request.buffered > SMALL_BODY:
+            return False
+        ready = self._can_serve_now(cycle)
+        if ready is None:
+            return False
+        admission, child = ready
+        upstream = self.state.upstream_pool.take_idle(child)
+        if upstream is None:
+            return False
+        assert cycle.user_id is not None
+        lease = self.state.supervisor.lease_ready(cycle.user_id)
+        assert lease is not None and lease.child is child  # nothing ran since ready_child
+        cycle.upstream_port = lease.port
+        self.state.metrics.requests.in_callbacks += 1
+        Exchange(self, cycle, lease, admission).send(upstream)
+        return True
+
+    def await_body(self, cycle: RequestCycle) -> bool:
+        """Whether the rest of the request's body may be awaited in the connection's callbacks
+        (`ClientConnection`, bounded by ``bodyTimeout``), to try `serve_now` at its end: a
+        ``Content-Length`` body of at most `SMALL_BODY` bytes, no ``Expect: 100-continue`` (the
+        client waits for our word), and `_can_serve_now` passes now — a request the task path
+        would refuse is refused by it before any of its body is read, as ever."""
+        request = cycle.request
+        length = request.content_length
+        return (
+            length is not None
+            and length <= SMALL_BODY
+            and not request.expect_continue
+            and self._can_serve_now(cycle) is not None
+        )
+
+    def _can_serve_now(self, cycle: RequestCycle) -> tuple[Admission, Child] | None:
+        """The task path's steps before the lease, where none waits: a proxied path (not HEAD,
+        not one of stcs's own or the control plane's), not shutting down, a token the resolver
+        knows at once (``peek``: the user id is kept as ``cycle.user_id``), a user not blocked,
+        no quota to take (`Quotas.admit_now`), a ready instance (`Supervisor.ready_child`).
+        The admission and the instance's child if so, else None.  Takes nothing."""
+        state = self.state
+        request = cycle.request
+        if (
+            request.reject is not None
+            or request.body_error is not None
+            or request.method == b"HEAD"
+            or state.shutting_down
+            or self._peek is None
+        ):
+            return None
+        path = request.path
+        if path in OWN_PATHS or path in CONTROL_PATHS or path.startswith(b"/admin/"):
+            return None
+        user_id = cycle.user_id
+        if user_id is None:
+            try:
+                token = extract_token(request.special)
+            except RequestError:
+                return None  # refused by the task path, as ever
+            user_id = self._peek(token)
+            if user_id is None:
+                return None
+            cycle.user_id = user_id
+        if user_id in state.blocklist:
+            return None
+        admission = state.quotas.admit_now(user_id)
+        if admission is None:
+            return None
+        child = state.supervisor.ready_child(user_id)
+        return None if child is None else (admission, child)
 
     def _health(self, cycle: RequestCycle) -> int:
         if self.state.shutting_down:
@@ -170,9 +269,11 @@ class Handler:
         request = cycle.request
         if state.shutting_down:
             raise ShuttingDownError("server is shutting down")
-        token = extract_token(request.special)
-        user_id = validate_user_id(await state.resolver.resolve(token, cycle.conn))
-        cycle.user_id = user_id
+        user_id = cycle.user_id  # known already when `serve_now` resolved it, then declined
+        if user_id is None:
+            token = extract_token(request.special)
+            user_id = validate_user_id(await state.resolver.resolve(token, cycle.conn))
+            cycle.user_id = user_id
         structlog.contextvars.bind_contextvars(user_id=user_id)
         if user_id in state.blocklist:
             raise UserBlockedError("this user is blocked")
@@ -244,12 +345,7 @@ class Handler:
                 except UpstreamFailedError as exc:
                     if request.body_error is not None:
                         raise request.body_error from None
-                    if lease.instance.stop_error is not None:  # stopped by policy (memory)
-                        raise lease.instance.stop_error from None
-                    log.warning("upstream request failed", port=lease.port, error=str(exc))
-                    raise UpstreamError(
-                        "the user's chroma server failed during the request"
-                    ) from None
+                    raise request_failed(lease, exc) from None
                 return await relay_response(cycle, resp, state.shutting_down)
         raise AssertionError("unreachable")
 
@@ -294,11 +390,8 @@ async def relay_response(
             try:
                 data = await resp.read()
             except UpstreamFailedError as exc:
-                log.warning("upstream failed mid-response", error=str(exc))
-                raise UpstreamError("the user's chroma server failed during the request") from None
-            headers = filter_headers(resp.headers, RESPONSE_DROP_FRAMING)
-            headers.append((b"Content-Length", b"%d" % len(data)))
-            cycle.write(response_head(status, resp.reason, headers, close) + data)
+                raise answer_failed(exc) from None
+            write_answer(cycle, resp, data, close)
             return status, close
         headers = filter_headers(
             resp.headers, RESPONSE_DROP if length is not None else RESPONSE_DROP_FRAMING
@@ -343,6 +436,170 @@ async def relay_response(
         resp.release()
 
 
+def request_failed(lease: Lease, exc: UpstreamFailedError) -> RequestError:
+    """The error for a request whose exchange with chroma broke before the answer's head:
+    why policy stopped the instance (memory), else a 502 (logged)."""
+    if lease.instance.stop_error is not None:
+        return lease.instance.stop_error
+    log.warning("upstream request failed", port=lease.port, error=str(exc))
+    return UpstreamError("the user's chroma server failed during the request")
+
+
+def answer_failed(exc: UpstreamFailedError) -> RequestError:
+    """The error for an answer that broke after its head, before any of it was relayed: 502
+    (logged)."""
+    log.warning("upstream failed mid-response", error=str(exc))
+    return UpstreamError("the user's chroma server failed during the request")
+
+
+def write_answer(cycle: RequestCycle, resp: UpstreamResponse, body: bytes, close: bool) -> None:
+    """A whole answer to the client: ``resp``'s head (hop-by-hop and framing headers
+    dropped, RFC 9110 §7.6.1), ``Content-Length`` and ``body``, in one write."""
+    headers = filter_headers(resp.headers, RESPONSE_DROP_FRAMING)
+    headers.append((b"Content-Length", b"%d" % len(body)))
+    cycle.write(response_head(resp.status, resp.reason, headers, close) + body)
+
+
+class Exchange:
+    """A proxied request served in the relay's callbacks, with no task (`Handler.serve_now`):
+    sent whole on an idle pooled connection, its answer written when the upstream
+    connection's callbacks bring its end (`UpstreamResponse.watcher`).
+
+    Holds what the task path's ``async with`` and ``finally`` hold (the lease, the quota
+    admission) and gives them back (`_end`) on each way out: the whole answer, or a broken
+    exchange, as the upstream connection reports them (`_on_upstream`); the client leaving
+    (`cancel`, from ``connection_lost``: 499, the upstream connection closed, never pooled); a
+    bug (`_guarded`: 500).  An answer too large to hold, or streamed, goes to a task that relays
+    it as the task path does (`_hand_over`, `relay_response`).  Runs in a log context of its
+    own (request id, user id), as the task path's task does."""
+
+    __slots__ = (
+        "admission", "context", "cycle", "ended", "finished", "handler", "lease", "resp",
+    )  # fmt: skip
+
+    def __init__(
+        self, handler: Handler, cycle: RequestCycle, lease: Lease, admission: Admission
+    ) -> None:
+        self.handler = handler
+        self.cycle = cycle
+        self.lease = lease
+        self.admission = admission
+        self.context = contextvars.Context()
+        self.finished = False  # the answer is written, or a task took the request over
+        self.ended = False  # what it holds is given back (`_end`)
+        self.resp: UpstreamResponse | None = None
+
+    def done(self) -> bool:
+        """Whether the request ended (`ClientConnection` asks before `cancel`)."""
+        return self.finished
+
+    def send(self, upstream: PooledConnection) -> None:
+        cycle = self.cycle
+        if not cycle.begun:  # begun already when its body was awaited
+            cycle.begin()
+        cycle.conn.task = self  # cancelled if the client leaves (`cancel`)
+        self.context.run(self._guarded, self._send, upstream)
+
+    def _send(self, upstream: PooledConnection) -> None:
+        cycle = self.cycle
+        request = cycle.request
+        structlog.contextvars.bind_contextvars(request_id=cycle.request_id, user_id=cycle.user_id)
+        headers = filter_headers(request.headers, REQUEST_DROP_FRAMING)
+        body = cycle.take_body() if request.has_body else None
+        head = upstream_head(request, b"127.0.0.1:%d" % self.lease.port, headers, body, False)
+        self.resp = self.handler.state.upstream_pool.send_now(
+            upstream, head + body if body else head, self._watch
+        )
+
+    def _watch(self) -> None:
+        self.context.run(self._guarded, self._on_upstream)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """Run ``step``; a bug in it ends the request as the task path's does (500, logged
+        with its traceback), never leaves it hanging or the connection's callbacks broken."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("request failed")
+            if not self.finished:
+                self.finished = True
+                if self.resp is not None:
+                    self.resp.watcher = None
+                cycle = self.cycle
+                if not cycle.conn.closed and not cycle.response_started:
+                    cycle.write(answer_response(UNEXPECTED, close=True))
+                self._end(0, 500, True)
+
+    def _on_upstream(self) -> None:
+        resp = self.resp
+        assert resp is not None
+        failed = resp.failed
+        if failed is not None:
+            resp.watcher = None
+            assert isinstance(failed, UpstreamFailedError)
+            if resp.head_received:
+                error = answer_failed(failed)
+            else:
+                error = request_failed(self.lease, failed)
+            status, close = self.handler.refuse(self.cycle, error)
+            self._end(0, status, close)
+        elif resp.done:
+            resp.watcher = None
+            close = not self.cycle.request.keep_alive or self.handler.state.shutting_down
+            if resp.has_body:
+                write_answer(self.cycle, resp, resp.take_body(), close)
+            else:
+                headers = filter_headers(resp.headers, RESPONSE_DROP)
+                self.cycle.write(response_head(resp.status, resp.reason, headers, close))
+            self._end(resp.status, resp.status, close)
+        else:
+            length = resp.content_length
+            if length is None or length > SMALL_BODY:  # streamed: a task relays it
+                resp.watcher = None
+                self._hand_over(resp)
+            # else: a small answer whose end is still to come
+
+    def _end(self, admitted: int, status: int, close: bool) -> None:
+        """Give back what the request holds, then its log line, metrics, answer and the
+        connection's next step (`RequestCycle.end`).  Once."""
+        if self.ended:
+            return
+        self.ended = self.finished = True
+        cycle = self.cycle
+        resp = self.resp
+        if resp is not None:
+            resp.release()  # pooled after a whole answer that keeps the connection, else closed
+        self.handler.state.supervisor.end_lease(self.lease, cycle.conn)
+        self.admission.done(admitted)
+        cycle.end(status, close)
+
+    def cancel(self) -> None:
+        """The client left before the answer: the upstream connection is closed (its answer
+        is never read), the request logged as 499."""
+        if not self.finished:
+            self.context.run(self._end, 0, 499, True)
+
+    def _hand_over(self, resp: UpstreamResponse) -> None:
+        cycle = self.cycle
+        conn = cycle.conn
+        self.finished = True  # the task owns the request from here
+        # Created in this exchange's context (we run in it): the task's log lines are its own.
+        conn.task = conn.loop.create_task(cycle.run(self._relay))
+
+    async def _relay(self, cycle: RequestCycle) -> tuple[int, bool]:
+        resp = self.resp
+        assert resp is not None
+        status = 0
+        try:
+            status, close = await relay_response(cycle, resp, self.handler.state.shutting_down)
+        except RequestError as exc:
+            status, close = self.handler.refuse(cycle, exc)
+        finally:
+            self.handler.state.supervisor.end_lease(self.lease, cycle.conn)
+            self.admission.done(status)
+        return status, close
+
+
 class Relay(Listener):
     """The data plane of one stcs process: a `ClientConnection` per accepted socket, each
     request served by a `Handler` on ``state``.  ``control_socket`` is the unix socket path
@@ -354,6 +611,8 @@ class Relay(Listener):
         super().__init__(
             state, self._handler, Limits.from_settings(settings), loop=asyncio.get_running_loop()
         )
+        if not settings.relay_fast_path:  # every request in a task
+            self.serve_now = self.await_body = None
 
     def apply(self, settings: Settings) -> None:
         """Reloaded settings (`stcs.reload`): the edge limits for new connections, and the

@@ -64,6 +64,15 @@ LINGER_S = 2.0
 OPEN, STOPPED, LINGERING, CLOSED = 0, 1, 2, 3
 
 
+class Cancellable(Protocol):
+    """What serves a request: its task, or a request served in callbacks
+    (`stcs.relay.handler.Exchange`)."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> object: ...
+
+
 class Serving(Protocol):
     """What the listener counts and reads of the serving process (`stcs.state.State`)."""
 
@@ -91,6 +100,13 @@ class Listener:
     ) -> None:
         self.state = state
         self.handler = handler
+        # The handler's way to serve a request in callbacks, with no task (`Handler.serve_now`);
+        # None: every request is served in a task.
+        self.serve_now: Callable[[RequestCycle], bool] | None = getattr(handler, "serve_now", None)
+        # Whether to await the rest of a small body in callbacks first (`Handler.await_body`).
+        self.await_body: Callable[[RequestCycle], bool] | None = getattr(
+            handler, "await_body", None
+        )
         self.limits = limits
         self.loop = loop
         self.connections: set[ClientConnection] = set()
@@ -144,7 +160,13 @@ class ClientConnection(asyncio.Protocol):
         self.phase = OPEN
         self.msg: Request | None = None  # the request being parsed
         self.active: Request | None = None  # the request being served
-        self.task: asyncio.Task[None] | None = None
+        # What serves `active`: its task, or its `Exchange` (served in callbacks).
+        self.task: Cancellable | None = None
+        self.starting: Request | None = None  # `active`, served once this read is parsed
+        # `active`, begun, its body awaited in callbacks (`await_body`) under `body_timer`;
+        # `body_seen`: its bytes received when the timer was last set.
+        self.awaiting: RequestCycle | None = None
+        self.body_seen = 0
         self.pipeline: collections.deque[Request] = collections.deque()
         self.eof = False  # the client half-closed after complete requests: answer, then close
         self.probed = False  # after the half-close, an interim answer was sent (`check_gone`)
@@ -188,6 +210,10 @@ class ClientConnection(asyncio.Protocol):
         msg = self.active
         if msg is not None:
             msg.wake()
+        cycle = self.awaiting
+        if cycle is not None:  # left mid-body: logged as 499, as the task path logs it
+            self.awaiting = None
+            contextvars.Context().run(cycle.end, 499, True)
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: stop its request (logged as 499)
 
@@ -269,6 +295,11 @@ class ClientConnection(asyncio.Protocol):
         finally:
             view.release()
             self.feeding = False
+            msg, self.starting = self.starting, None
+            if msg is not None:
+                self._serve(msg)
+            elif self.awaiting is not None:
+                self._check_awaited()
             self.update_reading()
 
     def _parse(self, data: memoryview) -> None:
@@ -342,7 +373,10 @@ class ClientConnection(asyncio.Protocol):
             # Its body (if any) is not read: nothing after this request can be trusted.
             self.stop_parsing()
         if self.active is None:
-            self._serve(msg)
+            # Served at the end of this read (`_feed`): a body in the same read is complete by
+            # then, and the request may be served in callbacks (`Handler.serve_now`).
+            self.active = msg
+            self.starting = msg
         else:
             self.pipeline.append(msg)
             self.update_reading()
@@ -386,14 +420,71 @@ class ClientConnection(asyncio.Protocol):
     # -- pipelining -------------------------------------------------------------------------
 
     def _serve(self, msg: Request) -> None:
+        """Serve ``msg``: in callbacks when the handler can (`Handler.serve_now`), after its
+        small body when that is still coming (`Handler.await_body`), else in a task."""
         self.active = msg
         cycle = RequestCycle(self, msg)
+        listener = self.listener
+        if listener.serve_now is not None and self.phase == OPEN and not self.eof:
+            if msg.complete:
+                if self._now(listener.serve_now, cycle):
+                    return
+            elif listener.await_body is not None and self._now(listener.await_body, cycle):
+                cycle.begin()  # in flight from now, as in a task
+                self.awaiting = cycle
+                self.body_seen = msg.received
+                self._set_timer(self.limits.body_timeout_s, self._body_timed_out)
+                return
+        self._run(cycle)
+
+    @staticmethod
+    def _now(step: Callable[[RequestCycle], bool], cycle: RequestCycle) -> bool:
+        """``step(cycle)``; a bug in it (logged with its traceback) leaves the request to the
+        task path, never the connection's callbacks broken (their checks take nothing)."""
+        try:
+            return step(cycle)
+        except Exception:
+            log.exception("request failed")
+            return False
+
+    def _run(self, cycle: RequestCycle) -> None:
         # A context of its own (a copy of an empty one), whatever context the caller runs in
         # (a reader callback may carry one captured inside an earlier request's task): nothing
         # of another request reaches its log lines, and nothing needs clearing.
         self.task = contextvars.Context().run(
             self.loop.create_task, cycle.run(self.listener.handler)
         )
+
+    def _check_awaited(self) -> None:
+        """After a read: serve the request whose body was awaited once the body is whole (or
+        broken, or parsing stopped); else, if bytes of it came, its ``bodyTimeout`` anew (the
+        task path's rule: the longest pause inside a body)."""
+        cycle = self.awaiting
+        assert cycle is not None
+        msg = cycle.request
+        if msg.complete or msg.body_error is not None or self.phase != OPEN:
+            self.awaiting = None
+            self._cancel_timer()
+            serve_now = self.listener.serve_now
+            if not (self.phase == OPEN and serve_now is not None and self._now(serve_now, cycle)):
+                self._run(cycle)
+        elif msg.received != self.body_seen:
+            self.body_seen = msg.received
+            self._set_timer(self.limits.body_timeout_s, self._body_timed_out)
+
+    def _body_timed_out(self) -> None:
+        """``bodyTimeout`` passed inside an awaited body: the task path answers 408, as when it
+        waits itself (`RequestCycle._more_body`)."""
+        self.timer = None
+        cycle = self.awaiting
+        if cycle is None:
+            return
+        self.awaiting = None
+        cycle.request.body_error = RequestTimeoutError(
+            f"no request body bytes for {self.limits.body_timeout_ms} ms"
+        )
+        self.stop_parsing()
+        self._run(cycle)
 
     def cycle_done(self, msg: Request, close: bool) -> None:
         """After a response: next pipelined request, keep-alive wait, or close."""

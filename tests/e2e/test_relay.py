@@ -9,9 +9,12 @@ reports exactly what reached it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import resource
 import socket
+import struct
 import sys
 import time
 import weakref
@@ -31,9 +34,14 @@ MB = 1024 * 1024
 ADMIN = {"x-api-key": "admin-key-42"}
 
 
-@pytest.fixture
-def relay(stcs: Callable[..., StcsServer]) -> StcsServer:
+@pytest.fixture(params=["callbacks", "tasks"])
+def relay(request: pytest.FixtureRequest, stcs: Callable[..., StcsServer]) -> StcsServer:
+    """An stcs with echo children.  Each test runs twice: with a request the relay can serve
+    in its callbacks served there (``relayFastPath``, the default), and with every request in a
+    task: the hostile shapes below meet both paths."""
     return stcs(
+        "--relayFastPath",
+        "true" if request.param == "callbacks" else "false",
         "--chromaCommand",
         f"{sys.executable} {ECHO}",
         "--maxBodySize",
@@ -661,3 +669,157 @@ def test_a_user_blocked_while_their_request_uploads_is_refused_and_not_restarted
     assert status == 403 and b"AuthorizationError" in answer
     assert all(e.get("method") != "POST" for e in proxied_requests(relay))
     assert relay.children() == []  # not started again for a blocked user
+
+
+# -- requests served in the relay's callbacks (relayFastPath) ------------------------------
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Closing ``sock`` sends a reset (SO_LINGER 0), as a client that is gone."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _in_callbacks(server: StcsServer) -> bool:
+    return "false" not in psutil.Process(server.pid).cmdline()
+
+
+def _callback_requests(server: StcsServer) -> int:
+    text = requests.get(f"{server.url}/metrics", headers=ADMIN, timeout=10).text
+    [value] = re.findall(r"^stcs_relay_callback_requests_total (\S+)$", text, flags=re.M)
+    return int(float(value))
+
+
+def _warm(server: StcsServer, token: str) -> None:
+    """``token``'s instance ready, with an idle pooled connection to it."""
+    resp = requests.get(f"{server.url}/echo/warm", headers={"X-Chroma-Token": token}, timeout=10)
+    assert resp.status_code == 200
+
+
+def _in_flight(server: StcsServer) -> int:
+    listed = requests.get(f"{server.url}/admin/instances", headers=ADMIN, timeout=10).json()
+    return sum(inst["inFlight"] for inst in listed["instances"])
+
+
+def test_a_whole_request_to_a_ready_instance_is_served_in_callbacks_unless_turned_off(
+    relay: StcsServer,
+) -> None:
+    token = new_token()
+    _warm(relay, token)
+    before = _callback_requests(relay)
+    body = b'{"ids": ["a"]}'
+    with connect(relay) as sock:
+        sock.sendall(head("POST", "/echo/one", token, f"Content-Length: {len(body)}") + body)
+        status, _, payload = read_response(sock)
+    assert status == 200
+    echoed = json.loads(payload)
+    assert echoed["path"] == "/echo/one" and echoed["body_len"] == len(body)
+    assert _callback_requests(relay) - before == (1 if _in_callbacks(relay) else 0)
+    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/one")
+    assert line["status"] == 200 and line["user_id"] and line["upstream_port"]
+
+
+def test_pipelined_requests_with_bodies_each_get_their_own_answer(relay: StcsServer) -> None:
+    """Eight requests of one user in one write: each answer is its own request's (path and
+    body hash), in order, whether served in callbacks (the next served from inside the
+    upstream connection's callback that ended the one before) or in tasks."""
+    token = new_token()
+    _warm(relay, token)
+    bodies = [f'{{"n": {i}, "pad": "{"x" * (i * 997)}"}}'.encode() for i in range(8)]
+    wire = b"".join(
+        head("POST", f"/echo/p{i}", token, f"Content-Length: {len(b)}") + b
+        for i, b in enumerate(bodies)
+    )
+    with connect(relay) as sock:
+        sock.sendall(wire)
+        for i, body in enumerate(bodies):
+            status, _, payload = read_response(sock)
+            echoed = json.loads(payload)
+            assert status == 200 and echoed["path"] == f"/echo/p{i}", (i, echoed["path"])
+            assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert _in_flight(relay) == 0
+
+
+def test_a_client_gone_before_its_answer_leaves_that_answer_to_no_other_request(
+    relay: StcsServer,
+) -> None:
+    """The upstream connection of a request whose client left is closed, never pooled: the
+    answer still to come on it would be read as the next request's."""
+    token = new_token()
+    _warm(relay, token)
+    with connect(relay) as sock:
+        sock.sendall(head("GET", "/slow?delay=1&chunks=1&interval=0", token))
+        time.sleep(0.3)  # sent upstream, its answer 0.7 s away
+        reset_on_close(sock)  # gone (a FIN alone is a half-close: the answer would still go)
+    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/slow")
+    assert line["status"] == 499 and line["duration_ms"] < 900  # when it left, not at the answer
+    for i in range(3):
+        resp = requests.get(
+            f"{relay.url}/echo/after-{i}", headers={"X-Chroma-Token": token}, timeout=10
+        )
+        assert resp.status_code == 200 and resp.json()["path"] == f"/echo/after-{i}"
+    time.sleep(1.0)  # the slow answer came, to a closed connection
+    resp = requests.get(f"{relay.url}/echo/later", headers={"X-Chroma-Token": token}, timeout=10)
+    assert resp.json()["path"] == "/echo/later"
+    assert _in_flight(relay) == 0
+
+
+def test_a_body_in_pieces_is_served_whole_and_a_stalled_one_is_408_with_nothing_held(
+    relay: StcsServer,
+) -> None:
+    """A ready user's body arriving in pieces: ``bodyTimeout`` (1 s here) is the longest pause
+    between pieces, not the whole upload's time; a body that stops gets 408 and holds no
+    lease and no in-flight count (stcs then shuts down at once)."""
+    token = new_token()
+    _warm(relay, token)
+    body = bytes(range(256)) * 20
+    with connect(relay) as sock:
+        sock.sendall(head("POST", "/echo/pieces", token, f"Content-Length: {len(body)}"))
+        for piece in (body[:1000], body[1000:3000], body[3000:]):
+            time.sleep(0.6)  # 1.8 s in all: each pause under the timeout
+            sock.sendall(piece)
+        status, _, payload = read_response(sock)
+        assert status == 200, payload
+        assert json.loads(payload)["body_sha256"] == hashlib.sha256(body).hexdigest()
+        sock.sendall(head("POST", "/echo/stalled", token, "Content-Length: 100") + b"partial")
+        started = time.monotonic()
+        status, _, payload = read_response(sock)
+        took = time.monotonic() - started
+        assert status == 408 and 0.9 < took < 3, (status, took, payload)
+        assert closed_by_peer(sock)
+    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/stalled")
+    assert line["status"] == 408 and line["user_id"]
+    assert _in_flight(relay) == 0
+    relay.stop()
+    [down] = relay.events("shutting down")
+    assert down["requests_in_flight"] == 0
+
+
+def test_a_client_leaving_mid_body_of_a_ready_user_is_499_with_nothing_held(
+    relay: StcsServer,
+) -> None:
+    token = new_token()
+    _warm(relay, token)
+    with connect(relay) as sock:
+        sock.sendall(head("POST", "/echo/left", token, "Content-Length: 5000") + b"x" * 1000)
+        time.sleep(0.3)
+    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/left")
+    assert line["status"] == 499 and line["user_id"]
+    assert _in_flight(relay) == 0
+    relay.stop()
+    [down] = relay.events("shutting down")
+    assert down["requests_in_flight"] == 0
+
+
+def test_a_bad_token_with_a_body_still_coming_is_refused_at_once(relay: StcsServer) -> None:
+    """No body is awaited for a request the task path refuses before reading it."""
+    token = new_token()
+    _warm(relay, token)
+    for bad in ({"X-Chroma-Token": "not-a-uuid"}, {}):
+        extra = [f"{k}: {v}" for k, v in bad.items()]
+        with connect(relay) as sock:
+            sock.sendall(
+                head("POST", "/echo/refused", None, *extra, "Content-Length: 5000") + b"x" * 10
+            )
+            started = time.monotonic()
+            status, _, _ = read_response(sock)
+            assert status == 401 and time.monotonic() - started < 0.5
