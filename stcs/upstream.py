@@ -63,6 +63,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, target: Target) -> None:
         self.target = target
+        # Made by the loop's protocol factory, so in it; kept: `get_running_loop` costs a
+        # getpid system call per request (CPython 3.11).
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = time.monotonic()
         self._parser = httptools.HttpResponseParser(self)
@@ -188,7 +191,7 @@ class UpstreamResponse:
         self._pool = pool
         self._conn = conn
         self._head_only = head_only
-        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head: asyncio.Future[None] = conn.loop.create_future()
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
