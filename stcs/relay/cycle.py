@@ -42,6 +42,7 @@ class RequestCycle:
     """
 
     __slots__ = (
+        "accounted",
         "cold_start",
         "conn",
         "held",
@@ -65,6 +66,7 @@ class RequestCycle:
         self.response_started = False
         self.held: list[bytes] | None = []
         self.started = 0.0  # monotonic s, from `begin`
+        self.accounted = False  # `account` ran
 
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -128,6 +130,7 @@ class RequestCycle:
     def account(self, status: int) -> None:
         """The request ended with ``status``: out of the in-flight count, into the metrics,
         and its log line written (within the refusals' budget, `stcs.log.RefusalLog`)."""
+        self.accounted = True
         conn = self.conn
         listener = conn.listener
         state = listener.state
@@ -157,6 +160,14 @@ class RequestCycle:
                 client=client,
                 **self.log_fields(),
             )
+
+    def settle(self, _task: asyncio.Task[None]) -> None:
+        """Done callback of the task of a cycle that had `begun` before it (its body awaited
+        in callbacks, or its answer handed over): a task cancelled before its first step —
+        its client gone as it was made — ran none of `run`, so the request is ended here, as
+        a 499, and leaves no in-flight count behind."""
+        if not self.accounted:
+            self.end(499, True)
 
     def end(self, status: int, close: bool) -> None:
         """`account`, `send_held`, then the connection goes on (`cycle_done`) outside this

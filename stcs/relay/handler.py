@@ -109,8 +109,9 @@ class Handler:
         """Serve ``cycle``'s request in callbacks (`Exchange`) when nothing on its way can
         wait: a whole request (head and body, ≤ `SMALL_BODY`) that passes `_can_serve_now`,
         with an idle pooled connection to the instance (`UpstreamPool.take_idle`).  The checks
-        of the task path, in its order; the bytes sent and answered are the same (issue 24: no
-        task, coroutine chain or future per request).
+        of the task path, in its order; the bytes sent and the answers are the same (issue 24: no
+        task, coroutine chain or future per request; a small chunked answer that came whole
+        goes out with ``Content-Length``).
 
         True: taken.  False: nothing was taken (no lease, no slot, no connection; a token the
         resolver knew is kept as ``cycle.user_id``): serve it in a task, still the way for
@@ -474,7 +475,8 @@ class Exchange:
     own (request id, user id), as the task path's task does."""
 
     __slots__ = (
-        "admission", "context", "cycle", "ended", "finished", "handler", "lease", "resp",
+        "admission", "context", "cycle", "ended", "finished", "handler", "lease", "relaying",
+        "resp", "upstream",
     )  # fmt: skip
 
     def __init__(
@@ -487,6 +489,8 @@ class Exchange:
         self.context = contextvars.Context()
         self.finished = False  # the answer is written, or a task took the request over
         self.ended = False  # what it holds is given back (`_end`)
+        self.relaying = False  # the task it handed over to runs (`_relay`)
+        self.upstream: PooledConnection | None = None
         self.resp: UpstreamResponse | None = None
 
     def done(self) -> bool:
@@ -498,6 +502,7 @@ class Exchange:
         if not cycle.begun:  # begun already when its body was awaited
             cycle.begin()
         cycle.conn.task = self  # cancelled if the client leaves (`cancel`)
+        self.upstream = upstream
         self.context.run(self._guarded, self._send, upstream)
 
     def _send(self, upstream: PooledConnection) -> None:
@@ -521,7 +526,7 @@ class Exchange:
             step(*args)
         except Exception:
             log.exception("request failed")
-            if not self.finished:
+            if not self.finished:  # neither ended nor handed over
                 self.finished = True
                 if self.resp is not None:
                     self.resp.watcher = None
@@ -569,6 +574,8 @@ class Exchange:
         resp = self.resp
         if resp is not None:
             resp.release()  # pooled after a whole answer that keeps the connection, else closed
+        elif self.upstream is not None:
+            self.upstream.close()  # a bug before the request was written: never pooled
         self.handler.state.supervisor.end_lease(self.lease, cycle.conn)
         self.admission.done(admitted)
         cycle.end(status, close)
@@ -577,16 +584,31 @@ class Exchange:
         """The client left before the answer: the upstream connection is closed (its answer
         is never read), the request logged as 499."""
         if not self.finished:
-            self.context.run(self._end, 0, 499, True)
+            self.context.run(self._guarded, self._end, 0, 499, True)
 
     def _hand_over(self, resp: UpstreamResponse) -> None:
         cycle = self.cycle
         conn = cycle.conn
         self.finished = True  # the task owns the request from here
         # Created in this exchange's context (we run in it): the task's log lines are its own.
-        conn.task = conn.loop.create_task(cycle.run(self._relay))
+        task = conn.loop.create_task(cycle.run(self._relay))
+        # Cancelled before its first step (the client gone as it was made), it runs nothing
+        # of `_relay` or `run`: what they would give back is given back by these, in order.
+        task.add_done_callback(self._settle)
+        task.add_done_callback(cycle.settle, context=contextvars.Context())
+        conn.task = task
+
+    def _settle(self, _task: asyncio.Task[None]) -> None:
+        if not self.relaying:
+            self.relaying = True
+            resp = self.resp
+            assert resp is not None
+            resp.release()
+            self.handler.state.supervisor.end_lease(self.lease, self.cycle.conn)
+            self.admission.done(0)
 
     async def _relay(self, cycle: RequestCycle) -> tuple[int, bool]:
+        self.relaying = True
         resp = self.resp
         assert resp is not None
         status = 0

@@ -444,16 +444,18 @@ class ClientConnection(asyncio.Protocol):
         try:
             return step(cycle)
         except Exception:
-            log.exception("request failed")
+            # Logged outside whatever context this reader callback carries (`_run`).
+            contextvars.Context().run(log.exception, "request failed")
             return False
 
     def _run(self, cycle: RequestCycle) -> None:
         # A context of its own (a copy of an empty one), whatever context the caller runs in
         # (a reader callback may carry one captured inside an earlier request's task): nothing
         # of another request reaches its log lines, and nothing needs clearing.
-        self.task = contextvars.Context().run(
-            self.loop.create_task, cycle.run(self.listener.handler)
-        )
+        task = contextvars.Context().run(self.loop.create_task, cycle.run(self.listener.handler))
+        if cycle.begun:  # counted in flight already: ended even if cancelled before it runs
+            task.add_done_callback(cycle.settle, context=contextvars.Context())
+        self.task = task
 
     def _check_awaited(self) -> None:
         """After a read: serve the request whose body was awaited once the body is whole (or

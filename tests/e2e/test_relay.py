@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import resource
+import signal
 import socket
 import struct
 import sys
@@ -823,3 +825,66 @@ def test_a_bad_token_with_a_body_still_coming_is_refused_at_once(relay: StcsServ
             started = time.monotonic()
             status, _, _ = read_response(sock)
             assert status == 401 and time.monotonic() - started < 0.5
+
+
+@contextlib.contextmanager
+def frozen(server: StcsServer) -> Iterator[None]:
+    """stcs stopped (SIGSTOP) for the duration: what happens meanwhile is there to read, all
+    at once, when it goes on."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def _nothing_held(server: StcsServer, path: str, statuses: tuple[int, ...] = (499,)) -> None:
+    """``path``'s request logged once (as its client left: 499), no request in flight on any
+    instance, and none at shutdown."""
+    [line] = server.wait_event("request", where=lambda e: e["path"] == path)
+    assert line["status"] in statuses, line
+    assert _in_flight(server) == 0
+    server.stop()
+    [down] = server.events("shutting down")
+    assert down["requests_in_flight"] == 0
+
+
+def test_a_client_gone_as_its_streamed_answer_begins_holds_nothing(relay: StcsServer) -> None:
+    """The client's reset and the head of a streamed answer read in one go, the answer first:
+    the task the answer is handed to is cancelled before it runs a step, and what the request
+    held — lease, in-flight count, upstream connection — is given back all the same (found in
+    review: the instance stayed pinned, in flight, for ever)."""
+    token = new_token()
+    _warm(relay, token)
+    with connect(relay) as sock:
+        sock.sendall(head("GET", "/slow?delay=1&chunks=3&interval=0.2", token))
+        time.sleep(0.3)
+        reset_on_close(sock)
+        with frozen(relay):
+            time.sleep(0.1)
+            sock.close()  # the reset is there first; the answer's head comes at 1 s
+            time.sleep(1.1)
+    _nothing_held(relay, "/slow")
+
+
+def test_a_client_gone_as_its_awaited_body_times_out_holds_nothing(
+    stcs: Callable[..., StcsServer],
+) -> None:
+    """asyncio's loop runs the reads of an iteration before its due timers: the reset of a
+    client whose body stalled, and its bodyTimeout, in one go — the task made at the timeout
+    is cancelled before it runs a step, and the request still leaves no in-flight count (found
+    in review)."""
+    server = stcs(
+        "--chromaCommand", f"{sys.executable} {ECHO}", "--adminAPIKey", "admin-key-42",
+        "--eventLoop", "asyncio", "--bodyTimeout", "1000",
+    )  # fmt: skip
+    token = new_token()
+    _warm(server, token)
+    with connect(server) as sock:
+        sock.sendall(head("POST", "/echo/stalled", token, "Content-Length: 100") + b"partial")
+        time.sleep(0.3)
+        reset_on_close(sock)
+        with frozen(server):
+            sock.close()
+            time.sleep(1.2)  # past bodyTimeout
+    _nothing_held(server, "/echo/stalled", (408, 499))  # whichever the loop took first
