@@ -115,6 +115,13 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        resp = self._response
+        if resp is not None and resp._done:
+            # A second answer to one request: the first stands, nothing after it is parsed
+            # into it, and the connection is closed (raised into the parser: `data_received`).
+            raise UpstreamFailedError("a second answer to one request")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None:
             self._response.headers.append((name, value))
@@ -303,7 +310,7 @@ class UpstreamResponse:
     def release(self) -> None:
         """Return the connection to the pool (after a complete response) or close it."""
         conn, self._conn._response = self._conn, None
-        if self._done and self.keep_alive and self._error is None:
+        if self._done and self.keep_alive and self._error is None and not conn.closed:
             self._pool._put(conn)
         else:
             conn.close()

@@ -280,3 +280,32 @@ async def test_fetch_times_out_and_never_pools_the_silent_connection() -> None:
             await pool.fetch(srv, "GET", "/api/v2/heartbeat", timeout_s=0.2)
         assert srv.connections == 2
         pool.close()
+
+
+@pytest.mark.parametrize("way", ["awaited", "watched"])
+async def test_a_second_answer_to_one_request_is_dropped_and_the_connection_not_reused(
+    way: str,
+) -> None:
+    """An upstream that answers one request twice (in one write): the first answer is the
+    request's, unaltered (the second's status line, headers and body do not leak into it), and
+    the connection is never used again — its next bytes belong to no request (found in
+    review: the second answer was parsed into the first, the connection pooled)."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-N: 1\r\n\r\nfirst"
+    second = b"HTTP/1.1 404 Not Found\r\nContent-Length: 6\r\nX-N: 2\r\n\r\nsecond"
+    async with fixed(first + second) as srv:
+        pool = UpstreamPool()
+        for _ in range(2):
+            if way == "awaited":
+                resp = await pool.request(srv, GET, None)
+            else:  # as a request served in callbacks gets it (`send_now`)
+                conn = pool.take_idle(srv) or await pool._get(srv)
+                came = asyncio.Event()
+                resp = pool.send_now(conn, GET, came.set)
+                await asyncio.wait_for(came.wait(), 5)
+                await asyncio.sleep(0.05)  # every byte of the write parsed
+                assert resp.done
+            assert (resp.status, resp.reason) == (200, b"OK")
+            assert [v for k, v in resp.headers if k == b"X-N"] == [b"1"]
+            assert await resp.read() == b"first"
+            resp.release()
+        assert srv.connections == 2
