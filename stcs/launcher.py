@@ -66,27 +66,37 @@ _CHILD_LOG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\.log(\.1)?$")
 LOG_TAIL_BYTES = 2000
 
 # argv: [python, -S, -c, BOOTSTRAP, <stcs pid>, <site dir>, <port hold fd | -1>,
-#        ("--exec", program, ...args) | chroma CLI args]
+#        <gate fd | -1>, ("--exec", program, ...args) | chroma CLI args]
 # Run with ``python -S``: no site processing (.pth files, editable-install finders: ~15 ms);
 # the one directory chroma's extension lives in is put on sys.path instead.
 # The port hold (`stcs.ports`) is closed as late as can be: right before chroma (or the
 # chromaCommand) starts and binds the port, so that another process has only chroma's own
-# start-up to take it in.
+# start-up to take it in.  stcs's own copy of the hold must be gone by then too, and stcs
+# closes it only when the spawn's ``await`` returns — under a burst of starts 75-250 ms later,
+# after chroma had tried to bind ("Address ... is not available", exit 0: 20-25 % of the first
+# attempts of 200 users starting 40 at a time failed so, a user whose three attempts all did got
+# 503).  So the child first reads the *gate*, a pipe whose write end stcs closes together with
+# its copy of the hold: at its end of file, the hold is the child's alone.
 BOOTSTRAP = """\
 import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(70)  # stcs died before prctl took effect
 sys.path.insert(0, sys.argv[2])
-hold = int(sys.argv[3])
-args = sys.argv[4:]
-if args[0] == "--exec":
+hold, gate = int(sys.argv[3]), int(sys.argv[4])
+args = sys.argv[5:]
+def release():
+    if gate >= 0:
+        while os.read(gate, 64):  # until stcs has closed its end (and its copy of the hold)
+            pass
+        os.close(gate)
     if hold >= 0:
         os.close(hold)
+if args[0] == "--exec":
+    release()
     os.execvp(args[1], args[1:])
 import chromadb_rust_bindings
-if hold >= 0:
-    os.close(hold)
+release()
 chromadb_rust_bindings.cli(["chroma", *args])
 """
 
@@ -319,15 +329,16 @@ class ChromaLauncher:
         name = user_ref(user_id) if self._user_ids_are_secret else user_id
         return self._logs_dir / f"{name}.log"
 
-    def argv(self, port: int, hold_fd: int = -1) -> list[str]:
+    def argv(self, port: int, hold_fd: int = -1, gate_fd: int = -1) -> list[str]:
         """The child's full argv for ``port`` (``hold_fd``: the inherited socket holding it,
-        closed by the child right before chroma binds; -1: none).  It runs in its data
-        directory (``cwd``) and is told ``--path .``: ``/proc/<pid>/cmdline`` is
-        world-readable, and in UUID mode the directory name is the user's token."""
+        closed by the child right before chroma binds, once ``gate_fd``, the read end of a
+        pipe, reads end of file; -1: none).  It runs in its data directory (``cwd``) and is
+        told ``--path .``: ``/proc/<pid>/cmdline`` is world-readable, and in UUID mode the
+        directory name is the user's token."""
         run = ["run", "--host", "127.0.0.1", "--path", ".", "--port", str(port)]
         head = [
             *(sys.executable, "-S", "-c", BOOTSTRAP),
-            *(str(os.getpid()), _chroma_site_dir(), str(hold_fd)),
+            *(str(os.getpid()), _chroma_site_dir(), str(hold_fd), str(gate_fd)),
         ]
         if self._command:
             return [*head, "--exec", *self._command, *run]
@@ -405,30 +416,38 @@ class ChromaLauncher:
 
     async def _spawn(self, user_id: str, data_dir: Path, log_path: Path, lock_fd: int) -> Child:
         port, hold = self.ports.lend()
+        gate_r = gate_w = -1
         try:
+            gate_r, gate_w = os.pipe()  # the gate (`BOOTSTRAP`); both ends close-on-exec
             # Truncated at each start; append mode so that when rotate_log cuts the file back,
             # the child's next write lands at the new end instead of leaving a hole of zeros.
             out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             try:
                 # Spawned from the event-loop thread (PR_SET_PDEATHSIG is per forking thread).
                 process = await asyncio.create_subprocess_exec(
-                    *self.argv(port, hold.fileno()),
+                    *self.argv(port, hold.fileno(), gate_r),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
                     env=self._env,
                     cwd=str(data_dir),
                     start_new_session=True,
-                    pass_fds=(lock_fd, hold.fileno()),
+                    pass_fds=(lock_fd, hold.fileno(), gate_r),
                 )
             finally:
                 os.close(out)
         except BaseException:
             hold.close()
+            for fd in (gate_r, gate_w):
+                if fd >= 0:
+                    os.close(fd)
             self.ports.give_back(port)
             raise
-        # The child has its own copy of the hold and closes it just before chroma binds.
+        # The child has its own copy of the hold: ours goes first, then the gate opens and the
+        # child closes its copy just before chroma binds.
         hold.close()
+        os.close(gate_w)
+        os.close(gate_r)
         return Child(
             user_id=user_id, port=port, process=process, log_path=log_path, started_at=time.time()
         )

@@ -70,8 +70,8 @@ class _DiskCollector(Collector):
 class RequestCounts(Collector):
     """``stcs_requests_total`` (by method and status class),
     ``stcs_request_duration_seconds`` (a histogram over `_REQUEST_BUCKETS`) and
-    ``stcs_relay_callback_requests_total`` (``in_callbacks``: how many of the requests were
-    proxied in the relay's callbacks, `stcs.relay.handler.Exchange`), kept as plain numbers and
+    ``stcs_relay_callback_requests_total`` (``in_callbacks``: how many of the requests the relay
+    began to proxy in its callbacks, `stcs.relay.handler.Exchange`), kept as plain numbers and
     turned into metric families at scrape time.
 
     On the data plane's hot path (one `observe` per request): a dict update and a bisect,
@@ -118,7 +118,7 @@ class RequestCounts(Collector):
         )
         yield CounterMetricFamily(
             "stcs_relay_callback_requests",
-            "Requests proxied in the relay's callbacks, without a task (relayFastPath).",
+            "Requests the relay began to proxy in its callbacks, without a task (relayFastPath).",
             value=self.in_callbacks,
         )
 

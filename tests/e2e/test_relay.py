@@ -702,6 +702,28 @@ def _in_flight(server: StcsServer) -> int:
     return sum(inst["inFlight"] for inst in listed["instances"])
 
 
+@contextlib.contextmanager
+def frozen(server: StcsServer) -> Iterator[None]:
+    """stcs stopped (SIGSTOP) for the duration: what happens meanwhile is there to read, all
+    at once, when it goes on."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def _nothing_held(server: StcsServer, path: str, statuses: tuple[int, ...] = (499,)) -> None:
+    """``path``'s request logged once with its user (as its client left: 499, or
+    ``statuses``), no request in flight on any instance, and none at shutdown."""
+    [line] = server.wait_event("request", where=lambda e: e["path"] == path)
+    assert line["status"] in statuses and line["user_id"], line
+    assert _in_flight(server) == 0
+    server.stop()
+    [down] = server.events("shutting down")
+    assert down["requests_in_flight"] == 0
+
+
 def test_a_whole_request_to_a_ready_instance_is_served_in_callbacks_unless_turned_off(
     relay: StcsServer,
 ) -> None:
@@ -788,12 +810,7 @@ def test_a_body_in_pieces_is_served_whole_and_a_stalled_one_is_408_with_nothing_
         took = time.monotonic() - started
         assert status == 408 and 0.9 < took < 3, (status, took, payload)
         assert closed_by_peer(sock)
-    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/stalled")
-    assert line["status"] == 408 and line["user_id"]
-    assert _in_flight(relay) == 0
-    relay.stop()
-    [down] = relay.events("shutting down")
-    assert down["requests_in_flight"] == 0
+    _nothing_held(relay, "/echo/stalled", (408,))
 
 
 def test_a_client_leaving_mid_body_of_a_ready_user_is_499_with_nothing_held(
@@ -804,12 +821,7 @@ def test_a_client_leaving_mid_body_of_a_ready_user_is_499_with_nothing_held(
     with connect(relay) as sock:
         sock.sendall(head("POST", "/echo/left", token, "Content-Length: 5000") + b"x" * 1000)
         time.sleep(0.3)
-    [line] = relay.wait_event("request", where=lambda e: e["path"] == "/echo/left")
-    assert line["status"] == 499 and line["user_id"]
-    assert _in_flight(relay) == 0
-    relay.stop()
-    [down] = relay.events("shutting down")
-    assert down["requests_in_flight"] == 0
+    _nothing_held(relay, "/echo/left")
 
 
 def test_a_bad_token_with_a_body_still_coming_is_refused_at_once(relay: StcsServer) -> None:
@@ -825,28 +837,6 @@ def test_a_bad_token_with_a_body_still_coming_is_refused_at_once(relay: StcsServ
             started = time.monotonic()
             status, _, _ = read_response(sock)
             assert status == 401 and time.monotonic() - started < 0.5
-
-
-@contextlib.contextmanager
-def frozen(server: StcsServer) -> Iterator[None]:
-    """stcs stopped (SIGSTOP) for the duration: what happens meanwhile is there to read, all
-    at once, when it goes on."""
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-
-
-def _nothing_held(server: StcsServer, path: str, statuses: tuple[int, ...] = (499,)) -> None:
-    """``path``'s request logged once (as its client left: 499), no request in flight on any
-    instance, and none at shutdown."""
-    [line] = server.wait_event("request", where=lambda e: e["path"] == path)
-    assert line["status"] in statuses, line
-    assert _in_flight(server) == 0
-    server.stop()
-    [down] = server.events("shutting down")
-    assert down["requests_in_flight"] == 0
 
 
 def test_a_client_gone_as_its_streamed_answer_begins_holds_nothing(relay: StcsServer) -> None:
