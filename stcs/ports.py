@@ -12,11 +12,12 @@ Without it, another uid's bind of the port fails on ``127.0.0.1``, ``0.0.0.0`` o
 with or without ``SO_REUSEADDR``/``SO_REUSEPORT`` (checked as uid 65534:
 tests/e2e/test_local_ports.py).
 
-* `lend` gives a held port and its socket to a start.  The child inherits the socket and closes
-  it right before chroma binds, once stcs has closed its own copy (`launcher.BOOTSTRAP`'s
-  gate): the port is free only for chroma's own start-up (milliseconds).  Who binds it in that window either makes the child fail to bind (the
-  launcher retries on another port) or, listening, is refused by the readiness check (a listener
-  of another uid is never taken for the child, `launcher.port_owned_by`).
+* `lend` gives a held port and its socket to a start.  The child inherits the socket and
+  closes it right before chroma binds, once stcs has closed its own copy (the gate of
+  `launcher.BOOTSTRAP`): the port is free only for chroma's own start-up (milliseconds).
+  Who binds it in that window either makes the child fail to bind (the launcher retries on
+  another port) or, listening, is refused by the readiness check (a listener of another uid is
+  never taken for the child, `launcher.port_owned_by`).
 * `give_back` binds the port again once its child has exited and no lease refers to it.
 * `refill` (the supervisor's housekeeping, every `supervisor.HOUSEKEEPING_S`) binds every port of
   the range that is neither held nor lent: a port another process held becomes stcs's the moment

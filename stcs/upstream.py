@@ -310,7 +310,10 @@ class UpstreamResponse:
     def release(self) -> None:
         """Return the connection to the pool (after a complete response) or close it."""
         conn, self._conn._response = self._conn, None
-        if self._done and self.keep_alive and self._error is None and not conn.closed:
+        # Not with reading paused (an answer past READ_HIGH_WATER left unread): nothing would
+        # ever read the next answer on it.
+        ok = self._done and self.keep_alive and self._error is None and not self._paused
+        if ok and not conn.closed:
             self._pool._put(conn)
         else:
             conn.close()

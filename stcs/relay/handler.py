@@ -528,12 +528,15 @@ class Exchange:
             log.exception("request failed")
             if not self.finished:  # neither ended nor handed over
                 self.finished = True
-                if self.resp is not None:
-                    self.resp.watcher = None
-                cycle = self.cycle
-                if not cycle.conn.closed and not cycle.response_started:
-                    cycle.write(answer_response(UNEXPECTED, close=True))
-                self._end(0, 500, True)
+                try:
+                    if self.resp is not None:
+                        self.resp.watcher = None
+                    cycle = self.cycle
+                    if not cycle.conn.closed and not cycle.response_started:
+                        cycle.write(answer_response(UNEXPECTED, close=True))
+                    self._end(0, 500, True)
+                except Exception:  # a bug in the ending itself: nothing more to do for it
+                    log.exception("request failed")
 
     def _on_upstream(self) -> None:
         resp = self.resp
@@ -589,13 +592,13 @@ class Exchange:
     def _hand_over(self, resp: UpstreamResponse) -> None:
         cycle = self.cycle
         conn = cycle.conn
-        self.finished = True  # the task owns the request from here
         # Created in this exchange's context (we run in it): the task's log lines are its own.
         task = conn.loop.create_task(cycle.run(self._relay))
         # Cancelled before its first step (the client gone as it was made), it runs nothing
         # of `_relay` or `run`: what they would give back is given back by these, in order.
         task.add_done_callback(self._settle)
         task.add_done_callback(cycle.settle, context=contextvars.Context())
+        self.finished = True  # the task owns the request from here
         conn.task = task
 
     def _settle(self, _task: asyncio.Task[None]) -> None:

@@ -309,3 +309,24 @@ async def test_a_second_answer_to_one_request_is_dropped_and_the_connection_not_
             assert await resp.read() == b"first"
             resp.release()
         assert srv.connections == 2
+
+
+async def test_an_answer_left_unread_past_the_high_water_mark_does_not_pool_its_connection() -> (
+    None
+):
+    """An answer just over `READ_HIGH_WATER` whose last read paused reading from the upstream
+    and also ended it, released unread (its client left): the connection is not pooled with
+    reading paused — the next request on it would wait for ever (found in review)."""
+    body = b"x" * (READ_HIGH_WATER + 1000)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    async with fixed(answer) as srv:
+        pool = UpstreamPool()
+        resp = await pool.request(srv, GET, None)
+        for _ in range(100):  # every byte read, nothing consumed
+            if resp.done:
+                break
+            await asyncio.sleep(0.01)
+        resp.release()
+        nxt = await asyncio.wait_for(pool.request(srv, GET, None), 5)
+        assert nxt.status == 200 and len(await asyncio.wait_for(nxt.read(), 5)) == len(body)
+        nxt.release()
