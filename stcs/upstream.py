@@ -175,6 +175,16 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def unsent(self) -> asyncio.Transport:
+        """The transport, for a request's first write.  Raises UnreachableError when the
+        connection closed before anything was sent on it (the peer reset it as it opened:
+        uvloop's ``write`` would raise RuntimeError, a 500)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            self.close()
+            raise UnreachableError("the connection closed before the request was sent")
+        return transport
+
     async def drain(self) -> None:
         if not self._writable.is_set():
             await self._writable.wait()
@@ -414,10 +424,9 @@ class UpstreamPool:
         the connection is closed.
         """
         conn = await self._get(target)
+        transport = conn.unsent()
         resp = UpstreamResponse(self, conn, head_only)
         conn._response = resp
-        transport = conn.transport
-        assert transport is not None
         try:
             if body is None or isinstance(body, bytes):
                 transport.write(head + body if body else head)
@@ -487,11 +496,10 @@ class UpstreamPool:
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
         if json_body is not None:
             head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(json_body)
+        transport = conn.unsent()
         resp = UpstreamResponse(self, conn, method == "HEAD")
         conn._response = resp
         try:
-            transport = conn.transport
-            assert transport is not None
             transport.write(head + b"\r\n" + (json_body or b""))
             await resp._wait_head()
             body = await resp.read()

@@ -330,3 +330,32 @@ async def test_an_answer_left_unread_past_the_high_water_mark_does_not_pool_its_
         nxt = await asyncio.wait_for(pool.request(srv, GET, None), 5)
         assert nxt.status == 200 and len(await asyncio.wait_for(nxt.read(), 5)) == len(body)
         nxt.release()
+
+
+def test_a_connection_reset_as_it_opens_is_unreachable_not_a_crash() -> None:
+    """A peer that resets each connection as it accepts it (a child starting or stopping, a
+    squatter): on uvloop, stcs's default loop, writing on the already-closed transport raised
+    RuntimeError, which escaped the readiness probe ("never raises") and failed a start with a
+    500 (seen once in the churn bench).  Now UnreachableError: nothing was sent."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def reset(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.abort()
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(reset, "127.0.0.1", 0)
+        target = RawServer(lambda _head: None, port=server.sockets[0].getsockname()[1])
+        pool = UpstreamPool()
+        seen = []
+        for _ in range(20):
+            with pytest.raises((UnreachableError, UpstreamFailedError)) as caught:
+                await pool.fetch(target, "GET", "/x", timeout_s=2)
+            seen.append(type(caught.value).__name__)
+            with pytest.raises((UnreachableError, UpstreamFailedError)):
+                await pool.request(target, GET, None)
+        server.close()
+        return seen
+
+    assert set(uvloop.run(main())) <= {"UnreachableError", "UpstreamFailedError"}
