@@ -307,9 +307,9 @@ class Settings:
         reloadable=False,
         env="RELAY_FAST_PATH",
         help="Serve a request the relay can answer with no wait (whole, small, a known token, a "
-        "ready instance, no quota on) in its callbacks instead of a task: ~10 % fewer "
-        "instructions per request (docs/benchmarks.md). false: every request in a task, as "
-        "before; for diagnosis.",
+        "ready instance, nothing for the quotas to take) in its callbacks instead of a task: "
+        "~10 % fewer instructions per request (docs/benchmarks.md). false: every request in a "
+        "task, as before; for diagnosis.",
     )
     child_log_dir: str = setting(
         "",

@@ -241,11 +241,20 @@ class Quotas:
             return NO_ADMISSION
         return Admission(self, user_id, limits, kind, match, slots)
 
-    def admit_now(self, user_id: str) -> Admission | None:
-        """`admit`'s answer when it is known with no step of its own: `NO_ADMISSION` for a user
-        with every limit off; None otherwise (then `admit` decides).  Takes nothing."""
+    def admit_now(self, user_id: str, method: bytes, path: bytes) -> Admission | None:
+        """`admit`'s answer when it needs no step with an effect (a token, a slot, a disk
+        measurement): with every limit off, or with only route limits (disk, collections,
+        records) for a request that is not a write.  None otherwise: then `admit` decides.
+        ``method`` and ``path`` as sent (bytes, Latin-1).  Takes nothing."""
         limits = self._by_user.get(user_id, self.defaults)
-        return None if limits.active else NO_ADMISSION
+        if not limits.active:
+            return NO_ADMISSION
+        if limits.user_requests_per_second or limits.user_max_concurrent_requests:
+            return None
+        kind, match = classify(method.decode("latin-1"), path.decode("latin-1"))
+        if kind in WRITES:
+            return None  # the cached size, the user's write lock, chroma's counts
+        return NO_ADMISSION if kind is None else Admission(self, user_id, limits, kind, match, None)
 
     def _reject(self, kind: str) -> None:
         self.recorder.quota_rejection(kind)

@@ -154,7 +154,8 @@ class Handler:
         """The task path's steps before the lease, where none waits: a proxied path (not HEAD,
         not one of stcs's own or the control plane's), not shutting down, a token the resolver
         knows at once (``peek``: the user id is kept as ``cycle.user_id``), a user not blocked,
-        no quota to take (`Quotas.admit_now`), a ready instance (`Supervisor.ready_child`).
+        nothing for the quotas to take or wait for (`Quotas.admit_now`: no limit, or only route
+        limits and not a write), a ready instance (`Supervisor.ready_child`).
         The admission and the instance's child if so, else None.  Takes nothing."""
         state = self.state
         request = cycle.request
@@ -181,7 +182,7 @@ class Handler:
             cycle.user_id = user_id
         if user_id in state.blocklist:
             return None
-        admission = state.quotas.admit_now(user_id)
+        admission = state.quotas.admit_now(user_id, request.method, request.url)
         if admission is None:
             return None
         child = state.supervisor.ready_child(user_id)

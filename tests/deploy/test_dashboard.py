@@ -379,6 +379,9 @@ def test_every_panel_shows_data_from_a_real_prometheus(
     # A user writes (two requests for one token: a cache hit), then hits their collection limit.
     alice = client_for(a, "t-alice")
     alice.heartbeat()
+    # Her instance ready, her token cached: served in the relay's callbacks (relayFastPath;
+    # route limits do not stop a read from being served so).
+    assert get(a, "t-alice") == 200
     alice.create_collection("notes")
     refused = requests.post(
         f"{a.url}{COLLECTIONS}", json={"name": "more"}, headers={"X-Chroma-Token": "t-alice"}

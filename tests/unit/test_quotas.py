@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from stcs.chroma_api import classify
+from stcs.chroma_api import WRITES, classify
 from stcs.config import load_settings
 from stcs.quotas import Quotas
 from stcs.recorder import NULL_RECORDER
@@ -81,3 +81,36 @@ async def test_token_bucket_refills_at_the_rate(tmp_path: Any) -> None:
         await quotas.admit("u", "GET", HEARTBEAT)
     with pytest.raises(UserRateLimitError):
         await quotas.admit("u", "GET", HEARTBEAT)
+
+
+async def test_admit_now_answers_as_admit_does_or_leaves_it_to_admit(tmp_path: Any) -> None:
+    """`Quotas.admit_now` (the relay's callback path) gives what `admit` gives when that takes
+    no step with an effect, and None (take the task path) for everything else: a rate or a
+    concurrency limit, or a write under a route limit."""
+    coll = f"{C}/3f2b8a4e-9c1d-4e5f-8a7b-6c5d4e3f2a1b"
+    requests = [
+        ("GET", HEARTBEAT), ("POST", f"{coll}/query"), ("POST", f"{coll}/add"),
+        ("POST", f"{coll}/delete"), ("POST", C), ("PUT", coll),
+    ]  # fmt: skip
+    cases = {
+        "no limit": {},
+        "route limits": {"userMaxDiskMB": "100", "userMaxCollections": "1"},
+        "a rate": {"userRequestsPerSecond": "100"},
+        "a concurrency": {"userMaxConcurrentRequests": "4"},
+    }
+    for name, cli in cases.items():
+        settings = load_settings(cli=cli, environ={}).settings
+        quotas = Quotas(settings, tmp_path, UpstreamPool(), NULL_RECORDER)
+        for method, path in requests:
+            now = quotas.admit_now("u", method.encode(), path.encode())
+            kind = classify(method, path)[0]
+            if name in ("a rate", "a concurrency") or (name == "route limits" and kind in WRITES):
+                assert now is None, (name, method, path)
+                continue
+            assert now is not None, (name, method, path)
+            admitted = await quotas.admit("u", method, path)
+            assert (now._kind, now._slots) == (admitted._kind, admitted._slots), (name, path)
+            assert now.wants_body is admitted.wants_body is False
+            now.done(200)
+            admitted.done(200)
+        assert quotas.usage("u")["inFlight"] == 0
