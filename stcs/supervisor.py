@@ -188,9 +188,9 @@ class Lease:
 class _LeaseContext:
     """The async context manager of `Supervisor.acquire` (a class, not a generator: it is on
     every request's path).  The lease is taken (`Instance.lease`) inside ``ready`` and given
-    back (`Instance.unlease`) on exit."""
+    back on exit by ``end`` (`Supervisor.end_lease`)."""
 
-    __slots__ = ("_check", "_child", "_clock", "_inst", "_ready", "_requester", "_user_id")
+    __slots__ = ("_check", "_end", "_lease", "_ready", "_requester", "_user_id")
 
     def __init__(
         self,
@@ -198,31 +198,26 @@ class _LeaseContext:
             [str, Callable[[], None] | None, Requester | None],
             Awaitable[tuple[Instance, Child, bool]],
         ],
-        clock: Callable[[], float],
+        end: Callable[[Lease, Requester | None], None],
         user_id: str,
         check: Callable[[], None] | None,
         requester: Requester | None,
     ) -> None:
         self._ready = ready
-        self._clock = clock
+        self._end = end
         self._user_id = user_id
         self._check = check
         self._requester = requester
-        self._inst: Instance | None = None
-        self._child: Child | None = None
+        self._lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
         inst, child, cold = await self._ready(self._user_id, self._check, self._requester)
-        self._inst = inst
-        self._child = child
-        return Lease(instance=inst, child=child, cold_start=cold)
+        self._lease = Lease(instance=inst, child=child, cold_start=cold)
+        return self._lease
 
     async def __aexit__(self, *exc: object) -> None:
-        inst = self._inst
-        child = self._child
-        assert inst is not None and child is not None
-        requester = self._requester
-        inst.unlease(child, self._clock(), requester.eof if requester is not None else None)
+        assert self._lease is not None
+        self._end(self._lease, self._requester)
 
 
 def available_memory() -> int:
@@ -342,29 +337,29 @@ class Supervisor:
         starts back off), NewUsersRateLimitError, CapacityTimeoutError or ShuttingDownError
         on entry.
         """
-        return _LeaseContext(self._ready_instance, self._clock, user_id, check, requester)
+        return _LeaseContext(self._ready_instance, self.end_lease, user_id, check, requester)
 
-    def ready_child(self, user_id: str) -> Child | None:
-        """``user_id``'s ready child when `acquire` would lease it with no wait (not closing,
-        no hold, the instance ready); else None.  Takes nothing: `lease_ready` does."""
+    def ready_instance(self, user_id: str) -> Instance | None:
+        """``user_id``'s ready instance when `acquire` would lease it with no wait (not
+        closing, no hold, the instance ready: it has a child); else None.  Takes nothing."""
         if self._closed or self._holds.waiting_on(user_id) is not None:
             return None
         inst = self.registry.get(user_id)
         if inst is None or inst.phase is not Phase.READY:
             return None
-        return inst.child
+        return inst
 
-    def lease_ready(self, user_id: str) -> Lease | None:
-        """What `acquire` gives when it need not wait (`ready_child`), taken now; else None.
-        The caller gives it back with `end_lease`, whatever happens (a request served in
-        callbacks, `stcs.relay.handler`: the same lease, without the context manager)."""
-        if self.ready_child(user_id) is None:
-            return None
-        inst = self.registry[user_id]
+    @staticmethod
+    def lease_ready(inst: Instance) -> Lease:
+        """What `acquire` gives when it need not wait, taken now on ``inst`` (from
+        `ready_instance`, with nothing run since).  The caller gives it back with `end_lease`,
+        whatever happens (a request served in callbacks, `stcs.relay.handler`: the same lease,
+        without the context manager)."""
         return Lease(instance=inst, child=inst.lease(), cold_start=False)
 
     def end_lease(self, lease: Lease, requester: Requester | None) -> None:
-        """Give back ``lease`` (from `lease_ready`) as `acquire`'s exit does."""
+        """Give back ``lease`` (`acquire`'s exit, `lease_ready`'s caller): the instance's last
+        activity is now; ``requester`` hung up mid-request or not (its ``eof``)."""
         lease.instance.unlease(
             lease.child, self._clock(), requester.eof if requester is not None else None
         )

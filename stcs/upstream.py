@@ -175,14 +175,21 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    @property
+    def is_open(self) -> bool:
+        """Neither closed nor closing: a request may be written on it."""
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
     def unsent(self) -> asyncio.Transport:
         """The transport, for a request's first write.  Raises UnreachableError when the
         connection closed before anything was sent on it (the peer reset it as it opened:
         uvloop's ``write`` would raise RuntimeError, a 500)."""
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
+        if not self.is_open:
             self.close()
             raise UnreachableError("the connection closed before the request was sent")
+        transport = self.transport
+        assert transport is not None
         return transport
 
     async def drain(self) -> None:
@@ -365,13 +372,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            transport = conn.transport
-            if (
-                not conn.closed
-                and transport is not None
-                and not transport.is_closing()
-                and now - conn.idle_since < IDLE_TIMEOUT_S
-            ):
+            if conn.is_open and now - conn.idle_since < IDLE_TIMEOUT_S:
                 return conn
             conn.close()
         return None

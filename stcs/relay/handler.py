@@ -24,7 +24,6 @@ from stcs.errors import (
     UpstreamError,
     UserBlockedError,
 )
-from stcs.launcher import Child
 from stcs.quotas import Admission
 from stcs.relay.cycle import SMALL_BODY, RequestCycle
 from stcs.relay.head import Request
@@ -43,7 +42,7 @@ from stcs.relay.wire import (
     response_head,
 )
 from stcs.state import State
-from stcs.supervisor import Lease
+from stcs.supervisor import Instance, Lease
 from stcs.upstream import (
     PooledConnection,
     UnixTarget,
@@ -123,13 +122,12 @@ class Handler:
         ready = self._can_serve_now(cycle)
         if ready is None:
             return False
-        admission, child = ready
-        upstream = self.state.upstream_pool.take_idle(child)
+        admission, inst = ready
+        assert inst.child is not None  # ready
+        upstream = self.state.upstream_pool.take_idle(inst.child)
         if upstream is None:
             return False
-        assert cycle.user_id is not None
-        lease = self.state.supervisor.lease_ready(cycle.user_id)
-        assert lease is not None and lease.child is child  # nothing ran since ready_child
+        lease = self.state.supervisor.lease_ready(inst)  # nothing ran since ready_instance
         cycle.upstream_port = lease.port
         self.state.metrics.requests.in_callbacks += 1
         Exchange(self, cycle, lease, admission).send(upstream)
@@ -150,13 +148,13 @@ class Handler:
             and self._can_serve_now(cycle) is not None
         )
 
-    def _can_serve_now(self, cycle: RequestCycle) -> tuple[Admission, Child] | None:
+    def _can_serve_now(self, cycle: RequestCycle) -> tuple[Admission, Instance] | None:
         """The task path's steps before the lease, where none waits: a proxied path (not HEAD,
         not one of stcs's own or the control plane's), not shutting down, a token the resolver
         knows at once (``peek``: the user id is kept as ``cycle.user_id``), a user not blocked,
         nothing for the quotas to take or wait for (`Quotas.admit_now`: no limit, or only route
-        limits and not a write), a ready instance (`Supervisor.ready_child`).
-        The admission and the instance's child if so, else None.  Takes nothing."""
+        limits and not a write), a ready instance (`Supervisor.ready_instance`).
+        The admission and the instance if so, else None.  Takes nothing."""
         state = self.state
         request = cycle.request
         if (
@@ -185,8 +183,8 @@ class Handler:
         admission = state.quotas.admit_now(user_id, request.method, request.url)
         if admission is None:
             return None
-        child = state.supervisor.ready_child(user_id)
-        return None if child is None else (admission, child)
+        inst = state.supervisor.ready_instance(user_id)
+        return None if inst is None else (admission, inst)
 
     def _health(self, cycle: RequestCycle) -> int:
         if self.state.shutting_down:
@@ -580,9 +578,14 @@ class Exchange:
             resp.release()  # pooled after a whole answer that keeps the connection, else closed
         elif self.upstream is not None:
             self.upstream.close()  # a bug before the request was written: never pooled
-        self.handler.state.supervisor.end_lease(self.lease, cycle.conn)
-        self.admission.done(admitted)
+        self._give_back(admitted)
         cycle.end(status, close)
+
+    def _give_back(self, admitted: int) -> None:
+        """The lease and the quota admission (``admitted``: the status `Admission.done` is
+        told), as the task path's ``async with`` and ``finally`` give them back."""
+        self.handler.state.supervisor.end_lease(self.lease, self.cycle.conn)
+        self.admission.done(admitted)
 
     def cancel(self) -> None:
         """The client left before the answer: the upstream connection is closed (its answer
@@ -608,8 +611,7 @@ class Exchange:
             resp = self.resp
             assert resp is not None
             resp.release()
-            self.handler.state.supervisor.end_lease(self.lease, self.cycle.conn)
-            self.admission.done(0)
+            self._give_back(0)
 
     async def _relay(self, cycle: RequestCycle) -> tuple[int, bool]:
         self.relaying = True
@@ -621,8 +623,7 @@ class Exchange:
         except RequestError as exc:
             status, close = self.handler.refuse(cycle, exc)
         finally:
-            self.handler.state.supervisor.end_lease(self.lease, cycle.conn)
-            self.admission.done(status)
+            self._give_back(status)
         return status, close
 
 
