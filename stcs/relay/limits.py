@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from stcs.config import Networks, Settings
@@ -29,6 +30,13 @@ class Limits:
     trusted: Networks = ()  # trustedProxies: whose X-Forwarded-For names the client
     log_refusals_per_second: int = 0  # logRefusalsPerSecond (`stcs.log.RefusalLog`)
     log_refusals_interval_s: float = 60.0  # logRefusalsSummaryInterval
+
+    @functools.cached_property
+    def timer_step_s(self) -> float:
+        """How far ahead a connection's timer handle is armed at most (seconds): the shortest
+        of the head, body and keep-alive timeouts, so that each of them, set after another,
+        finds the handle armed no later than itself (`ClientConnection._set_timer`)."""
+        return min(self.head_timeout_s, self.body_timeout_s, self.keepalive_timeout_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:

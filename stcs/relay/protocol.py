@@ -59,6 +59,9 @@ MAX_PIPELINED = 8
 PIECE_GATHER = 4096
 # After a refusal, how long stcs reads and discards what the client still sends before closing.
 LINGER_S = 2.0
+# A handle that fires less than this before its deadline runs the deadline's callback: the
+# loop's clock and its timers are in milliseconds (libuv), so no re-arm for a few µs.
+TIMER_SLACK_S = 0.001
 
 # The connection's phases (ints, not an Enum: compared on every read and callback).
 OPEN, STOPPED, LINGERING, CLOSED = 0, 1, 2, 3
@@ -173,7 +176,12 @@ class ClientConnection(asyncio.Protocol):
         self.feeding = False
         self.in_head = False
         self.head_bytes = 0
-        self.timer: asyncio.TimerHandle | None = None  # head, keep-alive or linger timer
+        # The connection's one deadline (head, body, keep-alive or linger): `on_deadline` runs
+        # at `deadline` (loop time, s) unless cleared first; `timer` is the armed handle,
+        # never later than `deadline` (`_set_timer`).
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.on_deadline: Callable[[], None] | None = None
         self.waiting_to_serve = False  # a response done, the next waits for the client to read
         self.pending_refusal: RequestError | None = None  # answered once the current request ends
         self.unpaid = 0  # bytes of the current message since its last body byte (trailers...)
@@ -205,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
         self.listener.connections.discard(self)
-        self._cancel_timer()
+        self._drop_timer()
         self.flow.lost()
         msg = self.active
         if msg is not None:
@@ -477,7 +485,6 @@ class ClientConnection(asyncio.Protocol):
     def _body_timed_out(self) -> None:
         """``bodyTimeout`` passed inside an awaited body: the task path answers 408, as when it
         waits itself (`RequestCycle._more_body`)."""
-        self.timer = None
         cycle = self.awaiting
         if cycle is None:
             return
@@ -592,7 +599,6 @@ class ClientConnection(asyncio.Protocol):
     # -- timers -----------------------------------------------------------------------------
 
     def _head_timed_out(self) -> None:
-        self.timer = None
         if self.active is not None:
             return
         if self.msg is None and not self.in_head:
@@ -605,20 +611,53 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _idle_timed_out(self) -> None:
-        self.timer = None
         if self.active is None and self.msg is None:
             self._end_linger()  # nothing pending: a plain close
         else:
             self.close()
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(delay, callback)
+        """``callback`` in ``delay`` seconds, instead of any earlier deadline.
+
+        Every keep-alive request moves the deadline several times (keep-alive, head, none while
+        served): the handle is armed for the earlier of the deadline and `timer_step` from now,
+        and kept while it fires no later than the new deadline.  A deadline set within the
+        step costs no timer (a handle armed and one cancelled each, before: `call_later` makes
+        a libuv timer, its cancel closes it on the next loop iteration); an idle connection's
+        handle fires at most once a step early, and re-arms (`_timer_fired`)."""
+        now = self.loop.time()
+        when = now + delay
+        self.deadline, self.on_deadline = when, callback
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(min(when, now + self.limits.timer_step_s), self._timer_fired)
 
     def _cancel_timer(self) -> None:
+        """No deadline from now (the armed handle, if any, fires into nothing)."""
+        self.on_deadline = None
+
+    def _drop_timer(self) -> None:
+        """No deadline and no armed handle (the connection is gone)."""
+        self.on_deadline = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        callback = self.on_deadline
+        if callback is None:
+            return
+        now = self.loop.time()
+        if self.deadline - now > TIMER_SLACK_S:  # early: the deadline moved on since
+            step = self.limits.timer_step_s
+            self.timer = self.loop.call_at(min(self.deadline, now + step), self._timer_fired)
+            return
+        self.on_deadline = None
+        callback()
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -638,11 +677,11 @@ class ClientConnection(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         self.flow.read_to_discard()
-        self.timer = self.loop.call_later(LINGER_S, self._end_linger)
+        self._set_timer(LINGER_S, self._end_linger)
 
     def _end_linger(self) -> None:
         """Close; if what was written is still unread, abort after ``sendTimeout``."""
-        self.timer = None
+        self._cancel_timer()
         transport = self.transport
         if transport is not None and self.phase != CLOSED:
             self.phase = CLOSED

@@ -408,6 +408,97 @@ async def test_idle_new_connection_is_closed_at_the_head_timeout(listener: Liste
     assert transport.written == b""  # nothing was asked: a plain close
 
 
+async def test_a_slow_head_after_a_request_times_out_from_its_first_byte(
+    handler: EchoHandler,
+) -> None:
+    """The keep-alive deadline (long) is followed by a head deadline (short): the connection's
+    timer handle, armed after the first request, must not outlast the head's deadline."""
+    listener = Listener(
+        FakeState(), handler, limits(keepalive_timeout_s=5.0), loop=asyncio.get_running_loop()
+    )
+    conn, transport = connect(listener)
+    conn.data_received(head("GET", "/echo/first"))
+    await until(lambda: statuses(transport) == [200])
+    await asyncio.sleep(0.4)  # idle past the head timeout: the keep-alive wait's handle is armed
+    started = time.monotonic()
+    conn.data_received(b"GET /echo/slow HTTP/1.1\r\nHost: stcs\r\n")  # and then nothing
+    await until(lambda: len(statuses(transport)) == 2)
+    took = time.monotonic() - started
+    assert statuses(transport) == [200, 408]
+    assert 0.25 < took < 1.0  # headersTimeout 0.3 s from the first byte, not keep-alive's 5 s
+
+
+async def test_an_idle_connection_closes_at_keep_alive_after_a_long_head_timeout(
+    handler: EchoHandler,
+) -> None:
+    """The head deadline (long) is followed by the keep-alive one (short): the idle connection
+    closes at keepAliveTimeout, not when the head's timer would have fired."""
+    listener = Listener(
+        FakeState(), handler, limits(head_timeout_s=5.0), loop=asyncio.get_running_loop()
+    )
+    conn, transport = connect(listener)
+    conn.data_received(head("GET", "/echo/one"))
+    await until(lambda: statuses(transport) == [200])
+    started = time.monotonic()
+    await until(lambda: transport.closing)
+    assert 0.55 < time.monotonic() - started < 1.5  # keepAliveTimeout 0.6 s
+    conn.connection_lost(None)
+    assert conn.timer is None  # no handle left holding the closed connection
+
+
+async def test_a_connection_busy_past_its_timeouts_is_not_closed_early(
+    listener: Listener,
+) -> None:
+    """Requests every 0.2 s for 1.5 s (past the 0.3 s head and 0.6 s keep-alive timeouts):
+    each moves the deadline, so none of the early timer wake-ups closes the connection."""
+    conn, transport = connect(listener)
+    started = time.monotonic()
+    count = 0
+    while time.monotonic() - started < 1.5:
+        conn.data_received(head("GET", f"/echo/{count}"))
+        count += 1
+        await until(lambda n=count: len(statuses(transport)) == n)  # type: ignore[misc]
+        await asyncio.sleep(0.2)
+    assert not transport.closing
+    assert statuses(transport) == [200] * count
+    idle = time.monotonic()
+    await until(lambda: transport.closing)
+    assert time.monotonic() - idle > 0.35  # keep-alive 0.6 s from the last answer (minus the sleep)
+
+
+class TimerCountingLoop:
+    """The running loop, counting the timers armed through it (`call_at`, `call_later`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.armed = 0
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.armed += 1
+        return self.loop.call_at(when, callback, *args)
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.armed += 1
+        return self.loop.call_later(delay, callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+
+async def test_keep_alive_requests_arm_no_timer_each(handler: EchoHandler) -> None:
+    """The head and keep-alive deadlines of a keep-alive request move one timer handle: 50
+    requests arm a handful of timers, not two each (a libuv timer made and closed per
+    deadline, issue 24)."""
+    loop = TimerCountingLoop(asyncio.get_running_loop())
+    listener = Listener(FakeState(), handler, limits(), loop=loop)  # type: ignore[arg-type]
+    conn, transport = connect(listener)
+    for i in range(50):
+        conn.data_received(head("GET", f"/echo/{i}"))
+        await until(lambda i=i: len(statuses(transport)) == i + 1)  # type: ignore[misc]
+    assert statuses(transport) == [200] * 50
+    assert loop.armed <= 5
+
+
 # -- connection limit ---------------------------------------------------------------------
 
 
