@@ -368,6 +368,10 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
                 [PY, "-c", AIOHTTP_CONSTANT, str(port)], f"http://127.0.0.1:{port}/api/v2/heartbeat"
             )
         )
+        floors = {
+            f"floor: {mode}": refs.enter_context(floor_reference(child, mode))
+            for mode in FLOOR_MODES
+        }
         stcs_proc = psutil.Process(stcs_pid(base))
         auth = {"X-Chroma-Token": token}
         heartbeat, top10 = "/api/v2/heartbeat", f"{API}/{col.id}/query"
@@ -380,10 +384,13 @@ def throughput(tmp: Path, seconds: int, rounds: int) -> list[str]:
             targets = {"direct": direct, "nginx": nginx, "node": node, "stcs": base}
             if body is None and connections > 1:
                 targets["aiohttp"] = constant
+            if body is not None and connections > 1:
+                targets.update(floors)  # the design's floor, in the same rounds (issue 24)
             urls = {k: f"{v}{path}" for k, v in targets.items() if v}
             procs = {"stcs": stcs_proc}
-            if nginx in REFERENCE_PROCS:
-                procs["nginx"] = REFERENCE_PROCS[nginx]
+            for key, url in targets.items():
+                if key not in ("direct", "stcs") and url in REFERENCE_PROCS:
+                    procs[key] = REFERENCE_PROCS[url]
             runs, cpu_us = interleaved(urls, procs, rounds, seconds, auth, body, connections)
             rows.append(_throughput_row(name, runs, cpu_us))
             print(rows[-1], flush=True)
@@ -418,7 +425,7 @@ def paced(
     heartbeat at full speed therefore counts that, not the body.  Rows: per proxy, CPU µs per
     paced heartbeat, per query, and the difference."""
     rows = []
-    for key in ("stcs", "nginx"):
+    for key in ("stcs", "nginx", *(f"floor: {mode}" for mode in FLOOR_MODES)):
         url = targets.get(key)
         if not url or key not in procs or not query_cpu.get(key):
             continue
@@ -433,8 +440,8 @@ def paced(
         query = statistics.median(query_cpu[key])
         got = statistics.median(r.rps for r in runs[key])
         rows.append(
-            f"| {key} | {rate:,.0f} / {got:,.0f} | {_cpu(cpu, key)} | {_cpu(query_cpu, key)} | "
-            f"**{query - hb:+.0f}** |"
+            f"| {key} | {_ratio(query_runs, key)} | {rate:,.0f} / {got:,.0f} | {_cpu(cpu, key)} | "
+            f"{_cpu(query_cpu, key)} | **{query - hb:+.0f}** |"
         )
     return rows
 
@@ -569,7 +576,9 @@ def _throughput_row(name: str, runs: dict[str, list[Wrk]], cpu_us: dict[str, lis
     def med(key: str, field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs[key])
 
-    errors = sum(r.errors for results in runs.values() for r in results)
+    errors = sum(
+        r.errors for key, results in runs.items() if not key.startswith("floor") for r in results
+    )
     spread = ", ".join(f"{r.rps:,.0f}" for r in runs["stcs"])
     return (
         f"| {name} | {med('direct', 'rps'):,.0f} | {med('stcs', 'rps'):,.0f} ({spread}) | "
@@ -678,6 +687,18 @@ def instructions(tmp: Path) -> list[str]:
 
 
 FLOOR = ROOT / "scripts" / "reference" / "floor-request-path.py"
+# Timed in the throughput section's query row (8 connections) beside stcs and nginx.
+FLOOR_MODES = ("essentials", "bare", "pipe")
+
+
+@contextmanager
+def floor_reference(upstream: int, mode: str) -> Iterator[str | None]:
+    """scripts/reference/floor-request-path.py in ``mode`` in front of ``127.0.0.1:upstream``
+    (a measuring device, not stcs), for the duration."""
+    port = free_port()
+    argv = [PY, str(FLOOR), str(upstream), str(port), mode]
+    with reference_server(argv, f"http://127.0.0.1:{port}/api/v2/heartbeat") as base:
+        yield base
 
 
 def _floor_instructions(tmp: Path, token: str, query: str) -> list[tuple[str, float]]:
@@ -1003,15 +1024,21 @@ def render(sections: dict[str, list[str]], took: float) -> str:
         )
     if PACED_ROWS:
         parts.append(
-            "## The body's own cost: query against heartbeat at the same rate (issue 24)\n\n"
-            "The query row above against heartbeats paced (wrk `delay`, 8 connections) to the "
-            "rate the query ran at through the same proxy, in the same run: a proxy's CPU per "
-            "request falls as the rate rises (one event-loop wake-up serves several requests, "
-            "caches stay warm), so only requests at one rate compare what a body costs.\n\n"
-            "| proxy | query req/s / paced heartbeat req/s | CPU per paced heartbeat (µs) | "
-            "CPU per query (µs) | query - heartbeat (µs) |\n|---|---|---|---|---|\n"
-            + "\n".join(PACED_ROWS)
-            + "\n"
+            "## The body's own cost, and the design's floor (issue 24)\n\n"
+            "The query row above (8 connections) per proxy, against heartbeats paced (wrk "
+            "`delay`, 8 connections) to the rate the query ran at through the same proxy, in "
+            "the same run: a proxy's CPU per request falls as the rate rises (one event-loop "
+            "wake-up serves several requests, caches stay warm), so only requests at one rate "
+            "compare what a body costs. The *floor* rows are not stcs but "
+            "scripts/reference/floor-request-path.py in front of the same child, timed in the "
+            "query row's rounds: *essentials* is what stcs's data plane must do per request "
+            "and nothing else, in callbacks (head parsed, token to user, a lease count, head "
+            "filtered and sent with the body in one write on a pooled connection, the answer "
+            "relayed in one write, stcs's metrics and its structlog request line); *bare* the "
+            "same without the metrics and the request line; *pipe* a TCP pipe.\n\n"
+            "| proxy | query ratio to direct | query req/s / paced heartbeat req/s | "
+            "CPU per paced heartbeat (µs) | CPU per query (µs) | query - heartbeat (µs) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(PACED_ROWS) + "\n"
         )
     if BULK_ROWS:
         parts.append(

@@ -1,6 +1,6 @@
 """What a Python relay on this event loop costs at the least, per request (issue 24): not stcs.
 
-    python scripts/reference/floor-request-path.py UPSTREAM_PORT PORT pipe|essentials
+    python scripts/reference/floor-request-path.py UPSTREAM_PORT PORT pipe|essentials|bare
 
 pipe: a TCP pipe, one upstream connection per client connection, bytes relayed as read, nothing
   parsed: the floor of any asyncio relay (uvloop).
@@ -11,6 +11,7 @@ essentials: what stcs's data plane must do per request and nothing else, in prot
   one write, stcs's metrics (`stcs.metrics.Metrics.observe_request`) and one request line
   through stcs's structlog configuration (UUID mode: user ids hidden).  No edge limits, no
   timeouts, no back-pressure, no errors handled: a measuring device, never a server.
+bare: essentials without the metrics and the request line (what those two cost, timed).
 
 Instructions per request were counted as `scripts/bench` counts stcs's (valgrind callgrind, 300
 keep-alive heartbeats one at a time); figures in docs/benchmarks.md.
@@ -40,6 +41,7 @@ from stcs.relay.wire import (
 )
 
 UPSTREAM, PORT, MODE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ACCOUNTED = MODE == "essentials"  # metrics and a request line
 stcs_log.configure("info", json=True, user_ids_are_secret=True)
 log = structlog.get_logger("stcs.relay")
 metrics = Metrics()
@@ -155,18 +157,19 @@ class Essentials(asyncio.Protocol):
         leases[self.user] -= 1
         duration = time.monotonic() - self.started
         method = self.method.decode("latin-1")
-        metrics.observe_request(method, status, duration)
-        log.info(
-            "request",
-            method=method,
-            path=self.url.partition(b"?")[0].decode("latin-1"),
-            status=status,
-            duration_ms=round(duration * 1000, 2),
-            client=self.peer,
-            user_id=self.user,
-            cold_start=False,
-            upstream_port=UPSTREAM,
-        )
+        if ACCOUNTED:
+            metrics.observe_request(method, status, duration)
+            log.info(
+                "request",
+                method=method,
+                path=self.url.partition(b"?")[0].decode("latin-1"),
+                status=status,
+                duration_ms=round(duration * 1000, 2),
+                client=self.peer,
+                user_id=self.user,
+                cold_start=False,
+                upstream_port=UPSTREAM,
+            )
         relayed = filter_headers(headers, RESPONSE_DROP_FRAMING)
         relayed.append((b"Content-Length", b"%d" % len(body)))
         if not self.transport.is_closing():
@@ -175,7 +178,7 @@ class Essentials(asyncio.Protocol):
 
 async def main() -> None:
     loop = asyncio.get_running_loop()
-    if MODE == "essentials":
+    if MODE != "pipe":
         for _ in range(64):
             _, up = await loop.create_connection(Upstream, "127.0.0.1", UPSTREAM)
             pool.append(up)
